@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+# Both create .venv and install what is missing; a torch that is already installed is kept.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	# Keep any torch the machine already has (CUDA builds included); otherwise take 2.13.0.
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
+	# DeepSpeed's setup.py imports torch, so it must build against the torch installed above.
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/bash launch/demo.sh 2>/dev/null || bash launch/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu" tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not gpu" tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+bench: $(STAMP)
+	$(PY) benchmarks/data_prep.py
+
+clean:
+	rm -rf demo outputs
