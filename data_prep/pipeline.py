@@ -1,0 +1,256 @@
+"""Runs the data-prep stages in order, writes ``manifest.json`` and prints the summary.
+
+Stages (each in its own module, each runnable alone with ``stage=NAME``):
+``read`` (data_prep.read) -> ``vocab`` (data_prep.vocab) -> ``tokenize`` (data_prep.tokenize) -> ``shards``
+(data_prep.pairs). Each stage saves its result and report under ``work/state/`` so that a later stage, run in
+another process or on another day, can still write the complete manifest. ``merge`` joins the outputs of SLURM
+array tasks (``num_tasks > 1``) into one data directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from importlib import metadata
+from pathlib import Path
+
+from data_prep.config import PrepareConfig
+from data_prep.report import DataPrepError, Report
+from data_prep.store import shard_name
+
+log = logging.getLogger("data_prep")
+
+STAGES = ("read", "vocab", "tokenize", "shards")
+MANIFEST_VERSION = 1
+TOOLS = ("tokenizers", "numpy", "blingfire", "mwparserfromhell", "datasets", "pyarrow", "bert-pretrain")
+
+
+def task_dir(cfg: PrepareConfig) -> Path:
+    if cfg.num_tasks > 1:
+        return Path(cfg.output_dir) / "tasks" / f"task-{cfg.task_index:05d}"
+    return Path(cfg.output_dir)
+
+
+def validate(cfg: PrepareConfig) -> None:
+    """Settings that cannot work fail here, before any work starts."""
+    checks = [
+        (cfg.stage in (*STAGES, "all", "merge"), f"stage={cfg.stage}: choose one of all, {', '.join(STAGES)}, merge"),
+        (cfg.max_seq_length >= 8, f"max_seq_length={cfg.max_seq_length}: must be at least 8"),
+        (cfg.vocab_size > 5, f"vocab_size={cfg.vocab_size}: must exceed the 5 special tokens"),
+        (0.0 <= cfg.short_seq_prob <= 1.0, f"short_seq_prob={cfg.short_seq_prob}: must be within [0, 1]"),
+        (0.0 <= cfg.validation_fraction < 1.0, f"validation_fraction={cfg.validation_fraction}: must be in [0, 1)"),
+        (cfg.samples_per_shard > 0, f"samples_per_shard={cfg.samples_per_shard}: must be positive"),
+        (cfg.dupe_factor >= 1, f"dupe_factor={cfg.dupe_factor}: must be at least 1"),
+        (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: use 0 for one per core, or a positive count"),
+        (cfg.num_tasks >= 1 and 0 <= cfg.task_index < cfg.num_tasks,
+         f"task_index={cfg.task_index} num_tasks={cfg.num_tasks}: need 0 <= task_index < num_tasks"),
+        (cfg.text_documents in ("auto", "file", "blank_line"),
+         f"text_documents={cfg.text_documents}: choose auto, file or blank_line"),
+        (len(cfg.inputs) > 0 or cfg.stage == "merge", "inputs=[]: give at least one corpus, e.g. inputs=[PATH]"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise DataPrepError(message)
+    if cfg.num_tasks > 1 and cfg.vocab is None and cfg.stage in ("all", "tokenize", "shards", "vocab"):
+        raise DataPrepError(
+            f"num_tasks={cfg.num_tasks}: array tasks must share one vocabulary; train it once (stage=read then "
+            "stage=vocab with num_tasks=1) and pass vocab=PATH/vocab.txt"
+        )
+    if cfg.vocab is not None and not Path(cfg.vocab).is_file():
+        raise DataPrepError(f"vocab={cfg.vocab}: file not found; give the path of an existing vocab.txt")
+
+
+def _state_path(out: Path, stage: str) -> Path:
+    return out / "work" / "state" / f"{stage}.json"
+
+
+def _save_state(out: Path, stage: str, state: dict) -> None:
+    path = _state_path(out, stage)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def _load_state(out: Path, stage: str) -> dict:
+    path = _state_path(out, stage)
+    if not path.exists():
+        raise DataPrepError(f"{out}: stage '{stage}' has not run yet; run it first (stage={stage}) or use stage=all")
+    return json.loads(path.read_text())
+
+
+def _runner(stage: str):
+    # Imported lazily so that `stage=merge` or a config error does not pay for importing every library.
+    if stage == "read":
+        from data_prep.read import run_read
+
+        return run_read
+    if stage == "vocab":
+        from data_prep.vocab import run_vocab
+
+        return run_vocab
+    if stage == "tokenize":
+        from data_prep.tokenize import run_tokenize
+
+        return run_tokenize
+    from data_prep.pairs import run_shards
+
+    return run_shards
+
+
+def prepare(cfg: PrepareConfig) -> dict:
+    """Run the configured stage(s); return the manifest when the shards stage ran, else the stage states."""
+    validate(cfg)
+    if cfg.stage == "merge":
+        return merge(cfg)
+    out = task_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = STAGES if cfg.stage == "all" else (cfg.stage,)
+    states = {}
+    for stage in stages:
+        report = Report(strict=cfg.strict)
+        start = time.perf_counter()
+        log.info("stage %s: starting", stage)
+        result = _runner(stage)(cfg, report)
+        states[stage] = {"result": result, "report": report.to_dict(), "seconds": time.perf_counter() - start}
+        _save_state(out, stage, states[stage])
+    if "shards" not in stages:
+        return states
+    manifest = build_manifest(cfg, out)
+    write_json_atomic(out / "manifest.json", manifest)
+    print_summary(manifest, out)
+    return manifest
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
+    states = {stage: _load_state(out, stage) for stage in STAGES}
+    report = Report()
+    for state in states.values():
+        report.merge(Report.from_dict(state["report"]))
+    vocab, shards = states["vocab"]["result"], states["shards"]["result"]
+    splits = shards["splits"]
+    input_bytes = report.counts.get("input_bytes", 0)
+    seconds = {stage: round(state["seconds"], 3) for stage, state in states.items()}
+    return {
+        "format": "bert-pretrain-shards",
+        "format_version": MANIFEST_VERSION,
+        "mode": "bert" if cfg.nsp else "roberta",
+        "nsp": cfg.nsp,
+        "max_seq_length": cfg.max_seq_length,
+        "vocab_size": vocab["vocab_size"],
+        "vocab_sha256": vocab["vocab_sha256"],
+        "vocab_trained": vocab["trained"],
+        "lowercase": vocab["lowercase"],
+        "special_tokens": vocab["special_tokens"],
+        "inputs": states["read"]["result"]["inputs"],
+        "config": dataclasses.asdict(cfg),
+        "counts": report.to_dict()["counts"],
+        "skipped": report.to_dict()["skipped"],
+        "warnings": report.warnings,
+        "splits": splits,
+        "stage_seconds": seconds,
+        "throughput_mb_per_s": round(input_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
+        "versions": _versions(),
+    }
+
+
+def merge(cfg: PrepareConfig) -> dict:
+    """Join the outputs of ``num_tasks`` array tasks into ``output_dir`` (shards hard-linked, renumbered)."""
+    root = Path(cfg.output_dir)
+    manifests = []
+    for i in range(cfg.num_tasks):
+        path = root / "tasks" / f"task-{i:05d}" / "manifest.json"
+        if not path.exists():
+            raise DataPrepError(f"{path}: task {i} of {cfg.num_tasks} has not finished; rerun it, then stage=merge")
+        manifests.append(json.loads(path.read_text()))
+    first = manifests[0]
+    for i, m in enumerate(manifests):
+        for key in ("vocab_sha256", "max_seq_length", "nsp"):
+            if m[key] != first[key]:
+                raise DataPrepError(f"task {i}: {key}={m[key]} differs from task 0 ({first[key]}); rerun with one config")
+    report = Report()
+    splits: dict[str, dict] = {}
+    for i, m in enumerate(manifests):
+        report.merge(Report.from_dict({"counts": m["counts"], "skipped": m["skipped"], "warnings": m["warnings"]}))
+        for split, info in m["splits"].items():
+            merged = splits.setdefault(split, {"samples": 0, "tokens": 0, "shards": []})
+            (root / split).mkdir(parents=True, exist_ok=True)
+            for entry in info["shards"]:
+                new = shard_name(len(merged["shards"]))
+                for suffix in (".tokens.npy", ".index.npy"):  # index last: it marks the shard complete
+                    src = root / "tasks" / f"task-{i:05d}" / split / f"{entry['name']}{suffix}"
+                    dst = root / split / f"{new}{suffix}"
+                    dst.unlink(missing_ok=True)
+                    try:
+                        os.link(src, dst)
+                    except OSError:
+                        shutil.copyfile(src, dst)
+                merged["shards"].append({**entry, "name": new, "task": i, "task_shard": entry["name"]})
+                merged["samples"] += entry["samples"]
+                merged["tokens"] += entry["tokens"]
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        src = root / "tasks" / "task-00000" / name
+        if src.exists():
+            shutil.copyfile(src, root / name)
+    manifest = {
+        **{k: v for k, v in first.items() if k not in ("inputs", "counts", "skipped", "warnings", "splits")},
+        "inputs": [inp for m in manifests for inp in m["inputs"]],
+        "counts": report.to_dict()["counts"],
+        "skipped": report.to_dict()["skipped"],
+        "warnings": report.warnings,
+        "splits": splits,
+        "tasks": [{"task": i, "manifest": f"tasks/task-{i:05d}/manifest.json"} for i in range(cfg.num_tasks)],
+        "stage_seconds": {"merged_tasks": [m.get("stage_seconds") for m in manifests]},
+    }
+    write_json_atomic(root / "manifest.json", manifest)
+    print_summary(manifest, root)
+    return manifest
+
+
+def print_summary(manifest: dict, out: Path) -> None:
+    c = manifest["counts"]
+    splits = manifest["splits"]
+    lines = [
+        f"data prepared in {out} ({manifest['mode']} mode, {manifest['max_seq_length']} tokens, "
+        f"vocabulary {manifest['vocab_size']})",
+        f"  documents {c.get('documents_read', 0):,}  sentences {c.get('sentences', 0):,}  "
+        f"tokens {c.get('tokens', 0):,}  input {c.get('input_bytes', 0) / 1e6:,.1f} MB",
+    ]
+    for split, info in splits.items():
+        lines.append(f"  {split:<10} {info['samples']:>10,} samples  {len(info['shards']):>4} shards")
+    if manifest["nsp"]:
+        lines.append(f"  IsNext {c.get('is_next', 0):,}  NotNext {c.get('not_next', 0):,}")
+    skipped = manifest["skipped"]
+    if skipped:
+        lines.append("  skipped: " + "; ".join(f"{k} x{v['count']}" for k, v in skipped.items()))
+    if manifest["warnings"]:
+        lines.append(f"  {len(manifest['warnings'])} warning(s): see manifest.json")
+    seconds = manifest["stage_seconds"]
+    if "merged_tasks" not in seconds:
+        total = sum(seconds.values())
+        lines.append(
+            f"  time {total:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + ")"
+            f"  {manifest['throughput_mb_per_s']:.2f} MB/s"
+        )
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,42 @@
+"""Data preparation: corpora -> sentences -> WordPiece vocabulary -> token ids -> training shards.
+
+    python launch/prepare_data.py inputs=[PATH,...] output_dir=OUT vocab_size=N max_seq_length=L \
+        nsp=true seed=S num_workers=W strict=false [stage=read|vocab|tokenize|shards|merge]
+
+Every option is documented in data_prep/config.py. User mistakes end with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from data_prep.config import PrepareConfig  # noqa: E402
+from data_prep.pipeline import prepare  # noqa: E402
+from data_prep.report import DataPrepError  # noqa: E402
+
+ConfigStore.instance().store(name="prepare_data_schema", node=PrepareConfig)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare_data")
+def main(cfg: DictConfig) -> None:
+    logging.getLogger("data_prep").setLevel(logging.INFO)
+    try:
+        prepare(OmegaConf.to_object(cfg))
+    except DataPrepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: completed parts and shards are kept; rerun the same command to finish", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
