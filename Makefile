@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bash launch/demo.sh 2>/dev/null || bash launch/demo.sh
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh
 
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests

@@ -177,7 +177,6 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
         "special_tokens": {t: vocab[t] for t in SPECIALS},
         "trained": trained,
     }
-    report.count("vocab_size", 0)  # keep the key visible; the size itself lives in the returned dict/manifest
     log.info("vocab: %d tokens, sha256 %s…, %s", result["vocab_size"], result["vocab_sha256"][:12],
              "trained" if trained else f"from {cfg.vocab}")
     return result
