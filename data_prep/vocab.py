@@ -84,7 +84,8 @@ def build_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
     tok.add_special_tokens(SPECIALS)  # never split, skipped by decode(skip_special_tokens=True)
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tok
 

@@ -1,9 +1,10 @@
 """Dynamic (or static) BERT masking as a DataLoader collate function.
 
 Every random draw is a counter-based hash of ``(seed, epoch, sample index, position, stream)`` (the
-splitmix64 finaliser, vectorised in int64 torch arithmetic), so the mask of a sample is a pure function of
-those numbers: the same whatever the batch it lands in, the number of loader workers or the rank that reads
-it, and a resumed run reads exactly the masks the uninterrupted run would have read. No per-token Python.
+splitmix64 finaliser, vectorised over the whole batch in uint64 numpy arithmetic), so the mask of a sample
+is a pure function of those numbers: the same whatever the batch it lands in, the number of loader workers
+or the rank that reads it, and a resumed run reads exactly the masks the uninterrupted run would have read.
+No per-token Python; the result is torch tensors.
 
 Selection is Bernoulli(``mlm_probability``) per eligible token (every real token except ``[CLS]``, ``[SEP]``,
 ``[MASK]`` and ``[PAD]``; ``[UNK]`` may be selected), or per word with ``whole_word`` (a word is a token
@@ -24,46 +25,44 @@ import torch
 IGNORE_INDEX = -100
 SPECIAL_NAMES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-# splitmix64 constants as signed int64 (torch has no uint64 shifts on CPU; int64 multiply wraps mod 2**64).
-_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
-_M1 = 0xBF58476D1CE4E5B9 - (1 << 64)
-_M2 = 0x94D049BB133111EB - (1 << 64)
+_U64 = (1 << 64) - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+_S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
 _STREAM_SELECT, _STREAM_ACTION = 1, 2
 
 
-def _i64(v: int) -> int:
-    """A Python int reduced mod 2**64 to the signed int64 range."""
-    return (v + (1 << 63)) % (1 << 64) - (1 << 63)
+def _mix_int(x: int) -> int:
+    """splitmix64 finaliser on a Python int (mod 2**64), for per-batch scalars."""
+    x &= _U64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _U64
+    return x ^ (x >> 31)
 
 
-def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 (``>>`` on a signed tensor is arithmetic)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
+def mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (a bijection with full avalanche; wraps mod 2**64), in place."""
+    t = np.empty_like(x)
+    for shift, mult in ((_S30, _M1), (_S27, _M2)):
+        np.right_shift(x, shift, out=t)
+        x ^= t
+        x *= mult
+    np.right_shift(x, _S31, out=t)
+    x ^= t
+    return x
 
 
-def _mix(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64 finaliser: a bijection of int64 with full avalanche."""
-    x = (x ^ _srl(x, 30)) * _M1
-    x = (x ^ _srl(x, 27)) * _M2
-    return x ^ _srl(x, 31)
+def sample_keys(seed: int, epochs: Sequence[int], indices: Sequence[int]) -> np.ndarray:
+    """uint64 [B] keys, one per sample, from (seed, epoch, index). Chained mixes, so distinct tuples never
+    collide by a linear coincidence; the (seed, epoch) part is a Python scalar per distinct epoch."""
+    per_epoch = {e: _mix_int(_mix_int(seed * 2 + 1) ^ (e * _GOLDEN)) for e in set(epochs)}
+    base = np.fromiter((per_epoch[e] for e in epochs), dtype=np.uint64, count=len(epochs))
+    return mix(base ^ np.asarray(indices, dtype=np.int64).astype(np.uint64))
 
 
-def sample_keys(seed: int, epochs: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """One 64-bit key per sample from (seed, epoch, index): chained mixes, so distinct tuples never collide
-    by linear coincidence."""
-    k = _mix(torch.full_like(indices, _i64((seed * 2 + 1) * _GOLDEN)))
-    k = _mix(k ^ (epochs * _GOLDEN + 0x632BE59BD9B4E019))
-    return _mix(k ^ indices)
-
-
-def token_hash(keys: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
-    """[B, L] int64 hash of (sample key, position, stream)."""
-    return _mix(keys[:, None] + (positions * 4 + stream) * _GOLDEN)
-
-
-def to_unit(h: torch.Tensor) -> torch.Tensor:
-    """Top 53 bits of a hash as a float64 uniform in [0, 1)."""
-    return _srl(h, 11).to(torch.float64) * (1.0 / (1 << 53))
+def _threshold(p: float) -> np.uint64:
+    """t with P(h < t) = p for h uniform over uint64 (exact to 2**-64)."""
+    return np.uint64(min(round(p * (1 << 64)), _U64))
 
 
 @dataclass
@@ -122,22 +121,26 @@ class MaskingCollator:
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (index[n] for n in SPECIAL_NAMES)
         self.vocab_size = len(vocab)
         # Ineligible for selection: every special except [UNK] (an [UNK] in the text is a real token).
-        ineligible = torch.zeros(self.vocab_size, dtype=torch.bool)
+        ineligible = np.zeros(self.vocab_size, dtype=bool)
         ineligible[[self.pad_id, self.cls_id, self.sep_id, self.mask_id]] = True
         self.ineligible = ineligible
-        self.is_continuation = torch.tensor([t.startswith("##") for t in vocab], dtype=torch.bool)
+        self.is_continuation = np.array([t.startswith("##") for t in vocab], dtype=bool)
         # Random replacements: real vocabulary only, never [PAD]/[UNK]/[CLS]/[SEP]/[MASK] nor [unusedN] etc.
         real = [i for i, t in enumerate(vocab) if not (t.startswith("[") and t.endswith("]")) and t]
         if not real:
             raise ValueError("vocabulary has no non-special tokens to draw random replacements from")
-        self.replacement_ids = torch.tensor(real, dtype=torch.int64)
+        self.replacement_ids = np.array(real, dtype=np.int64)
+        self._t_select = _threshold(self.cfg.mlm_probability)
+        self._t_mask = _threshold(self.cfg.mask_token_prob)
+        self._t_random = _threshold(self.cfg.mask_token_prob + self.cfg.random_token_prob)
+        self._offset_cache: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
     def from_vocab_file(cls, path: str | os.PathLike, cfg: MaskingConfig | None = None, seed: int = 0):
         return cls(read_vocab(path), cfg, seed)
 
-    def pad(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, ...]:
-        """Padded ``input_ids``, ``token_type_ids``, ``attention_mask`` and the lengths, vectorised."""
+    def pad(self, samples: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Padded int64 ``input_ids``, ``token_type_ids`` and ``attention_mask`` [B, L], vectorised."""
         lengths = np.fromiter((len(s["input_ids"]) for s in samples), dtype=np.int64, count=len(samples))
         a_lens = np.fromiter((s["a_len"] for s in samples), dtype=np.int64, count=len(samples))
         m = self.cfg.pad_to_multiple_of
@@ -146,44 +149,51 @@ class MaskingCollator:
         ids = np.full((len(samples), width), self.pad_id, dtype=np.int64)
         ids[valid] = np.concatenate([s["input_ids"] for s in samples]) if len(samples) else []
         types = (np.arange(width)[None, :] >= a_lens[:, None]) & valid
-        return (torch.from_numpy(ids), torch.from_numpy(types.astype(np.int64)),
-                torch.from_numpy(valid.astype(np.int64)), torch.from_numpy(lengths))
+        return ids, types.astype(np.int64), valid.astype(np.int64)
 
-    def mask(self, ids: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Masked copy of padded ``ids`` [B, L] and the labels, from per-sample keys [B]."""
-        cfg = self.cfg
-        pos = torch.arange(ids.shape[1], dtype=torch.int64).expand_as(ids)
+    def _offsets(self, width: int, stream: int) -> np.ndarray:
+        """Per-position hash offsets ``(4 * pos + stream) * golden`` (uint64) for a batch width, cached."""
+        key = (width, stream)
+        if key not in self._offset_cache:
+            self._offset_cache[key] = np.array([((4 * p + stream) * _GOLDEN) & _U64 for p in range(width)],
+                                               dtype=np.uint64)
+        return self._offset_cache[key]
+
+    def mask(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Masked copy of padded int64 ``ids`` [B, L] and the labels, from uint64 per-sample keys [B].
+
+        Whole-batch numpy ops on uint64 (logical shifts and wrapping multiplies are native there, and a
+        numpy op on a batch costs a third of a torch CPU op); hashes are compared against integer
+        thresholds, ``h < t`` having probability exactly p.
+        """
+        cfg, width = self.cfg, ids.shape[1]
         eligible = ~self.ineligible[ids]
+        h = mix(keys[:, None] + self._offsets(width, _STREAM_SELECT)[None, :])
         if cfg.whole_word:
-            # A word starts at a non-## token, or at a ## token that follows a special (it has no head).
-            prev_ok = torch.ones_like(eligible)
-            prev_ok[:, 1:] = eligible[:, :-1]
-            start = ~self.is_continuation[ids] | ~prev_ok
-            head = torch.where(start, pos, torch.zeros_like(pos)).cummax(dim=1).values
-            u = to_unit(token_hash(keys, head, _STREAM_SELECT))
-        else:
-            u = to_unit(token_hash(keys, pos, _STREAM_SELECT))
-        selected = eligible & (u < cfg.mlm_probability)
-        labels = torch.where(selected, ids, torch.full_like(ids, IGNORE_INDEX))
-        h = token_hash(keys, pos, _STREAM_ACTION)
-        # Low 24 bits choose the action, high 40 bits the random token (independent bits of one hash).
-        action = (h & 0xFFFFFF).to(torch.float64) * (1.0 / (1 << 24))
-        to_mask = selected & (action < cfg.mask_token_prob)
-        to_random = selected & ~to_mask & (action < cfg.mask_token_prob + cfg.random_token_prob)
-        random_ids = self.replacement_ids[_srl(h, 24) % len(self.replacement_ids)]
-        out = torch.where(to_mask, torch.full_like(ids, self.mask_id), ids)
-        out = torch.where(to_random, random_ids, out)
+            # A word starts at a non-## token, or at a ## token that follows a special (it has no head);
+            # every piece uses the draw at its word's first position.
+            start = ~self.is_continuation[ids]
+            start[:, 1:] |= ~eligible[:, :-1]
+            head = np.maximum.accumulate(np.where(start, np.arange(width), 0), axis=1)
+            h = np.take_along_axis(h, head, axis=1)
+        selected = eligible & (h < self._t_select)
+        labels = np.where(selected, ids, IGNORE_INDEX)
+        h = mix(keys[:, None] + self._offsets(width, _STREAM_ACTION)[None, :])
+        # The high bits choose the action, the low 32 bits the random token (independent for this hash).
+        random_ids = self.replacement_ids[(h & np.uint64(0xFFFFFFFF)) % np.uint64(len(self.replacement_ids))]
+        out = np.where(selected & (h < self._t_mask), self.mask_id, ids)
+        out = np.where(selected & (h >= self._t_mask) & (h < self._t_random), random_ids, out)
         return out, labels
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        ids, types, attention, _ = self.pad(samples)
-        indices = torch.tensor([int(s["index"]) for s in samples], dtype=torch.int64)
-        epochs = torch.zeros_like(indices) if self.cfg.static else torch.tensor(
-            [int(s.get("epoch", 0)) for s in samples], dtype=torch.int64)
+        ids, types, attention = self.pad(samples)
+        indices = [int(s["index"]) for s in samples]
+        epochs = [0] * len(samples) if self.cfg.static else [int(s.get("epoch", 0)) for s in samples]
         masked, labels = self.mask(ids, sample_keys(self.seed, epochs, indices))
-        batch = {"input_ids": masked, "token_type_ids": types, "attention_mask": attention, "labels": labels}
+        batch = {name: torch.from_numpy(a) for name, a in
+                 (("input_ids", masked), ("token_type_ids", types), ("attention_mask", attention), ("labels", labels))}
         nsp = [int(s["nsp_label"]) for s in samples]
         if min(nsp) >= 0:
             batch["next_sentence_label"] = torch.tensor(nsp, dtype=torch.int64)

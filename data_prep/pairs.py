@@ -1,0 +1,447 @@
+"""Shards stage: token ids to training samples (BERT sentence pairs or RoBERTa full-sentence packing).
+
+Documents are split into train/validation by a seeded permutation, each split is cut into shards of contiguous
+documents, and every shard is built from its own random streams, seeded by ``(seed, split, shard, dupe pass)``
+only: the output is byte-identical whatever ``num_workers``. BERT mode follows Google's
+``create_instances_from_document`` (random NotNext segments come from the whole split, not the shard).
+``shards.json`` fingerprints the settings that decide the shards: a re-run with the same fingerprint only builds
+the shards that are missing (an interrupted run is finished), a changed one clears the stale shards first.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from data_prep.config import PrepareConfig
+from data_prep.report import DataPrepError, Report
+from data_prep.store import LENGTH, NSP_LABEL, sha256_file, shard_complete, shard_name, token_dtype, write_shard
+
+SPLITS = ("train", "validation")
+FINGERPRINT_FILE = "shards.json"
+FORMAT_VERSION = 1
+
+
+class Corpus(Protocol):
+    """What the shards stage needs of a tokenized corpus (``data_prep.tokenize.TokenStore`` provides it):
+    ``doc_offsets`` (sentence boundaries of documents) and ``sentence_offsets`` (token boundaries of sentences),
+    each ``n + 1`` values from 0 or ``n`` END offsets; empty sentences and documents are skipped. An optional
+    ``sentences_tokens(s0, s1)`` (one slice for a sentence range) is used when present."""
+
+    num_docs: int
+    doc_offsets: np.ndarray
+    sentence_offsets: np.ndarray
+
+    def sentence_tokens(self, s: int) -> np.ndarray: ...
+
+
+try:  # the read stage owns the layout of OUTDIR; fall back to the same rule if it is not there
+    from data_prep.read import task_dir
+except ImportError:  # pragma: no cover - depends on which stages are installed
+    def task_dir(cfg: PrepareConfig) -> Path:
+        return Path(cfg.output_dir, *(("tasks", f"task-{cfg.task_index:05d}") if cfg.num_tasks > 1 else ()))
+
+
+def open_token_store(path: str) -> Corpus:
+    from data_prep.tokenize import TokenStore
+
+    return TokenStore(path)
+
+
+class _Bounds:
+    """Boundaries ``b[0..n]`` over either ``n + 1`` boundaries or ``n`` END offsets, without copying the array."""
+
+    def __init__(self, arr: np.ndarray, n: int):
+        if len(arr) not in (n, n + 1):
+            raise DataPrepError(f"token store: offsets array has {len(arr)} entries for {n} items; re-run tokenize")
+        self.arr, self.ends = arr, len(arr) == n and not (n == 0)
+
+    def span(self, lo: int, hi: int) -> np.ndarray:
+        if not self.ends:
+            return np.asarray(self.arr[lo : hi + 1], dtype=np.int64)
+        if lo == 0:
+            return np.concatenate((np.zeros(1, np.int64), np.asarray(self.arr[:hi], dtype=np.int64)))
+        return np.asarray(self.arr[lo - 1 : hi], dtype=np.int64)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        if not self.ends:
+            return np.asarray(self.arr[idx], dtype=np.int64)
+        return np.where(idx == 0, 0, np.asarray(self.arr[np.maximum(idx - 1, 0)], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class _Params:
+    """Everything a worker needs, picklable: it opens the corpus itself (memory-mapped) with ``opener``."""
+
+    opener: Callable[[], Corpus]
+    out: str
+    seed: int
+    max_seq_length: int
+    nsp: bool
+    short_seq_prob: float
+    dupe_factor: int
+    validation_fraction: float
+    cls_id: int
+    sep_id: int
+    dtype: str
+
+
+class _Worker:
+    """A corpus opened in this process, with the document split (recomputed: it is cheap and deterministic)."""
+
+    def __init__(self, p: _Params, corpus: Corpus | None = None):
+        self.p, self.c = p, corpus if corpus is not None else p.opener()
+        nd = int(self.c.num_docs)
+        self.docs = _Bounds(self.c.doc_offsets, nd)
+        ns = int(self.docs.span(nd, nd)[0]) if nd else 0
+        self.sents = _Bounds(self.c.sentence_offsets, ns)
+        self.doc_tokens = np.diff(self.sents.take(self.docs.span(0, nd))) if nd else np.zeros(0, np.int64)
+        self.split = split_documents(self.doc_tokens, p.validation_fraction, p.seed)
+        self.cls = np.array([p.cls_id], dtype=p.dtype)
+        self.sep = np.array([p.sep_id], dtype=p.dtype)
+        self._range = getattr(self.c, "sentences_tokens", None)
+
+    def doc_lengths(self, d: int) -> tuple[int, np.ndarray]:
+        b = self.docs.span(d, d + 1)
+        return int(b[0]), np.diff(self.sents.span(int(b[0]), int(b[1])))
+
+    def tokens(self, lo: int, hi: int) -> np.ndarray:
+        if self._range is not None:
+            return self._range(lo, hi)
+        return np.concatenate([self.c.sentence_tokens(s) for s in range(lo, hi)])
+
+
+def split_documents(doc_tokens: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, validation) document indices: a seeded permutation of the non-empty documents.
+
+    ``fraction`` of them, but at least one, go to validation whenever there are two or more (and ``fraction > 0``);
+    train always keeps at least one.
+    """
+    usable = np.flatnonzero(doc_tokens > 0)
+    n = len(usable)
+    n_val = 0 if n < 2 or fraction <= 0 else min(n - 1, max(1, round(fraction * n)))
+    perm = np.random.default_rng([seed, 0x5917]).permutation(n)
+    return np.sort(usable[perm[n_val:]]), np.sort(usable[perm[:n_val]])
+
+
+def plan_shards(doc_tokens: np.ndarray, cfg: PrepareConfig) -> list[tuple[int, int]]:
+    """Cut a split's documents (token counts in split order) into ``[lo, hi)`` position ranges of about
+    ``samples_per_shard`` samples each, estimated in integer token units so the cut is stable everywhere."""
+    n = len(doc_tokens)
+    if n == 0:
+        return []
+    if cfg.nsp:  # a document gives at least one sample; targets are max_num_tokens, sometimes shorter
+        m = cfg.max_seq_length - 3
+        per = max(1, round(m * (1 - cfg.short_seq_prob) + cfg.short_seq_prob * (m + 2) / 2))
+        weight = cfg.dupe_factor * np.maximum(doc_tokens, per)
+    else:  # packed samples hold max_seq_length - 2 tokens, one of them [SEP] per document
+        per, weight = cfg.max_seq_length - 2, doc_tokens + 1
+    cum = np.cumsum(weight)
+    step = cfg.samples_per_shard * per
+    ends = np.searchsorted(cum, np.arange(step, int(cum[-1]) + step, step), side="left") + 1
+    ends = np.unique(np.minimum(ends, n))
+    starts = np.concatenate(([0], ends[:-1]))
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True) if b > a]
+
+
+def _rng(*key: int) -> random.Random:
+    return random.Random(int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:16], "little"))
+
+
+def _trim(la: int, lb: int, limit: int, rng: random.Random) -> tuple[int, int, int, int]:
+    """Google's ``truncate_seq_pair`` in closed form: (front_a, back_a, front_b, back_b) tokens to drop.
+
+    It removes one token at a time from the longer segment (B on ties), from the front or back with 50% each;
+    so the counts per segment follow from the lengths and each segment's front count is Binomial(k, 1/2).
+    """
+    excess = la + lb - limit
+    if excess <= 0:
+        return 0, 0, 0, 0
+    ta = min(excess, la - lb) if la > lb else 0
+    tb = min(excess, lb - la) if lb >= la else 0
+    rest = excess - ta - tb
+    ta, tb = ta + rest // 2, tb + (rest + 1) // 2
+    fa = rng.getrandbits(ta).bit_count() if ta else 0
+    fb = rng.getrandbits(tb).bit_count() if tb else 0
+    return fa, ta - fa, fb, tb - fb
+
+
+class _Builder:
+    """Collects samples as sentence ranges and assembles the shard's token array once, with numpy."""
+
+    def __init__(self, w: _Worker):
+        self.w, self.pieces, self.rows, self.offset, self.dropped = w, [], [], 0, 0
+
+    def add(self, parts: list, a_len: int, label: int, doc_a: int, doc_b: int) -> None:
+        """``parts``: ``(lo, hi, front, back)`` sentence ranges with trims, or ``None`` for a [SEP]."""
+        w, start = self.w, len(self.pieces)
+        self.pieces.append(w.cls)
+        for part in parts:
+            t = w.sep if part is None else w.tokens(part[0], part[1])
+            self.pieces.append(t if part is None else t[part[2] : len(t) - part[3]])
+        self.pieces.append(w.sep)
+        length = sum(len(t) for t in self.pieces[start:])
+        self.rows.append((self.offset, length, a_len if a_len >= 0 else length, label, doc_a, doc_b))
+        self.offset += length
+
+    def finish(self, key: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        dtype = np.dtype(self.w.p.dtype)
+        tokens = np.concatenate(self.pieces).astype(dtype, copy=False) if self.pieces else np.zeros(0, dtype)
+        index = np.array(self.rows, dtype=np.int64).reshape(-1, 6)
+        # Google shuffles instances; shuffling rows here mixes dupe passes and documents within a shard.
+        return tokens, index[np.random.default_rng(list(key)).permutation(len(index))]
+
+
+def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, d: int, pool: np.ndarray) -> None:
+    """``create_instances_from_document`` for document ``d``; ``pool``: the split's documents."""
+    m = w.p.max_seq_length - 3
+    s0, lens = w.doc_lengths(d)
+    nz = np.flatnonzero(lens)
+    ids, ls = (nz + s0).tolist(), lens[nz].tolist()
+    n = len(ids)
+    target = rng.randint(2, m) if rng.random() < w.p.short_seq_prob else m
+    start = i = cur = 0
+    while i < n:
+        cur += ls[i]
+        if i == n - 1 or cur >= target:
+            k = i - start + 1
+            a_end = rng.randint(1, k - 1) if k >= 2 else 1
+            la = sum(ls[start : start + a_end])
+            a = (ids[start], ids[start + a_end - 1] + 1)
+            if (k == 1 or rng.random() < 0.5) and len(pool) > 1:
+                for _ in range(10):  # as the original: retry to avoid the same document
+                    r = rng.randrange(len(pool))
+                    if int(pool[r]) != d:
+                        break
+                else:
+                    r = (r + 1) % len(pool)  # deterministic fallback: NotNext never pairs a document with itself
+                db = int(pool[r])
+                r0, r1 = (int(x) for x in w.docs.span(db, db + 1))
+                bounds = w.sents.span(r0, r1)  # token boundaries of db's sentences
+                j0 = rng.randrange(r1 - r0)
+                if bounds[j0 + 1] == bounds[j0]:  # an empty sentence: start at a random non-empty one instead
+                    nz = np.flatnonzero(np.diff(bounds))
+                    j0 = int(nz[rng.randrange(len(nz))])
+                # B: sentences from j0 until it holds target - la tokens (at least one sentence), as the original
+                j1 = int(np.searchsorted(bounds, bounds[j0] + max(target - la, 1), side="left"))
+                j1 = min(max(j1, j0 + 1), r1 - r0)
+                bl, bh, lb = r0 + j0, r0 + j1, int(bounds[j1] - bounds[j0])
+                label = 1
+                i -= k - a_end  # the unused sentences are put back for the next chunk
+            elif k == 1:  # a one-document split cannot give NotNext pairs, and one sentence no IsNext pair
+                b.dropped += 1
+                start, cur, i = i + 1, 0, i + 1
+                continue
+            else:
+                bl, bh, lb, db, label = ids[start + a_end], ids[i] + 1, sum(ls[start + a_end : i + 1]), d, 0
+            fa, ba, fb, bb = _trim(la, lb, m, rng)
+            assert la - fa - ba >= 1 and lb - fb - bb >= 1
+            b.add([(a[0], a[1], fa, ba), None, (bl, bh, fb, bb)], la - fa - ba + 2, label, d, db)
+            start, cur = i + 1, 0
+        i += 1
+
+
+def _roberta_docs(w: _Worker, b: _Builder, docs: np.ndarray) -> None:
+    """FULL-SENTENCES packing: whole sentences back to back, a [SEP] between documents."""
+    cap = w.p.max_seq_length - 2
+    parts: list = []
+    used, first = 0, -1
+
+    def flush() -> None:
+        nonlocal parts, used, first
+        if used:
+            b.add(parts, -1, -1, first, -1)
+        parts, used, first = [], 0, -1
+
+    for d in docs.tolist():
+        s0, lens = w.doc_lengths(d)
+        new_doc = True
+        for s in (np.flatnonzero(lens) + s0).tolist():
+            ln = int(lens[s - s0])
+            sep = 1 if new_doc and used else 0
+            if used + sep + ln <= cap:
+                if sep:
+                    parts.append(None)
+                if parts and not sep and parts[-1][1] == s and parts[-1][2] == 0:  # extend the running range
+                    parts[-1] = (parts[-1][0], s + 1, 0, 0)
+                else:
+                    parts.append((s, s + 1, 0, 0))
+                used, first = used + sep + ln, d if first < 0 else first
+            else:
+                flush()
+                cut = 0
+                while ln - cut > cap:
+                    b.add([(s, s + 1, cut, ln - cut - cap)], -1, -1, d, -1)
+                    cut += cap
+                parts, used, first = [(s, s + 1, cut, 0)], ln - cut, d
+            new_doc = False
+    flush()
+
+
+def _build_task(task: tuple[int, int, int, int]) -> tuple[int, int, dict, dict]:
+    split_id, shard, lo, hi = task
+    w = _STATE
+    split_dir, name = Path(w.p.out) / SPLITS[split_id], shard_name(shard)
+    dropped = 0
+    if not shard_complete(split_dir, name):
+        pool = w.split[split_id]
+        b = _Builder(w)
+        if w.p.nsp:
+            for dupe in range(w.p.dupe_factor):
+                rng = _rng(w.p.seed, split_id, shard, dupe)
+                for d in pool[lo:hi].tolist():
+                    _bert_doc(w, b, rng, d, pool)
+        else:
+            _roberta_docs(w, b, pool[lo:hi])
+        dropped = b.dropped
+        entry = write_shard(split_dir, name, *b.finish((w.p.seed, split_id, shard, 1 << 20)))
+    else:
+        tokens_path, index_path = split_dir / f"{name}.tokens.npy", split_dir / f"{name}.index.npy"
+        entry = {"name": name, "samples": int(np.load(index_path, mmap_mode="r").shape[0]),
+                 "tokens": int(np.load(tokens_path, mmap_mode="r").shape[0]),
+                 "sha256": {"tokens": sha256_file(tokens_path), "index": sha256_file(index_path)}}
+    index = np.load(split_dir / f"{name}.index.npy", mmap_mode="r")
+    stats = {"is_next": int((index[:, NSP_LABEL] == 0).sum()), "not_next": int((index[:, NSP_LABEL] == 1).sum()),
+             "tokens_in_samples": int(index[:, LENGTH].sum()), "dropped": dropped}
+    return split_id, shard, entry, stats
+
+
+_STATE: _Worker | None = None  # this process's opened corpus
+
+
+def _init_worker(p: _Params) -> None:
+    global _STATE
+    _STATE = _Worker(p)
+
+
+def _special_ids(out: Path, cfg: PrepareConfig) -> tuple[int, int, int, str]:
+    path = out / "vocab.txt"
+    if not path.exists() and cfg.vocab:
+        path = Path(cfg.vocab)
+    if not path.exists():
+        raise DataPrepError(f"{out / 'vocab.txt'}: vocabulary not found; run stage=vocab first (or stage=all)")
+    tokens = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # not splitlines: \x85 is a token
+    ids = {t: i for i, t in enumerate(tokens)}
+    if "[CLS]" not in ids or "[SEP]" not in ids:
+        raise DataPrepError(f"{path}: [CLS] or [SEP] missing; use a BERT vocab.txt")
+    return ids["[CLS]"], ids["[SEP]"], len(tokens), sha256_file(path)
+
+
+def _store_identity(w: _Worker) -> str:
+    """Content fingerprint of the token store: its offsets plus 1000 sentences' tokens (no mtimes)."""
+    h = hashlib.sha256()
+    nd = int(w.c.num_docs)
+    h.update(repr((nd, w.doc_tokens.sum() if nd else 0)).encode())
+    h.update(w.docs.span(0, nd).tobytes())
+    n_sent = int(w.docs.span(nd, nd)[0]) if nd else 0
+    step = 1 << 20
+    for lo in range(0, n_sent + 1, step):
+        h.update(w.sents.span(lo, min(lo + step, n_sent)).tobytes())
+    for s in np.linspace(0, n_sent - 1, min(n_sent, 1000)).astype(np.int64).tolist():
+        h.update(np.asarray(w.c.sentence_tokens(s)).astype(np.int64).tobytes())
+    return h.hexdigest()
+
+
+def _check_fingerprint(out: Path, fingerprint: dict) -> None:
+    """Clear the shards of a run whose settings differ (or are unknown), then record this run's settings."""
+    path = out / FINGERPRINT_FILE
+    old = json.loads(path.read_text()).get("fingerprint") if path.exists() else None
+    if old != fingerprint:
+        for p in [p for split in SPLITS for p in (out / split).glob("shard-*.npy*")]:
+            p.unlink()  # shards of other settings (or of unknown ones): never mix them with this run's
+    _write_json(path, {"fingerprint": fingerprint})
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_shards(cfg: PrepareConfig, report: Report, open_corpus: Callable[[], Corpus] | None = None) -> dict:
+    """Build the train and validation shards of ``task_dir(cfg)`` and return their counts and manifest entries.
+
+    ``open_corpus`` (a picklable zero-argument callable) opens the tokenized corpus in each worker; by default
+    ``TokenStore(task_dir)``. Shards go to ``OUTDIR/{train,validation}/shard-NNNNN.{tokens,index}.npy``.
+    """
+    out = task_dir(cfg)
+    if cfg.max_seq_length < (5 if cfg.nsp else 3):
+        raise DataPrepError(f"max_seq_length={cfg.max_seq_length}: too short for a sample with its special tokens")
+    cls_id, sep_id, vocab_size, vocab_sha = _special_ids(out, cfg)
+    opener = open_corpus or functools.partial(open_token_store, str(out))
+    p = _Params(opener, str(out), cfg.seed, cfg.max_seq_length, cfg.nsp, cfg.short_seq_prob, cfg.dupe_factor,
+                cfg.validation_fraction, cls_id, sep_id, token_dtype(vocab_size).str)
+    w = _Worker(p)
+    if int(w.doc_tokens.sum()) == 0:
+        raise DataPrepError(f"{out}: the token store is empty (no document has any token); nothing to build")
+    report.count("documents_without_tokens", int((w.doc_tokens == 0).sum()))
+    train, val = w.split
+    if len(val) == 0:
+        report.warn(f"validation_fraction={cfg.validation_fraction}: no validation documents "
+                    f"({len(train)} usable document(s)); the validation split is empty")
+    elif len(val) == 1 and cfg.nsp:
+        report.warn("validation split has a single document: it holds IsNext pairs only (NotNext needs two)")
+    plans = [plan_shards(w.doc_tokens[docs], cfg) for docs in w.split]
+    fingerprint = {"version": FORMAT_VERSION, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length, "nsp": cfg.nsp,
+                   "short_seq_prob": cfg.short_seq_prob, "dupe_factor": cfg.dupe_factor,
+                   "validation_fraction": cfg.validation_fraction, "samples_per_shard": cfg.samples_per_shard,
+                   "vocab_sha256": vocab_sha, "token_store": _store_identity(w)}
+    _check_fingerprint(out, fingerprint)
+    tasks = [(s, i, lo, hi) for s, plan in enumerate(plans) for i, (lo, hi) in enumerate(plan)]
+    results = _run_tasks(tasks, p, w, cfg.num_workers or os.cpu_count() or 1)
+    return _summarize(cfg, report, results, w, plans, out, fingerprint)
+
+
+def _run_tasks(tasks: list, p: _Params, w: _Worker, workers: int) -> list:
+    bar = tqdm(total=len(tasks), desc="shards", unit="shard")
+    results = []
+    if workers <= 1 or len(tasks) <= 1:
+        global _STATE
+        _STATE = w
+        for t in tasks:
+            results.append(_build_task(t))
+            bar.update()
+    else:
+        ctx = multiprocessing.get_context("spawn")  # no fork after threads (tokenizers, tqdm) in the parent
+        with ctx.Pool(min(workers, len(tasks)), initializer=_init_worker, initargs=(p,)) as pool:
+            for r in pool.imap_unordered(_build_task, tasks):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return sorted(results, key=lambda r: (r[0], r[1]))
+
+
+def _summarize(cfg: PrepareConfig, report: Report, results: list, w: _Worker, plans: list, out: Path,
+               fingerprint: dict) -> dict:
+    splits: dict[str, Any] = {}
+    totals = {k: sum(r[3][k] for r in results) for k in ("is_next", "not_next", "tokens_in_samples", "dropped")}
+    for s, name in enumerate(SPLITS):
+        entries = [r[2] for r in results if r[0] == s]
+        splits[name] = {"samples": sum(e["samples"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
+                        "documents": len(w.split[s]), "samples_per_shard": [e["samples"] for e in entries],
+                        "doc_ranges": [[int(w.split[s][lo]), int(w.split[s][hi - 1])] for lo, hi in plans[s]],
+                        "shards": entries}
+    if splits["train"]["samples"] == 0:
+        raise DataPrepError(f"{out}: no training sample could be built (BERT pairs need two documents or documents "
+                            "of two or more sentences); add text or use nsp=false")
+    samples = {k: v["samples"] for k, v in splits.items()}
+    n = sum(samples.values())
+    for key, value in [*totals.items(), *((f"samples_{k}", v) for k, v in samples.items())]:
+        report.count("chunks_without_pair" if key == "dropped" else key, value)
+    result = {"splits": splits, "samples": samples, "is_next": totals["is_next"], "not_next": totals["not_next"],
+              "tokens_in_samples": totals["tokens_in_samples"],
+              "padding_free_fill": round(totals["tokens_in_samples"] / max(1, n) / cfg.max_seq_length, 4),
+              "mode": "bert" if cfg.nsp else "roberta"}
+    _write_json(out / FINGERPRINT_FILE, {"fingerprint": fingerprint, "result": result})
+    return result

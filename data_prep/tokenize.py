@@ -1,0 +1,367 @@
+"""Tokenize stage: the read stage's sentences to a memory-mapped token store, in parallel, deterministically.
+
+Input: ``OUTDIR/work/documents/part-K.txt`` (one sentence per line, one blank line after each document) and
+``part-K.docs.jsonl`` (one line per document, written last: the part's completion marker).
+
+Output, per part K, in ``OUTDIR/work/tokens/`` (K as in the input part, five digits):
+
+- ``part-K.tokens.bin``: every sentence's token ids back to back, raw ``store.token_dtype(vocab_size)``
+  (little-endian ``uint16``/``uint32``), no special tokens, no truncation;
+- ``part-K.sentences.npy``: ``int64 [num_sentences]``, end offset of each sentence in ``tokens.bin``;
+- ``part-K.json``: vocabulary sha256, dtype and counts (a part made with another vocabulary is redone);
+- ``part-K.docs.npy``: ``int64 [num_documents]``, end offset of each document in the part's sentences;
+  written last, it marks the part complete.
+
+Sentences that tokenize to nothing are dropped (counted as ``empty_sentences``); documents are all kept, so
+document ``d`` of the store is line ``d`` of the ``docs.jsonl`` files (a document may have zero sentences).
+
+Chunks of whole documents go to a pool of ``num_workers`` processes through an ordered ``imap``, so the
+files are byte-identical whatever the number of workers. ``TokenStore`` reads the result back.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import threading
+import time
+from collections.abc import Iterator
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .config import PrepareConfig
+from .report import DataPrepError, Report
+from .store import sha256_file, token_dtype
+from .vocab import document_parts, output_dir
+
+log = logging.getLogger("data_prep")
+
+TOKENS_DIR = Path("work") / "tokens"
+# Bytes of text per task: large enough that per-task IPC and bookkeeping vanish next to tokenization (about a
+# second of work), small enough to keep both cores busy on small corpora. Chunks end at document boundaries.
+CHUNK_BYTES = 1 << 20
+_ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}  # one worker = one core
+
+_tok: Tokenizer | None = None
+_dtype: np.dtype = np.dtype(np.uint16)
+_unk_id = -1
+
+
+def _init_worker(tokenizer_json: str, dtype: str, unk_id: int) -> None:
+    global _tok, _dtype, _unk_id
+    os.environ.update(_ENV)
+    _tok, _dtype, _unk_id = Tokenizer.from_file(tokenizer_json), np.dtype(dtype), unk_id
+
+
+def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
+    """Tokenize whole documents (UTF-8 text ending with a document's blank line) into flat numpy arrays.
+
+    Returns ``(k, last, ids, sentence_lengths, doc_sentence_counts, stats)``; numpy arrays keep the result
+    small to pickle and avoid a Python object per token in the parent.
+    """
+    k, last, data = task
+    lines = data.decode("utf-8").split("\n")
+    lines.pop()  # the text after the final newline: empty
+    blank = np.flatnonzero(np.fromiter(map(len, lines), np.int64, len(lines)) == 0)
+    doc_counts = np.diff(blank, prepend=-1) - 1  # sentences between consecutive blank lines
+    sentences = list(filter(None, lines))
+    # encode_batch_fast skips the character offsets we never use: about 15% faster than encode_batch,
+    # which itself matches one encode() per sentence on one core (measured; see docs/benchmarks.md).
+    id_lists = [e.ids for e in _tok.encode_batch_fast(sentences, add_special_tokens=False)]
+    lengths = np.fromiter(map(len, id_lists), np.int64, len(id_lists))
+    ids = np.fromiter(chain.from_iterable(id_lists), _dtype, int(lengths.sum()))
+    empty = lengths == 0
+    n_empty = int(empty.sum())
+    if n_empty:
+        doc_of_sentence = np.repeat(np.arange(len(doc_counts)), doc_counts)
+        doc_counts = doc_counts - np.bincount(doc_of_sentence[empty], minlength=len(doc_counts))
+        lengths = lengths[~empty]
+    stats = (len(data), len(sentences), n_empty, int(np.count_nonzero(ids == _unk_id)))
+    return k, last, ids, lengths.astype(np.uint32), doc_counts.astype(np.uint32), stats
+
+
+def _chunks(k: int, txt: Path, chunk_bytes: int) -> Iterator[tuple[int, bool, bytes]]:
+    """Split a part into runs of whole documents of about ``chunk_bytes``; the last one is flagged."""
+    pending, buf = None, b""
+    with open(txt, "rb") as f:
+        while block := f.read(chunk_bytes):
+            buf += block
+            cut = buf.rfind(b"\n\n") + 2  # just after a blank line: a document boundary
+            if cut == 1:
+                cut = 1 if buf.startswith(b"\n") else 0  # an empty document at the very start
+            if cut == 0:
+                continue  # one document longer than a chunk: read on
+            if pending is not None:
+                yield k, False, pending
+            pending, buf = buf[:cut], buf[cut:]
+    if buf:
+        raise DataPrepError(f"{txt}: does not end with a blank line (truncated?); re-run stage=read")
+    yield k, True, pending if pending is not None else b""
+
+
+class _PartWriter:
+    """Collects one part's results in order and commits it atomically (``docs.npy`` last)."""
+
+    def __init__(self, tdir: Path, k: int, meta: dict):
+        self.base, self.meta = tdir / f"part-{k:05d}", meta
+        (tdir / f"part-{k:05d}.docs.npy").unlink(missing_ok=True)  # the commit marker goes first
+        self.tmp = self.base.with_name(self.base.name + ".tokens.bin.tmp")
+        self.f = open(self.tmp, "wb")
+        self.lengths: list[np.ndarray] = []
+        self.docs: list[np.ndarray] = []
+        self.stats = np.zeros(4, np.int64)
+
+    def add(self, ids: np.ndarray, lengths: np.ndarray, docs: np.ndarray, stats: tuple) -> None:
+        self.f.write(ids.data)
+        self.lengths.append(lengths)
+        self.docs.append(docs)
+        self.stats += stats
+
+    def finish(self, expected_docs: int, expected_sentences: int, jsonl: Path) -> dict:
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        sentence_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.lengths]), dtype=np.int64)
+        doc_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.docs]), dtype=np.int64)
+        _, n_sentences, n_empty, n_unk = (int(v) for v in self.stats)
+        if len(doc_ends) != expected_docs or n_sentences != expected_sentences:
+            raise DataPrepError(f"{jsonl}: lists {expected_docs} documents / {expected_sentences} sentences but the "
+                                f".txt holds {len(doc_ends)} / {n_sentences}; re-run stage=read")
+        os.replace(self.tmp, self.base.with_name(self.base.name + ".tokens.bin"))
+        _save(self.base.with_name(self.base.name + ".sentences.npy"), sentence_ends)
+        meta = {**self.meta, "documents": len(doc_ends), "sentences": len(sentence_ends),
+                "tokens": int(sentence_ends[-1]) if len(sentence_ends) else 0,
+                "unk_tokens": n_unk, "empty_sentences": n_empty}
+        tmp = self.base.with_name(self.base.name + ".json.tmp")
+        tmp.write_text(json.dumps(meta, indent=1) + "\n")
+        os.replace(tmp, self.base.with_name(self.base.name + ".json"))
+        _save(self.base.with_name(self.base.name + ".docs.npy"), doc_ends)
+        return meta
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def _part_done(tdir: Path, k: int, meta: dict) -> dict | None:
+    """The part's recorded counts if it is complete and was made from the same text with the same vocabulary."""
+    info = tdir / f"part-{k:05d}.json"
+    if not (tdir / f"part-{k:05d}.docs.npy").exists() or not info.exists():
+        return None
+    done = json.loads(info.read_text())
+    return done if all(done.get(key) == value for key, value in meta.items()) else None
+
+
+def _jsonl_counts(jsonl: Path) -> tuple[int, int]:
+    docs = sentences = 0
+    with open(jsonl, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                docs += 1
+                sentences += int(json.loads(line)["sentences"])
+    return docs, sentences
+
+
+def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
+    """Tokenize every completed read-stage part into ``OUTDIR/work/tokens``; skip parts already done.
+
+    Adds ``tokens``, ``unk_tokens``, ``sentences_tokenized`` (sentences kept in the store),
+    ``empty_sentences`` (dropped: no tokens) and ``documents_tokenized`` to the report; returns them with
+    ``parts`` (part names), ``parts_skipped`` (already complete) and ``vocab_sha256``.
+    """
+    outdir = output_dir(cfg)
+    tok_path, vocab_path = outdir / "tokenizer.json", outdir / "vocab.txt"
+    if not tok_path.is_file() or not vocab_path.is_file():
+        raise DataPrepError(f"{tok_path}: not found; run stage=vocab first")
+    tok = Tokenizer.from_file(str(tok_path))
+    dtype, unk_id = token_dtype(tok.get_vocab_size()), tok.token_to_id("[UNK]")
+    vocab_sha = sha256_file(vocab_path)
+    parts, unfinished = document_parts(outdir)
+    if unfinished:
+        report.warn(f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]}; "
+                    "re-run stage=read to complete them")
+    if not parts:
+        raise DataPrepError(f"{outdir / 'work' / 'documents'}: no completed document parts; run stage=read first")
+    tdir = outdir / TOKENS_DIR
+    tdir.mkdir(parents=True, exist_ok=True)
+    keep = {f"part-{k:05d}" for k, _, _ in parts}
+    for stale in tdir.glob("part-*"):  # parts whose text is gone (the read stage was re-run on other inputs)
+        if stale.name[:10] not in keep:
+            stale.unlink()
+
+    totals = dict.fromkeys(("tokens", "unk_tokens", "sentences", "empty_sentences", "documents"), 0)
+    todo, skipped, expected = [], [], {}
+    for k, txt, jsonl in parts:
+        meta = {"vocab_sha256": vocab_sha, "vocab_size": tok.get_vocab_size(), "dtype": dtype.name,
+                "source_bytes": txt.stat().st_size}
+        done = _part_done(tdir, k, meta)
+        if done is not None:
+            skipped.append(f"part-{k:05d}")
+            for key in totals:
+                totals[key] += done[key]
+        else:
+            todo.append((k, txt, jsonl, meta))
+            expected[k] = (_jsonl_counts(jsonl), jsonl)
+    if skipped:
+        log.info("tokenize: %d part(s) already done with this vocabulary, skipped", len(skipped))
+
+    workers = cfg.num_workers or os.cpu_count() or 1
+    tasks = chain.from_iterable(_chunks(k, txt, CHUNK_BYTES) for k, txt, _, _ in todo)
+    metas = {k: meta for k, _, _, meta in todo}
+    bar = tqdm(total=sum(m["source_bytes"] for m in metas.values()), unit="B", unit_scale=True,
+               desc="tokenize", disable=not todo)
+    start, writers = time.perf_counter(), {}
+    for k, last, ids, lengths, docs, stats in _map_ordered(tasks, workers, str(tok_path), dtype.name, unk_id):
+        writer = writers.get(k) or writers.setdefault(k, _PartWriter(tdir, k, metas[k]))
+        writer.add(ids, lengths, docs, stats)
+        bar.update(stats[0])
+        if last:
+            (n_docs, n_sentences), jsonl = expected[k]
+            done = writers.pop(k).finish(n_docs, n_sentences, jsonl)
+            for key in totals:
+                totals[key] += done[key]
+            bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start) / 1e3:.0f}k tok/s")
+    bar.close()
+
+    for key, name in (("tokens", "tokens"), ("unk_tokens", "unk_tokens"), ("sentences", "sentences_tokenized"),
+                      ("empty_sentences", "empty_sentences"), ("documents", "documents_tokenized")):
+        report.count(name, totals[key])
+    rate = totals["unk_tokens"] / max(totals["tokens"], 1)
+    if rate > cfg.unk_warning_rate:
+        report.warn(f"[UNK] is {rate:.2%} of all tokens (over unk_warning_rate={cfg.unk_warning_rate}): the "
+                    f"vocabulary ({vocab_path}) does not fit this corpus; check that lowercase={cfg.lowercase} "
+                    "matches it (cased vs uncased) or train a vocabulary on this corpus (unset vocab)")
+    elapsed = time.perf_counter() - start
+    log.info("tokenize: %d tokens in %d sentences, %.2f%% [UNK], %d empty sentences dropped (%.1fs, %d workers)",
+             totals["tokens"], totals["sentences"], 100 * rate, totals["empty_sentences"], elapsed, workers)
+    return {**{("sentences_tokenized" if key == "sentences" else key): v for key, v in totals.items()},
+            "parts": [f"part-{k:05d}" for k, _, _ in parts], "parts_skipped": skipped, "vocab_sha256": vocab_sha}
+
+
+def _map_ordered(tasks: Iterator, workers: int, tokenizer_json: str, dtype: str, unk_id: int) -> Iterator[tuple]:
+    """``_encode_chunk`` over ``tasks`` in order: in-process for one worker, else an ordered ``Pool.imap``."""
+    if workers <= 1:
+        saved = {key: os.environ.get(key) for key in _ENV}
+        try:
+            _init_worker(tokenizer_json, dtype, unk_id)
+            yield from map(_encode_chunk, tasks)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        return
+    # Pool.imap feeds tasks as fast as it can read them: a semaphore keeps at most a few chunks in flight
+    # so memory stays bounded. Spawned (not forked) workers: forking after the vocab stage's Rust threads
+    # is what tokenizers warns about.
+    window, stop = threading.Semaphore(4 * workers), threading.Event()
+
+    def throttled() -> Iterator:
+        for task in tasks:
+            while not window.acquire(timeout=0.1):
+                if stop.is_set():
+                    return
+            yield task
+
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, dtype, unk_id)) as pool:
+        try:
+            for result in pool.imap(_encode_chunk, throttled()):
+                window.release()
+                yield result
+        finally:
+            stop.set()
+
+
+class TokenStore:
+    """Read-only, corpus-wide view of the token store in ``OUTDIR/work/tokens`` (all parts, in order).
+
+    Numbering is global: documents ``0..num_docs-1``, sentences ``0..num_sentences-1``, tokens
+    ``0..num_tokens-1``, parts back to back. The two offset arrays describe everything without Python loops:
+
+    - ``doc_offsets``: ``int64 [num_docs + 1]``; document ``d`` is sentences ``doc_offsets[d]:doc_offsets[d+1]``
+      (possibly none: its sentences were all empty);
+    - ``sentence_offsets``: ``int64 [num_sentences + 1]``; sentence ``s`` is tokens
+      ``sentence_offsets[s]:sentence_offsets[s+1]`` (never empty).
+
+    So ``np.diff(sentence_offsets)`` are the sentence lengths, and ``doc_num_tokens_all()`` every document's
+    token count. Token ids come from ``tokens(start, end)`` (a zero-copy memmap slice when the range lies in
+    one part, which every range inside a document does), ``sentence_tokens(s)`` or ``sentences_tokens(s0, s1)``.
+    """
+
+    def __init__(self, outdir: str | os.PathLike):
+        tdir = Path(outdir) / TOKENS_DIR
+        names = sorted(p.name[: -len(".docs.npy")] for p in tdir.glob("part-*.docs.npy"))
+        if not names:
+            raise DataPrepError(f"{tdir}: no tokenized parts; run stage=tokenize first")
+        metas = [json.loads((tdir / f"{n}.json").read_text()) for n in names]
+        if len({m["vocab_sha256"] for m in metas}) > 1:
+            raise DataPrepError(f"{tdir}: parts were tokenized with different vocabularies; re-run stage=tokenize")
+        self.part_names, self.vocab_sha256 = names, metas[0]["vocab_sha256"]
+        self.vocab_size, self.dtype = metas[0]["vocab_size"], np.dtype(metas[0]["dtype"])
+        self.parts: list[np.ndarray] = []
+        sent_ends, doc_ends, tok_base, sent_base = [], [], 0, 0
+        part_starts = [0]
+        for n in names:
+            bin_path = tdir / f"{n}.tokens.bin"
+            size = bin_path.stat().st_size  # np.memmap refuses empty files
+            self.parts.append(np.memmap(bin_path, self.dtype, mode="r") if size else np.zeros(0, self.dtype))
+            s_ends, d_ends = np.load(tdir / f"{n}.sentences.npy"), np.load(tdir / f"{n}.docs.npy")
+            sent_ends.append(s_ends + tok_base)
+            doc_ends.append(d_ends + sent_base)
+            tok_base += len(self.parts[-1])
+            sent_base += len(s_ends)
+            part_starts.append(tok_base)
+        zero = [np.zeros(1, np.int64)]
+        self.sentence_offsets: np.ndarray = np.concatenate(zero + sent_ends)
+        self.doc_offsets: np.ndarray = np.concatenate(zero + doc_ends)
+        self.part_token_offsets = np.asarray(part_starts, np.int64)  # part p holds tokens [p, p+1)
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doc_offsets) - 1
+
+    @property
+    def num_sentences(self) -> int:
+        return len(self.sentence_offsets) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.sentence_offsets[-1])
+
+    def doc_sentences(self, d: int) -> tuple[int, int]:
+        """Global sentence range ``[start, end)`` of document ``d``."""
+        return int(self.doc_offsets[d]), int(self.doc_offsets[d + 1])
+
+    def doc_num_tokens(self, d: int) -> int:
+        s0, s1 = self.doc_sentences(d)
+        return int(self.sentence_offsets[s1] - self.sentence_offsets[s0])
+
+    def doc_num_tokens_all(self) -> np.ndarray:
+        """``int64 [num_docs]``: tokens in each document (vectorised)."""
+        return np.diff(self.sentence_offsets[self.doc_offsets])
+
+    def tokens(self, start: int, end: int) -> np.ndarray:
+        """Token ids ``[start, end)`` in global token numbering (store dtype; a view when within one part)."""
+        p = int(np.searchsorted(self.part_token_offsets, start, side="right")) - 1
+        base, stop = int(self.part_token_offsets[p]), int(self.part_token_offsets[min(p + 1, len(self.parts))])
+        if end <= stop:
+            return self.parts[p][start - base : end - base]
+        return np.concatenate([self.parts[p][start - base :], self.tokens(stop, end)])
+
+    def sentence_tokens(self, s: int) -> np.ndarray:
+        return self.tokens(int(self.sentence_offsets[s]), int(self.sentence_offsets[s + 1]))
+
+    def sentences_tokens(self, s0: int, s1: int) -> np.ndarray:
+        """Token ids of sentences ``s0..s1-1`` back to back."""
+        return self.tokens(int(self.sentence_offsets[s0]), int(self.sentence_offsets[s1]))

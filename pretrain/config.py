@@ -1,0 +1,326 @@
+"""Schema of the pretraining config (``conf/config.yaml`` and its groups), the generated DeepSpeed config and the
+pre-flight checks that run before any work.
+
+Every value has one home: batch sizes and precision in ``trainer``, clipping in ``optim``, the ZeRO section in
+``deepspeed``; ``build_ds_config`` derives DeepSpeed's JSON from them (gradient accumulation from the global
+batch, the micro batch and the world size). A raw DeepSpeed JSON (``deepspeed.config_file``) still wins, with a
+warning for every value that contradicts the Hydra config.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from pretrain.masking import MaskingConfig
+
+
+class UserError(Exception):
+    """A mistake in the config or the data: reported as one line on stderr, exit code 2, no traceback."""
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/out"
+    """Output of ``launch/prepare_data.py``: ``manifest.json``, ``vocab.txt``, ``train/`` and ``validation/`` shards."""
+    num_workers: int = 0
+    """DataLoader worker processes per rank; batches (and masks) are identical whatever the number."""
+    bucket: bool = False
+    """Group samples of similar length into batches (less padding); order is still deterministic."""
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    """Dynamic MLM masking (see ``pretrain/masking.py``); validation always uses static masks of the same rates."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    """``adamw`` or ``lamb`` (layer-wise trust ratio, as NVIDIA's BERT phase 1/2 at large batch)."""
+    lr: float = 1e-3
+    """Peak learning rate (reached at the end of warm-up)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Adam/LAMB moment decay rates."""
+    eps: float = 1e-6
+    """Denominator epsilon."""
+    weight_decay: float = 0.01
+    """Decoupled weight decay; never applied to biases nor LayerNorm weights."""
+    max_grad_norm: float = 1.0
+    """Global gradient-norm clipping (DeepSpeed ``gradient_clipping``); 0 disables."""
+    implementation: str = "auto"
+    """``auto`` (apex FusedLAMB, else DeepSpeed's fused kernels on GPU, else PyTorch), ``torch``, ``deepspeed``,
+    ``apex``."""
+
+
+@dataclass
+class SchedulerConfig:
+    name: str = "bert"
+    """``bert``: linear warm-up then polynomial decay to ``min_lr_ratio`` at ``trainer.max_steps``; ``linear``: the
+    same with power 1."""
+    warmup_ratio: float = 0.01
+    """Warm-up length as a fraction of ``trainer.max_steps`` (BERT phase 1: 0.2843, phase 2: 0.128 with LAMB)."""
+    warmup_steps: int | None = None
+    """Warm-up length in steps; overrides ``warmup_ratio`` when set."""
+    power: float = 1.0
+    """Decay exponent: 1.0 linear (original BERT), 0.5 as NVIDIA's LAMB phase configs."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of the peak."""
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_optimization: dict[str, Any] = field(default_factory=lambda: {"stage": 0})
+    """DeepSpeed's ``zero_optimization`` section verbatim (stage, offload_optimizer, overlap_comm, ...)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Any other DeepSpeed keys, merged into the generated config (e.g. ``activation_checkpointing``)."""
+    config_file: str | None = None
+    """A raw DeepSpeed JSON; its values win over the generated ones (a warning names each contradiction)."""
+
+
+@dataclass
+class TrainerConfig:
+    phase: int = 1
+    """BERT phase: 1 (128 tokens, from scratch) or 2 (512 tokens, weights from ``init_from``, optimizer reset)."""
+    max_seq_length: int = 128
+    """Longest sample the data may hold (the shards' manifest ``max_seq_length`` must not exceed it)."""
+    global_batch_size: int = 16
+    """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro x world size)."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward on one device."""
+    max_steps: int = 40
+    """Optimizer steps to train (the schedule ends here)."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling); DeepSpeed keeps fp32 master weights."""
+    log_every: int = 5
+    """Steps between metrics lines (metrics.jsonl, W&B, progress bar)."""
+    eval_every: int = 20
+    """Steps between validation passes (and one at the end); 0 = only at the end."""
+    eval_batches: int = 20
+    """Validation micro-batches per rank per pass (static masks: comparable across passes)."""
+    checkpoint_every: int = 20
+    """Steps between checkpoints (and one at the end); 0 = only at the end and on preemption."""
+    keep_last: int = 2
+    """Complete checkpoints kept; older ones are deleted only once a newer one is complete."""
+    max_time_minutes: float | None = None
+    """Wall-clock budget of this job: when exceeded, checkpoint and exit with code 75 (requeue to continue)."""
+    stop_at_step: int | None = None
+    """Checkpoint and stop (exit 0) at this step without finishing; simulates an interruption in tests."""
+    init_from: str | None = None
+    """Phase 2: weights only from a phase-1 run dir, checkpoint dir (or tag dir) or Hugging Face export."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms`` (bit-exact GPU resumes at some speed cost; CPU is exact anyway)."""
+
+
+@dataclass
+class LoggerConfig:
+    wandb: bool = False
+    """Log to Weights & Biases from rank 0 (metrics.jsonl in the run dir is always written)."""
+    project: str = "bert-pretrain"
+    """W&B project."""
+    entity: str | None = None
+    """W&B entity (team or user); null = the default of the logged-in account."""
+    mode: str = "auto"
+    """``auto`` (online when an API key is available, else offline), ``online``, ``offline`` or ``disabled``."""
+    tags: list[str] = field(default_factory=list)
+    """W&B tags."""
+
+
+@dataclass
+class Config:
+    model: dict[str, Any] = field(default_factory=dict)
+    """Model shape, Hugging Face ``BertConfig`` field names (``conf/model/*.yaml``); ``vocab_size: null`` = from
+    the data."""
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "tiny-cpu"
+    """Experiment name; the default run name starts with it."""
+    run_name: str = "tiny-cpu"
+    """Run name; default derived deterministically from ``name`` and the command-line overrides, so every rank
+    on every node (and a requeued job) computes the same one."""
+    run_dir: str = "runs/tiny-cpu"
+    """Where checkpoints, metrics.jsonl, W&B files and the HF export go (``runs/${run_name}`` by default)."""
+    resume: str = "auto"
+    """``auto`` (newest complete checkpoint in the run dir, else start fresh), ``none``, or a checkpoint path."""
+    seed: int = 1234
+    """Seed of initialisation, data order, masks and dropout."""
+
+
+def _run_slug(name: str, overrides: str) -> str:
+    """Deterministic, filesystem-safe run name from the experiment name and the override string."""
+    if not overrides:
+        return name
+    slug = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides.replace("/", "_")).strip("_")
+    if len(slug) > 80:
+        slug = slug[:71] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
+    return f"{name},{slug}"
+
+
+def register_configs() -> None:
+    ConfigStore.instance().store(name="pretrain_schema", node=Config)
+    if not OmegaConf.has_resolver("run_slug"):
+        OmegaConf.register_new_resolver("run_slug", _run_slug)
+
+
+register_configs()
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def gradient_accumulation_steps(cfg: Any, world_size: int) -> int:
+    t = cfg.trainer
+    per_step = t.micro_batch_size * world_size
+    if t.micro_batch_size < 1 or t.global_batch_size % per_step:
+        raise UserError(
+            f"trainer.global_batch_size={t.global_batch_size} is not divisible by trainer.micro_batch_size="
+            f"{t.micro_batch_size} x world size {world_size}; change either so it divides")
+    return t.global_batch_size // per_step
+
+
+def _diff(file_cfg: dict, ours: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in file_cfg.items():
+        if k not in ours:
+            continue
+        if isinstance(v, dict) and isinstance(ours[k], dict):
+            out += _diff(v, ours[k], f"{prefix}{k}.")
+        elif v != ours[k] and v != "auto":
+            out.append(f"{prefix}{k}={v!r} (Hydra config: {ours[k]!r})")
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    for k, v in over.items():
+        base[k] = _merge(base.get(k, {}), v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return base
+
+
+def build_ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON config generated from the Hydra config (plus ``deepspeed.config_file`` on top)."""
+    t, ds = cfg.trainer, cfg.deepspeed
+    if t.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={t.precision!r}: use one of {', '.join(PRECISIONS)}")
+    out: dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_clipping": float(cfg.optim.max_grad_norm),
+        "bf16": {"enabled": t.precision == "bf16"},
+        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "zero_optimization": OmegaConf.to_container(ds.zero_optimization, resolve=True)
+        if OmegaConf.is_config(ds.zero_optimization) else copy.deepcopy(dict(ds.zero_optimization)),
+        # Client optimizers (PyTorch AdamW, our LAMB) are fine under ZeRO and with offload.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+    }
+    extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra)
+    _merge(out, extra)
+    if ds.config_file:
+        path = Path(ds.config_file)
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(f"deepspeed.config_file={path}: cannot read it as JSON ({e})") from None
+        for d in _diff(raw, out):
+            warnings.warn(f"{path}: {d} - the DeepSpeed JSON wins", stacklevel=2)
+        _merge(out, raw)
+        if out["train_batch_size"] != out["train_micro_batch_size_per_gpu"] * out["gradient_accumulation_steps"] \
+                * world_size:
+            raise UserError(f"{path}: train_batch_size != micro batch x gradient_accumulation_steps x world size "
+                            f"{world_size}; fix the JSON or drop those keys")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pre-flight: every check that can fail runs before the process group, the model or the data loader exist.
+
+@dataclass
+class DataInfo:
+    manifest: dict
+    vocab_size: int
+    nsp: bool
+    max_seq_length: int | None
+    has_validation: bool
+
+
+def _shards(split_dir: Path) -> list[Path]:
+    return sorted(split_dir.glob("*.index.npy")) if split_dir.is_dir() else []
+
+
+def inspect_data(data_dir: str) -> DataInfo:
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"data.dir={d}: directory not found; run `python launch/prepare_data.py output_dir={d}` first")
+    manifest: dict = {}
+    if (d / "manifest.json").is_file():
+        try:
+            manifest = json.loads((d / "manifest.json").read_text())
+        except ValueError as e:
+            raise UserError(f"{d / 'manifest.json'}: not valid JSON ({e}); rerun launch/prepare_data.py") from None
+    vocab_size = manifest.get("vocab_size")
+    if not (d / "vocab.txt").is_file():
+        raise UserError(f"{d}: no vocab.txt; this is not a prepare_data output directory")
+    if vocab_size is None:
+        with open(d / "vocab.txt", encoding="utf-8") as f:
+            vocab_size = sum(1 for _ in f)
+    if not _shards(d / "train"):
+        raise UserError(f"{d / 'train'}: no shards (*.index.npy); run launch/prepare_data.py to completion first")
+    nsp = manifest.get("nsp")
+    if nsp is None:  # older manifests: look at the first sample's label
+        import numpy as np
+
+        nsp = bool(np.load(_shards(d / "train")[0], mmap_mode="r")[0, 3] >= 0)
+    return DataInfo(manifest, int(vocab_size), bool(nsp), manifest.get("max_seq_length"),
+                    bool(_shards(d / "validation")))
+
+
+def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
+    """Check data, model and batch settings against each other; return the data info and the model kwargs
+    (``vocab_size`` filled from the data). Raises UserError; warnings for the harmless mismatches."""
+    if cfg.optim.name not in ("adamw", "lamb"):
+        raise UserError(f"optim.name={cfg.optim.name!r}: use adamw or lamb")
+    if cfg.trainer.precision not in PRECISIONS:
+        raise UserError(f"trainer.precision={cfg.trainer.precision!r}: use one of {', '.join(PRECISIONS)}")
+    gradient_accumulation_steps(cfg, world_size)
+    if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
+        warnings.warn("trainer.phase=2 without trainer.init_from: phase 2 starts from random weights", stacklevel=2)
+    info = inspect_data(cfg.data.dir)
+    model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
+    if not model:
+        raise UserError("model: empty; pick one with model=tiny|mini|small|bert-base|bert-large|roberta-base")
+    if model.get("vocab_size") is None:
+        model["vocab_size"] = info.vocab_size
+    elif model["vocab_size"] != info.vocab_size:
+        raise UserError(f"model.vocab_size={model['vocab_size']} but {cfg.data.dir}/vocab.txt has {info.vocab_size} "
+                        "tokens; set model.vocab_size=null to take it from the data")
+    max_pos = model.get("max_position_embeddings", 512)
+    if info.max_seq_length is not None and info.max_seq_length > max_pos:
+        raise UserError(f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
+                        f"model.max_position_embeddings={max_pos}; use a model with more positions")
+    if info.max_seq_length is not None and info.max_seq_length > cfg.trainer.max_seq_length:
+        raise UserError(f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
+                        f"trainer.max_seq_length={cfg.trainer.max_seq_length} (phase {cfg.trainer.phase}); "
+                        "point data.dir at matching shards or raise trainer.max_seq_length")
+    nsp = model.get("nsp", True)
+    if nsp and not info.nsp:
+        raise UserError(f"model.nsp=true but {cfg.data.dir} holds RoBERTa-mode shards (no sentence pairs); "
+                        "set model.nsp=false or prepare the data with nsp=true")
+    if not nsp and info.nsp:
+        warnings.warn(f"{cfg.data.dir} holds BERT sentence pairs but model.nsp=false: NSP labels are ignored",
+                      stacklevel=2)
+    return info, model

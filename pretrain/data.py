@@ -1,0 +1,238 @@
+"""Training data: memory-mapped shard dataset, resumable distributed batch sampler, length bucketing.
+
+Design: :class:`ResumableDistributedSampler` is the DataLoader's ``batch_sampler``. It yields, for this rank,
+lists of ``(epoch, index)`` pairs; :class:`ShardDataset` reads a whole micro-batch at once
+(``__getitems__``) and tags every sample with its global index and epoch, and the
+:class:`~pretrain.masking.MaskingCollator` (the ``collate_fn``, run inside the worker) masks from those
+numbers alone. So batches and masks are identical for any ``num_workers``, and resuming is exact.
+
+Resuming: the DataLoader prefetches, so the sampler cannot know what the model has consumed. The training
+loop calls ``sampler.advance()`` once per micro-batch it has trained on; ``sampler.state_dict()``
+(``{"epoch", "batches_consumed", ...}``) goes into the checkpoint, and after ``load_state_dict`` a new
+iterator over the loader starts at exactly the next micro-batch. ``set_epoch(e)`` for a new epoch resets
+the count (calling it with the current epoch, as a resumed loop does, keeps it), and an iterator started
+on a fully consumed epoch moves on to the next one by itself, so a step-based ``while`` loop works too.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from data_prep.store import A_LEN, LENGTH, NSP_LABEL, OFFSET, SplitReader
+from pretrain.masking import MaskingCollator, MaskingConfig
+
+BatchIndex = list[tuple[int, int]]
+
+
+def _split_dir(data_dir: str | os.PathLike, split: str) -> Path:
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ValueError(f"data directory not found: {data_dir} (run data preparation first or fix data_dir)")
+    split_dir = data_dir / split
+    if not any(split_dir.glob("*.index.npy")):
+        raise ValueError(f"no shards (*.index.npy) in {split_dir}: split {split!r} is missing or empty")
+    return split_dir
+
+
+class ShardDataset(Dataset):
+    """Map-style dataset over the shards of one split, via :class:`data_prep.store.SplitReader`.
+
+    Items are dicts ``{"input_ids": uint16/uint32 array (a read-only view of the memory map), "a_len",
+    "nsp_label", "index", "epoch"}``. Accepts an ``int`` or an ``(epoch, index)`` pair. Memory maps are
+    opened lazily in each process and never pickled, so worker start-up stays cheap.
+    """
+
+    def __init__(self, data_dir: str | os.PathLike, split: str = "train"):
+        self.split_dir = _split_dir(data_dir, split)
+        self.data_dir, self.split = Path(data_dir), split
+        self._open()
+
+    def _open(self) -> None:
+        reader = SplitReader(self.data_dir, self.split)
+        self.cumulative = reader.cumulative.astype(np.int64)
+        # Plain ndarray views of the memmaps: slicing an np.memmap costs ~10x more than slicing an ndarray.
+        self._tokens = [np.asarray(s.tokens) for s in reader.shards]
+        self._index = [np.asarray(s.index) for s in reader.shards]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_tokens"], state["_index"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self.cumulative[-1])
+
+    def lengths(self) -> np.ndarray:
+        """Token count of every sample (int32 [len]), for length bucketing."""
+        return np.concatenate([ix[:, LENGTH].astype(np.int32) for ix in self._index])
+
+    def rows(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Index rows (int64 [n, 6]) and shard numbers of global sample indices, one fancy-index per shard."""
+        if len(indices) and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)}) in {self.split_dir}")
+        shard = np.searchsorted(self.cumulative, indices, side="right") - 1
+        local = indices - self.cumulative[shard]
+        if len(self._index) == 1:
+            return self._index[0][local], shard
+        rows = np.empty((len(indices), self._index[0].shape[1]), dtype=np.int64)
+        for s in np.unique(shard):
+            where = shard == s
+            rows[where] = self._index[s][local[where]]
+        return rows, shard
+
+    def __getitems__(self, items: Sequence[tuple[int, int] | int]) -> list[dict[str, Any]]:
+        pairs = [(0, i) if isinstance(i, int | np.integer) else i for i in items]
+        epochs = [int(e) for e, _ in pairs]
+        indices = np.fromiter((i for _, i in pairs), dtype=np.int64, count=len(pairs))
+        rows, shard = self.rows(indices)
+        tokens = self._tokens
+        return [
+            {"input_ids": tokens[s][o : o + n], "a_len": a, "nsp_label": y, "index": i, "epoch": e}
+            for s, o, n, a, y, i, e in zip(
+                shard.tolist(), rows[:, OFFSET].tolist(), rows[:, LENGTH].tolist(), rows[:, A_LEN].tolist(),
+                rows[:, NSP_LABEL].tolist(), indices.tolist(), epochs, strict=True,
+            )
+        ]
+
+    def __getitem__(self, item: tuple[int, int] | int) -> dict[str, Any]:
+        return self.__getitems__([item])[0]
+
+
+class ResumableDistributedSampler(Sampler[BatchIndex]):
+    """Batch sampler over global micro-batches: this rank's lists of ``(epoch, sample index)``.
+
+    Each epoch the global order is a permutation seeded by ``(seed, epoch)`` (or ``arange`` without
+    shuffle), cut into global batches of ``micro_batch_size * world_size``; rank r takes every
+    ``world_size``-th sample of each (``order[r::world_size]``), so ranks are disjoint and together cover the
+    epoch. ``drop_last`` drops the remainder so every rank has the same number of steps; without it (for
+    validation) the last batch is partial and ranks may differ by one step.
+
+    With ``lengths`` (bucketing), each window of ``bucket_window`` global batches is sorted by length and
+    cut into global batches, whose order is then shuffled within the window (megabatch sorting, as fairseq
+    and Hugging Face's ``group_by_length``): deterministic from seed and epoch, and every rank's micro-batch
+    at a step has similar lengths. ``len()`` is this rank's batches per epoch; see the module docstring for
+    ``advance`` / ``state_dict`` / ``load_state_dict`` / ``set_epoch``.
+    """
+
+    def __init__(self, num_samples: int, micro_batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 lengths: np.ndarray | None = None, bucket_window: int = 100):
+        if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got "
+                             f"micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}")
+        if drop_last and num_samples < micro_batch_size * world_size:
+            raise ValueError(f"micro_batch_size={micro_batch_size} x world_size={world_size} is larger than the "
+                             f"dataset ({num_samples} samples): lower micro_batch_size or add data")
+        if num_samples < world_size:
+            raise ValueError(f"dataset has {num_samples} samples, fewer than world_size={world_size}")
+        if lengths is not None and len(lengths) != num_samples:
+            raise ValueError(f"lengths has {len(lengths)} entries for {num_samples} samples")
+        self.num_samples, self.micro_batch_size = num_samples, micro_batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.lengths, self.bucket_window = lengths, max(1, bucket_window)
+        self.epoch, self.batches_consumed = 0, 0
+        self._cache: tuple[int, np.ndarray] | None = None
+
+    def global_order(self, epoch: int) -> np.ndarray:
+        """Sample indices of one epoch in global-batch order (before the split between ranks)."""
+        n, g = self.num_samples, self.micro_batch_size * self.world_size
+        rng = np.random.default_rng([self.seed, epoch])
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        if self.drop_last:
+            order = order[: n // g * g]
+        if self.lengths is None:
+            return order
+        window, pieces = g * self.bucket_window, []
+        for start in range(0, len(order), window):
+            chunk = order[start : start + window]
+            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
+            batches = [chunk[i : i + g] for i in range(0, len(chunk), g)]
+            full = len(batches) - (len(batches[-1]) < g)  # a partial batch stays last, keeping ranks aligned
+            perm = rng.permutation(full) if self.shuffle else np.arange(full)
+            pieces += [batches[i] for i in perm] + batches[full:]
+        return np.concatenate(pieces)
+
+    def rank_order(self, epoch: int) -> np.ndarray:
+        """This rank's sample indices for an epoch, batch after batch (cached for the current epoch)."""
+        if self._cache is None or self._cache[0] != epoch:
+            self._cache = (epoch, self.global_order(epoch)[self.rank :: self.world_size])
+        return self._cache[1]
+
+    def __len__(self) -> int:
+        n, b, w = self.num_samples, self.micro_batch_size, self.world_size
+        if self.drop_last:
+            return n // (b * w)
+        return -(-len(range(self.rank, n, w)) // b)
+
+    def __iter__(self) -> Iterator[BatchIndex]:
+        if self.batches_consumed >= len(self):
+            self.epoch, self.batches_consumed = self.epoch + 1, 0
+        epoch, start, b = self.epoch, self.batches_consumed, self.micro_batch_size
+        mine = self.rank_order(epoch)
+        for k in range(start, len(self)):
+            yield [(epoch, i) for i in mine[k * b : (k + 1) * b].tolist()]
+
+    def advance(self, num_batches: int = 1) -> None:
+        """Record that the training loop has consumed ``num_batches`` more micro-batches of this epoch."""
+        self.batches_consumed += num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` from its first batch; a no-op when it is the current epoch (keeps a resumed count)."""
+        if epoch != self.epoch:
+            self.epoch, self.batches_consumed = epoch, 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed,
+                "global_batch_size": self.micro_batch_size * self.world_size, "num_samples": self.num_samples}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume at ``state``. With another global batch size (world size or micro batch changed) the position
+        is carried over in samples, rounded up to whole batches (exact without bucketing when it divides)."""
+        if "num_samples" in state and int(state["num_samples"]) != self.num_samples:
+            raise ValueError(f"sampler state is for {state['num_samples']} samples but the data has "
+                             f"{self.num_samples}: resume with the same data directory")
+        self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
+        old, new = int(state.get("global_batch_size", 0)), self.micro_batch_size * self.world_size
+        if old and old != new:
+            self.batches_consumed = -(-self.batches_consumed * old // new)
+            warnings.warn(f"sampler: global batch size {old} -> {new}; resuming at batch {self.batches_consumed} "
+                          f"of epoch {self.epoch}", stacklevel=2)
+
+
+def build_dataloader(data_dir: str | os.PathLike, split: str, micro_batch_size: int, *, rank: int = 0,
+                     world_size: int = 1, seed: int = 0, num_workers: int = 0, masking: MaskingConfig | None = None,
+                     bucket: bool = False, shuffle: bool = True, drop_last: bool = True,
+                     static_masks: bool | None = None, bucket_window: int = 100,
+                     ) -> tuple[DataLoader, ResumableDistributedSampler]:
+    """DataLoader of masked micro-batches for this rank, and its sampler (for ``advance``/state/epochs).
+
+    Validation: ``shuffle=False, drop_last=False``; masks are then static (epoch 0) unless ``static_masks``
+    says otherwise, so validation losses are comparable across evaluations. The vocabulary is
+    ``data_dir/vocab.txt``.
+    """
+    masking = masking or MaskingConfig()
+    if static_masks if static_masks is not None else not shuffle:
+        masking = replace(masking, static=True)
+    dataset = ShardDataset(data_dir, split)
+    sampler = ResumableDistributedSampler(
+        len(dataset), micro_batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
+        drop_last=drop_last, lengths=dataset.lengths() if bucket else None, bucket_window=bucket_window)
+    collator = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed)
+    # No worker_init_fn and no loader generator: nothing in a worker is random; every draw is a hash.
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
+                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    return loader, sampler

@@ -1,0 +1,151 @@
+"""Metrics: always ``RUN_DIR/metrics.jsonl``, W&B on rank 0 when enabled, a tqdm bar, and the final summary.
+
+W&B mode ``auto`` is online only when an API key is available (``WANDB_API_KEY`` or a ``~/.netrc`` entry for
+api.wandb.ai), else offline, so a run never blocks on a login prompt; offline runs sit in ``RUN_DIR/wandb`` and
+``wandb sync`` uploads them later. The run id is kept in every checkpoint: a requeued job logs into the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import resource
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+# Dense bf16/fp16 peak TFLOP/s per device, for the MFU estimate when trainer.peak_tflops is not set.
+PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
+               "L4": 121.0, "V100": 125.0, "T4": 65.0}
+
+
+def peak_tflops(configured: float | None, device: torch.device) -> float | None:
+    if configured:
+        return float(configured)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_gb(device: torch.device) -> float:
+    """CUDA peak allocated memory on GPU, the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux
+
+
+def _has_wandb_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def wandb_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    return os.environ.get("WANDB_MODE") or ("online" if _has_wandb_key() else "offline")
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records past ``step`` (logged after the checkpoint a resumed run restarts from) so the resumed
+    metrics.jsonl reads exactly like an uninterrupted run's."""
+    if not path.is_file():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
+
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger."""
+
+    def __init__(self, cfg: Any, run_dir: Path, is_main: bool, wandb_id: str | None, config: dict,
+                 start_step: int, max_steps: int) -> None:
+        self.is_main, self.run_dir = is_main, run_dir
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        self.wandb_id = wandb_id
+        self.bar = None
+        if not is_main:
+            return
+        truncate_metrics(self.path, start_step)
+        self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if cfg.logger.wandb and wandb_mode(cfg.logger.mode) != "disabled":
+            import wandb
+
+            mode = wandb_mode(cfg.logger.mode)
+            self.wandb_id = wandb_id or secrets.token_hex(4)  # not the global RNG: resumes stay exact
+            self.wandb = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
+                                    id=self.wandb_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
+                                    tags=list(cfg.logger.tags) or None)
+            print(f"W&B ({mode}): run {self.wandb_id}, files in {self.wandb.dir}", flush=True)
+        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        file=sys.stderr, disable=None)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        record["time"] = round(time.time(), 3)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None},
+                           step=record["step"])
+        if self.bar is not None and record.get("kind") == "train":
+            self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.file.close()
+        if self.wandb is not None:
+            if summary:
+                self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
+            self.wandb.finish()
+
+
+def print_summary(s: dict[str, Any]) -> None:
+    """One screen: what ran, how fast, how good, where everything is."""
+    def fmt(v: Any, spec: str = ".4f") -> str:
+        return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+    lines = [
+        f"{'=' * 72}",
+        f"run {s['run_name']}: {s['status']}",
+        f"  steps        {s['step']}/{s['max_steps']}   sequences {s['sequences']:,}   tokens {s['tokens']:,}",
+        f"  time         {s['seconds'] / 60:.1f} min this job   {fmt(s['sequences_per_s'], ',.1f')} seq/s   "
+        f"{fmt(s['tokens_per_s'], ',.0f')} tokens/s   MFU {fmt(s.get('mfu'), '.1%')}",
+        f"  final loss   train {fmt(s.get('train_loss'))}   val MLM {fmt(s.get('val_mlm_loss'))} "
+        f"(acc {fmt(s.get('val_mlm_acc'), '.2%')})   val NSP {fmt(s.get('val_nsp_loss'))} "
+        f"(acc {fmt(s.get('val_nsp_acc'), '.2%')})",
+        f"  optimizer    {s['optimizer']}   ZeRO stage {s['zero_stage']}   {s['precision']}   world {s['world_size']}",
+        f"  run dir      {s['run_dir']}",
+        f"  metrics      {s['run_dir']}/metrics.jsonl",
+        f"  checkpoint   {s.get('checkpoint') or 'none'}",
+        f"  HF export    {s.get('hf_dir') or 'not written (run not finished)'}",
+    ]
+    if s.get("wandb_dir"):
+        lines.append(f"  W&B          {s['wandb_dir']}")
+    lines.append("=" * 72)
+    print("\n".join(lines), flush=True)

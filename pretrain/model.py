@@ -1,0 +1,499 @@
+"""BERT / RoBERTa-style encoder for pretraining, in one readable file (nanoGPT style).
+
+Parameter names are exactly those of Hugging Face's ``BertForPreTraining`` (``nsp=True``) or ``BertForMaskedLM``
+(``nsp=False``), so checkpoints move both ways with ``load_hf`` / ``export_hf`` and no key renaming.
+Two things make it faster than the reference implementation:
+
+- the MLM head runs only at the ~15% masked positions (hidden states are gathered *before* the transform and the
+  vocabulary projection, as NVIDIA's and DeepSpeed's BERTs do), so the ``[B, L, V]`` logits never exist;
+- attention is ``F.scaled_dot_product_attention`` (FlashAttention / memory-efficient kernels on GPU).
+
+Shapes: B batch, L sequence length, H hidden size, nh heads, hs head size (H // nh), V (padded) vocabulary,
+M number of masked positions in the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, fields
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100  # label of positions that are not predicted (Hugging Face convention)
+# Plain functions / partials, not lambdas, so a whole model still pickles.
+_ACTS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
+         "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+
+
+@dataclass
+class BertConfig:
+    """Model shape; field names and defaults (BERT-base) as in ``transformers.BertConfig``."""
+
+    vocab_size: int | None = 30522
+    """True vocabulary size (rows that can be predicted); ``null`` in the YAMLs = taken from the shards' vocabulary."""
+    hidden_size: int = 768
+    """Width H of the embeddings and of every layer."""
+    num_hidden_layers: int = 12
+    """Number of transformer layers."""
+    num_attention_heads: int = 12
+    """Attention heads per layer; must divide hidden_size."""
+    intermediate_size: int = 3072
+    """Width of the feed-forward block (usually 4 * hidden_size)."""
+    hidden_act: str = "gelu"
+    """Feed-forward / MLM-transform activation: ``gelu`` (exact, erf), ``gelu_new`` (tanh approximation) or ``relu``."""
+    hidden_dropout_prob: float = 0.1
+    """Dropout on embeddings and on every residual branch."""
+    attention_probs_dropout_prob: float = 0.1
+    """Dropout on the attention probabilities (training only)."""
+    max_position_embeddings: int = 512
+    """Longest sequence the learned absolute position table covers."""
+    type_vocab_size: int = 2
+    """Number of token types (segments A/B); 1 is enough when no sentence pairs are used (RoBERTa)."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of every Linear / Embedding weight."""
+    layer_norm_eps: float = 1e-12
+    """LayerNorm epsilon (BERT 1e-12, RoBERTa 1e-5)."""
+    pad_token_id: int | None = 0
+    """Id of [PAD]: its embedding row starts at zero and gets no gradient from the input side."""
+    nsp: bool = True
+    """Next-sentence-prediction head and pooler; False = RoBERTa-style, MLM only (``BertForMaskedLM`` keys)."""
+    pad_vocab_size_multiple: int = 8
+    """Pad the vocabulary rows up to a multiple of this (tensor-core friendly GEMMs); 1 = off. Padding rows are
+    never predicted (their logits are -inf) and are dropped by ``export_hf``."""
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
+                             f"num_attention_heads={self.num_attention_heads}; pick sizes that divide")
+        if self.hidden_act not in _ACTS:
+            raise ValueError(f"hidden_act={self.hidden_act!r}: use one of {sorted(_ACTS)}")
+        if self.pad_vocab_size_multiple < 1:
+            raise ValueError(f"pad_vocab_size_multiple={self.pad_vocab_size_multiple}: must be >= 1 (1 = off)")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding / decoder table: vocab_size rounded up to pad_vocab_size_multiple."""
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size is null: fill it in from the shards' vocabulary before building")
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """``config.json`` content that ``transformers.BertConfig`` reads (true vocab size, no padding rows)."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("nsp", "pad_vocab_size_multiple")}
+        arch = "BertForPreTraining" if self.nsp else "BertForMaskedLM"
+        return {"architectures": [arch], "model_type": "bert", **d, "tie_word_embeddings": True}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> BertConfig:
+        """Build from a Hugging Face ``config.json`` dict; ``nsp`` follows ``architectures`` unless overridden."""
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        archs = d.get("architectures") or []
+        if "nsp" not in kw and archs:
+            kw["nsp"] = not any("MaskedLM" in a for a in archs)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class PretrainingOutput:
+    """What ``BertForPreTraining.forward`` returns; logits are only computed where they are needed."""
+
+    loss: torch.Tensor | None  # mlm_loss + nsp_loss (None without labels)
+    mlm_loss: torch.Tensor | None
+    nsp_loss: torch.Tensor | None  # None when nsp is off or no next_sentence_label
+    mlm_logits: torch.Tensor | None  # [M, vocab_size] at masked positions only (None without labels)
+    mlm_labels: torch.Tensor | None  # [M]
+    nsp_logits: torch.Tensor | None  # [B, 2], None when nsp is off
+    num_masked: int
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.padded_vocab_size, c.hidden_size, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+        L = input_ids.size(1)
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:L]  # [B, L, H] + [L, H]
+        if token_type_ids is None:  # all segment A: add row 0 without a gather
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.n_head, self.dropout_p = c.num_attention_heads, c.attention_probs_dropout_prob
+        # Separate q/k/v Linears keep Hugging Face's parameter names; forward still runs one fused GEMM.
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, L, H = x.shape
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # [3H, H]
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        qkv = F.linear(x, w, b).view(B, L, 3, self.n_head, H // self.n_head)  # [B, L, 3, nh, hs]
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x [B, nh, L, hs]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0)
+        return y.transpose(1, 2).reshape(B, L, H)  # [B, L, H]
+
+
+class BertSelfOutput(nn.Module):
+    """Linear + dropout + residual + LayerNorm (post-LN); also the feed-forward output (``BertOutput``)."""
+
+    def __init__(self, c: BertConfig, d_in: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(d_in, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout_prob)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(h)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.self = BertSelfAttention(c)
+        self.output = BertSelfOutput(c, c.hidden_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return self.output(self.self(x, mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.act = _ACTS[c.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.dense(x))  # [B, L, I]
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertSelfOutput(c, c.intermediate_size)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.dense(hidden[:, 0]))  # [B, H] from [CLS]
+
+
+class BertModel(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.embeddings = BertEmbeddings(c)
+        self.encoder = BertEncoder(c)
+        self.pooler = BertPooler(c) if c.nsp else None
+
+
+class BertPredictionHeadTransform(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden_size, c.hidden_size)
+        self.act = _ACTS[c.hidden_act]
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.act(self.dense(h)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, c: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.vocab_size = c.vocab_size
+        self.transform = BertPredictionHeadTransform(c)
+        self.decoder = nn.Linear(c.hidden_size, c.padded_vocab_size)
+        self.bias = nn.Parameter(torch.zeros(c.padded_vocab_size))
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT (counted once)
+        self.decoder.bias = self.bias  # tied, as in Hugging Face: both names appear in the state dict
+        # -inf on padding rows: they get zero probability and zero gradient. Not saved (derived from the config).
+        vocab_mask = torch.zeros(c.padded_vocab_size)
+        vocab_mask[c.vocab_size:] = float("-inf")
+        self.register_buffer("vocab_mask", vocab_mask, persistent=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """[..., H] -> [..., padded V] logits, -inf on padding rows (one GEMM over tensor-core-friendly V)."""
+        bias = self.bias + self.vocab_mask.to(self.bias.dtype)
+        return F.linear(self.transform(h), self.decoder.weight, bias)
+
+
+class BertPreTrainingHeads(nn.Module):
+    def __init__(self, c: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.predictions = BertLMPredictionHead(c, word_embeddings)
+        self.seq_relationship = nn.Linear(c.hidden_size, 2) if c.nsp else None
+
+
+class BertForPreTraining(nn.Module):
+    """BERT with MLM head (and NSP head + pooler when ``config.nsp``); keys as HF BertForPreTraining/ForMaskedLM."""
+
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("model.vocab_size is null: fill it in from the shards' vocabulary before building")
+        self.config = config
+        self.bert = BertModel(config)
+        self.cls = BertPreTrainingHeads(config, self.bert.embeddings.word_embeddings)
+        self.apply(self._init_weights)
+
+    @torch.no_grad()
+    def _init_weights(self, m: nn.Module) -> None:
+        """As HF ``_init_weights``: N(0, initializer_range) weights, zero biases, LayerNorm 1/0, zero [PAD] row."""
+        std = self.config.initializer_range
+        if m is self.cls.predictions.decoder:  # tied to the word embeddings and the head bias: initialised there
+            return
+        if isinstance(m, nn.Linear):
+            m.weight.normal_(0.0, std)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, nn.Embedding):
+            m.weight.normal_(0.0, std)
+            if m.padding_idx is not None:
+                m.weight[m.padding_idx].zero_()
+            if m is self.bert.embeddings.word_embeddings:
+                m.weight[self.config.vocab_size:].zero_()  # padding rows: never used, never predicted
+        elif isinstance(m, nn.LayerNorm):
+            m.weight.fill_(1.0)
+            m.bias.zero_()
+        elif isinstance(m, BertLMPredictionHead):
+            m.bias.zero_()
+
+    def num_parameters(self) -> int:
+        """Trainable parameters, tied weights counted once (``parameters()`` already deduplicates)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int, mlm_fraction: float = 1.0) -> float:
+        """Training FLOPs per token (forward + backward = 3 x forward, 2 FLOPs per multiply-add).
+
+        ``6 * N + 12 * n_layers * H * seq_len``: 6N for every weight matmul (N = all parameters, the tied word table
+        counted once because the decoder GEMM uses it; the embedding lookups themselves are free), plus the
+        attention scores and weighted sum (2 matmuls of L x H per token per layer, times 2 FLOPs times 3).
+        ``mlm_fraction`` < 1 counts the MLM head (transform + decoder) only at that fraction of tokens, which is
+        the work the sparse head really does; 1.0 gives the usual "model FLOPs" for MFU comparisons.
+        """
+        c = self.config
+        head = c.hidden_size * c.hidden_size + c.padded_vocab_size * c.hidden_size
+        n = self.num_parameters() - (1.0 - mlm_fraction) * head
+        return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
+
+    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids [B, L] -> final hidden states [B, L, H]; attention_mask [B, L] is 1 (or True) for real tokens."""
+        if input_ids.size(1) > self.config.max_position_embeddings:
+            raise ValueError(f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        mask = None
+        if attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
+            mask = attention_mask[:, None, None, :].bool()
+        x = self.bert.embeddings(input_ids, token_type_ids)
+        for layer in self.bert.encoder.layer:
+            x = layer(x, mask)
+        return x
+
+    def mlm_logits_dense(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MLM logits at every position, [B, L, H] -> [B, L, vocab_size] (for HF comparisons and fill-mask)."""
+        return self.cls.predictions(hidden)[..., : self.config.vocab_size]
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                next_sentence_label: torch.Tensor | None = None) -> PretrainingOutput:
+        """labels [B, L]: target ids, -100 where nothing is predicted. next_sentence_label [B]: 0 = IsNext."""
+        hidden = self.encode(input_ids, token_type_ids, attention_mask)  # [B, L, H]
+        nsp_logits = nsp_loss = None
+        if self.config.nsp:
+            nsp_logits = self.cls.seq_relationship(self.bert.pooler(hidden))  # [B, 2]
+            if next_sentence_label is not None:
+                nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+        mlm_logits = mlm_labels = mlm_loss = None
+        num_masked = 0
+        if labels is not None:
+            # Gather the masked positions first: the head (H x H transform + H x V decoder) then runs on M rows
+            # instead of B*L, and the [B, L, V] logits tensor is never built.
+            flat = labels.reshape(-1)
+            idx = (flat != IGNORE_INDEX).nonzero().squeeze(1)  # [M]
+            num_masked = idx.numel()
+            mlm_labels = flat.index_select(0, idx)  # [M]
+            logits = self.cls.predictions(hidden.view(-1, hidden.size(-1)).index_select(0, idx))  # [M, padded V]
+            if num_masked:
+                mlm_loss = F.cross_entropy(logits.float(), mlm_labels)
+            else:  # mean over nothing would be NaN; keep the graph so backward / DDP still see every parameter
+                mlm_loss = logits.sum() * 0.0
+            mlm_logits = logits[:, : self.config.vocab_size]  # view without the padding rows
+        losses = [x for x in (mlm_loss, nsp_loss) if x is not None]
+        loss = sum(losses[1:], losses[0]) if losses else None
+        return PretrainingOutput(loss, mlm_loss, nsp_loss, mlm_logits, mlm_labels, nsp_logits, num_masked)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face checkpoints: load_hf / export_hf
+
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+_VOCAB_KEYS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")  # rows padded in memory only
+_IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.weight")
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / "model.safetensors.index.json").is_file():  # sharded checkpoint
+        shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        return {k: v for s in shards for k, v in load_file(path / s).items()}
+    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF key variants -> ours: ``BertModel`` (no ``bert.`` prefix), TF-era gamma/beta, buffers, tied copies."""
+    if not any(k.startswith(("bert.", "cls.")) for k in sd):
+        sd = {f"bert.{k}": v for k, v in sd.items()}
+    sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+          for k, v in sd.items()}
+    if "cls.predictions.decoder.bias" in sd:  # tied to cls.predictions.bias; older checkpoints save only this one
+        sd.setdefault("cls.predictions.bias", sd["cls.predictions.decoder.bias"])
+        del sd["cls.predictions.decoder.bias"]
+    return {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
+
+
+def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
+    """Load a Hugging Face BERT directory (``config.json`` + safetensors or ``pytorch_model.bin``).
+
+    Keys map 1:1. Encoder-only checkpoints load too: missing heads keep their fresh BERT initialisation and a
+    warning names them; unexpected keys are warned about and skipped. ``nsp`` is True when the checkpoint has
+    ``cls.seq_relationship`` (or, for encoder-only checkpoints, a pooler) unless given in ``overrides``.
+    The vocabulary is padded to ``pad_vocab_size_multiple`` with zero rows.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"{path}: no config.json; give a Hugging Face model directory (save_pretrained output)")
+    if not any((path / f).is_file() for f in _WEIGHT_FILES):
+        raise ValueError(f"{path}: no weights ({' or '.join(_WEIGHT_FILES)}) next to config.json")
+    hf = json.loads((path / "config.json").read_text())
+    if hf.get("model_type", "bert") != "bert":
+        raise ValueError(f"{path}: model_type={hf.get('model_type')!r}, only 'bert' checkpoints map onto this model")
+    sd = _normalise_keys(_read_state_dict(path))
+    if "nsp" not in overrides:
+        has_heads = any(k.startswith("cls.") for k in sd)
+        overrides["nsp"] = "cls.seq_relationship.weight" in sd if has_heads else "bert.pooler.dense.weight" in sd
+    config = BertConfig.from_hf_dict(hf, **overrides)
+    model = BertForPreTraining(config)
+    own = model.state_dict()
+    own.pop("cls.predictions.decoder.weight")  # tied aliases: filled through their owners
+    own.pop("cls.predictions.decoder.bias")
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    with torch.no_grad():
+        for k in set(own) & set(sd):
+            src, dst = sd[k], own[k]
+            if k in _VOCAB_KEYS and len(src) == config.vocab_size:
+                dst[config.vocab_size:].zero_()  # vocab padding rows
+                dst = dst[: config.vocab_size]
+            if src.shape != dst.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, config.json implies {tuple(dst.shape)}")
+            dst.copy_(src)
+    if missing:
+        warnings.warn(f"{path}: not in the checkpoint, freshly initialised: {', '.join(missing)}", stacklevel=2)
+    if unexpected:
+        warnings.warn(f"{path}: unexpected checkpoint keys ignored: {', '.join(unexpected)}", stacklevel=2)
+    return model
+
+
+def _lowercase_from_tokenizer_json(tok: Path) -> bool:
+    norm = json.loads(tok.read_text()).get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    return any(p.get("type") == "Lowercase" or p.get("lowercase", False) for p in parts)
+
+
+def export_hf(model: BertForPreTraining, tokenizer_dir: str | Path | None, out_dir: str | Path) -> Path:
+    """Write a Hugging Face model directory: config.json, model.safetensors (true vocab rows, tied decoder left
+    out as ``save_pretrained`` does) and the tokenizer files of ``tokenizer_dir`` (a tokenizer_config.json is
+    written when absent) so ``AutoModelForMaskedLM`` / ``AutoTokenizer.from_pretrained(out_dir)`` work."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    c = model.config
+    sd = {}
+    for k, v in model.state_dict().items():
+        if k in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+            continue
+        if k in _VOCAB_KEYS:
+            v = v[: c.vocab_size]
+        sd[k] = v.detach().to("cpu").contiguous().clone()
+    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {**c.to_hf_dict(), "dtype": str(sd["cls.predictions.bias"].dtype).removeprefix("torch.")}
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    if tokenizer_dir is not None:
+        tdir = Path(tokenizer_dir)
+        for name in _TOKENIZER_FILES:
+            if (tdir / name).is_file():
+                shutil.copy2(tdir / name, out / name)
+        if not (tdir / "tokenizer_config.json").is_file():
+            lower = _lowercase_from_tokenizer_json(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() \
+                else True
+            tc = {"tokenizer_class": "BertTokenizer", "do_lower_case": lower,
+                  "model_max_length": c.max_position_embeddings, "unk_token": "[UNK]", "sep_token": "[SEP]",
+                  "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+            (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+    return out
+
+
+@torch.no_grad()
+def fill_mask(model: BertForPreTraining, tokenizer: Any, text: str, top_k: int = 5,
+              mask_token: str = "[MASK]") -> list[list[tuple[str, float]]]:
+    """Top-k (token, probability) for each ``[MASK]`` in ``text``; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
+    mask_id = tokenizer.token_to_id(mask_token)
+    if mask_id is None:
+        raise ValueError(f"tokenizer has no {mask_token} token")
+    ids = tokenizer.encode(text).ids[: model.config.max_position_embeddings]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        input_ids = torch.tensor([ids], device=device)
+        logits = model.mlm_logits_dense(model.encode(input_ids))[0].float()  # [L, vocab_size]
+    finally:
+        model.train(was_training)
+    out = []
+    for pos in (input_ids[0] == mask_id).nonzero().flatten().tolist():
+        probs, top = logits[pos].softmax(-1).topk(min(top_k, logits.size(-1)))
+        out.append([(tokenizer.id_to_token(int(t)), float(p)) for p, t in zip(probs, top, strict=True)])
+    return out
+

@@ -1,0 +1,149 @@
+"""Optimizers and the learning-rate schedule.
+
+- Parameter groups: weight decay on every weight matrix, never on biases nor LayerNorm parameters (as BERT).
+- AdamW: DeepSpeed's fused Adam (``"optimizer": {"type": "AdamW"}`` in its config; CPU Adam with ZeRO offload)
+  on GPU, ``torch.optim.AdamW`` on CPU.
+- LAMB: apex's FusedLAMB when apex is importable on GPU, else DeepSpeed's FusedLamb on GPU, else ``Lamb`` below,
+  a pure-PyTorch implementation of You et al. (2019) as in NVIDIA's BERT: Adam moments with bias correction,
+  decoupled weight decay in the update, then a per-parameter (layer-wise) trust ratio ||w|| / ||update||.
+- Schedule: linear warm-up then polynomial decay, a ``LambdaLR`` (DeepSpeed steps it once per optimizer step).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two groups: decayed weights, and biases + LayerNorm parameters (no decay)."""
+    no_decay_ids = set()
+    for module in model.modules():
+        if isinstance(module, nn.LayerNorm):
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():  # tied weights appear once
+        if not p.requires_grad:
+            continue
+        (no_decay if id(p) in no_decay_ids or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB with bias correction and a layer-wise trust ratio (pure PyTorch; used on CPU or when asked).
+
+    The trust ratio is ``||w|| / ||adam_update + wd * w||``, taken as 1 when either norm is zero (fresh zero
+    biases, or a parameter without gradient), and applies to every parameter, decayed or not, as in NVIDIA's BERT.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True):
+        if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"invalid LAMB hyper-parameters lr={lr} betas={betas} eps={eps}")
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad.float()
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                state["step"] += 1
+                m, v = state["exp_avg"], state["exp_avg_sq"]
+                m.mul_(beta1).add_(grad, alpha=1 - beta1)
+                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+                if group["bias_correction"]:
+                    m_hat = m / (1 - beta1 ** state["step"])
+                    v_hat = v / (1 - beta2 ** state["step"])
+                else:
+                    m_hat, v_hat = m, v
+                w = p.float()
+                update = m_hat / (v_hat.sqrt() + group["eps"])
+                if group["weight_decay"]:
+                    update.add_(w, alpha=group["weight_decay"])
+                w_norm, u_norm = w.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.add_((update * (-group["lr"] * trust)).to(p.dtype))
+        return loss
+
+
+def _apex_lamb():
+    try:
+        from apex.optimizers import FusedLAMB  # type: ignore[import-not-found]
+    except Exception:  # apex missing or built without its CUDA extensions
+        return None
+    return FusedLAMB
+
+
+def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dict | None, list, str]:
+    """``(client_optimizer or None, DeepSpeed "optimizer" section or None, param groups, description)``.
+
+    Exactly one of the first two is set: DeepSpeed builds its fused optimizers itself from the config section
+    (and then picks CPU Adam under ZeRO offload); client optimizers are handed to ``deepspeed.initialize``.
+    """
+    o = cfg.optim
+    groups = param_groups(model, o.weight_decay)
+    betas = tuple(float(b) for b in o.betas)
+    impl = o.implementation
+    if impl not in ("auto", "torch", "deepspeed", "apex"):
+        raise ValueError(f"optim.implementation={impl!r}: use auto, torch, deepspeed or apex")
+    ds_params = {"lr": o.lr, "betas": list(betas), "eps": o.eps, "weight_decay": o.weight_decay}
+    if o.name == "lamb":
+        apex = _apex_lamb() if on_cuda and impl in ("auto", "apex") else None
+        if apex is not None:
+            return apex(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay), None, groups, \
+                "LAMB: apex FusedLAMB"
+        if impl == "apex":
+            raise ValueError("optim.implementation=apex but apex (with CUDA extensions) is not importable")
+        if on_cuda and impl in ("auto", "deepspeed"):
+            return None, {"type": "Lamb", "params": ds_params}, groups, "LAMB: DeepSpeed FusedLamb"
+        label = "pure PyTorch" if impl == "torch" else "pure PyTorch (CPU fallback)"
+        return Lamb(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, f"LAMB: {label}"
+    if on_cuda and impl in ("auto", "deepspeed"):
+        desc = "AdamW: DeepSpeed fused Adam (CPU Adam if offloaded)"
+        return None, {"type": "AdamW", "params": ds_params}, groups, desc
+    return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, "AdamW: PyTorch"
+
+
+def lr_lambda(max_steps: int, warmup_steps: int, power: float, min_lr_ratio: float) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up to 1, then ``(1 - progress) ** power`` down to the floor."""
+
+    def f(step: int) -> float:
+        if warmup_steps > 0 and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress) ** power
+
+    return f
+
+
+def warmup_steps(cfg: Any) -> int:
+    s = cfg.scheduler
+    return int(s.warmup_steps) if s.warmup_steps is not None else int(math.ceil(s.warmup_ratio * cfg.trainer.max_steps))
+
+
+def scheduler_factory(cfg: Any) -> Callable[[torch.optim.Optimizer], LambdaLR]:
+    """A callable for ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it wraps."""
+    s = cfg.scheduler
+    if s.name not in ("bert", "linear"):
+        raise ValueError(f"scheduler.name={s.name!r}: use bert or linear")
+    power = 1.0 if s.name == "linear" else float(s.power)
+    fn = lr_lambda(cfg.trainer.max_steps, warmup_steps(cfg), power, float(s.min_lr_ratio))
+    return lambda optimizer: LambdaLR(optimizer, fn)

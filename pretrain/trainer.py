@@ -1,0 +1,395 @@
+"""The training loop, top to bottom: set-up, ``train_step``, ``evaluate``, checkpoints (``state_dict``), ``train``.
+
+Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
+``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``).
+
+Checkpoints are ``RUN_DIR/checkpoints/stepNNNNNNNN/`` written by ``engine.save_checkpoint(save_latest=False)``;
+after a barrier rank 0 adds a ``COMPLETE`` marker, so a job killed mid-save never leaves a checkpoint that
+``resume=auto`` would pick. Resumes are exact: data order and masks follow from the sampler position, and the
+Python/NumPy/torch/CUDA RNG states of every rank are restored, so the loss curve and the weights match an
+uninterrupted run (bit for bit on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pretrain import distributed as D
+from pretrain.config import UserError, build_ds_config, preflight
+from pretrain.logging import MetricsLogger, memory_gb, peak_tflops, print_summary
+from pretrain.optim import build_optimizer, scheduler_factory
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    # Running sums since the last log line (kept in checkpoints so a resumed log window averages the same steps).
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "micro": 0.0})
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def _gather(obj: Any) -> list[Any]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _fork_rng(device: torch.device):
+    """Loader iterators draw a base seed from the global RNG and eval runs outside the training stream: keep
+    both from shifting the dropout RNG, or a resumed run would diverge from an uninterrupted one."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+def build_model(model_kw: dict[str, Any], init_from: str | None):
+    from pretrain.model import BertConfig, BertForPreTraining
+
+    known = {f.name for f in fields(BertConfig)}
+    unknown = sorted(set(model_kw) - known)
+    if unknown:
+        raise UserError(f"model.{unknown[0]}: unknown field; BertConfig takes {', '.join(sorted(known))}")
+    try:
+        model = BertForPreTraining(BertConfig(**model_kw))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if init_from:
+        sd = weights_from(init_from)
+        try:
+            missing, _ = model.load_state_dict(sd, strict=False)
+        except RuntimeError as e:
+            raise UserError(f"trainer.init_from={init_from}: weights do not fit the model ({str(e)[:200]})") from None
+        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
+        if missing:
+            print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
+    return model
+
+
+def find_checkpoint(root: Path) -> Path | None:
+    """Newest tag dir under ``root`` with a ``COMPLETE`` marker."""
+    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def _tag_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    found = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
+    if found is None:
+        raise UserError(f"{what}={path}: no complete checkpoint there (a step* dir with a COMPLETE marker)")
+    return found
+
+
+def weights_from(path: str) -> dict[str, torch.Tensor]:
+    """fp32 model weights from a HF export, a run dir (its ``hf/``, else newest checkpoint) or a checkpoint dir."""
+    from pretrain.model import load_hf
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"trainer.init_from={path}: not found")
+    hf = p if (p / "config.json").is_file() else p / "hf"
+    if (hf / "config.json").is_file():
+        return load_hf(hf).state_dict()
+    tag = _tag_dir(path, "trainer.init_from")
+    return _fp32_weights(tag)
+
+
+def _fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
+    try:  # ZeRO checkpoints (and bf16): the fp32 master weights, whatever the stage and world size
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    except Exception:  # stage 0 without a ZeRO optimizer: the module weights are the master weights
+        sd = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+
+
+def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
+    """``client_state`` of a checkpoint. Per-rank entries (sampler, RNG) are gathered to every rank."""
+    return {"format": CHECKPOINT_FORMAT, **asdict(state), "sampler": _gather(sampler.state_dict()),
+            "rng": _gather(_rng_state()), "world_size": dist.get_world_size(), "config": cfg_dict,
+            "wandb_id": wandb_id}
+
+
+def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
+    tag = f"step{client['step']:08d}"
+    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    D.barrier()  # every rank has written its shards
+    if dist.get_rank() == 0:
+        tmp = root / tag / "COMPLETE.tmp"
+        tmp.write_text(json.dumps({"step": client["step"], "time": time.time()}) + "\n")
+        os.replace(tmp, root / tag / "COMPLETE")
+        (root / "latest.tmp").write_text(tag + "\n")
+        os.replace(root / "latest.tmp", root / "latest_complete")
+        done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
+        for old in done[: max(0, len(done) - max(1, keep_last))]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step*"):  # half-written leftovers of killed jobs
+            if not (stale / "COMPLETE").is_file() and stale.name < tag:
+                shutil.rmtree(stale, ignore_errors=True)
+    D.barrier()
+    return root / tag
+
+
+def restore(engine: Any, tag: Path, sampler: Any) -> tuple[TrainState, dict]:
+    load_path, client = engine.load_checkpoint(str(tag.parent), tag=tag.name)
+    if load_path is None or not client:
+        raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
+    rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()
+    sampler.load_state_dict(client["sampler"][rank if same_world else 0])
+    if same_world:
+        _set_rng_state(client["rng"][rank])
+    elif rank == 0:
+        print(f"resume: world size {client['world_size']} -> {dist.get_world_size()}: RNG streams restart")
+    state = TrainState(**{f.name: client[f.name] for f in fields(TrainState)})
+    return state, client
+
+
+def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def train_step(engine: Any, next_batch: Any, accum: int, device: torch.device, grad_norm: bool = False) -> torch.Tensor:
+    """One optimizer step: ``accum`` micro-batches through ``engine.backward``/``engine.step`` (DeepSpeed scales
+    the loss and steps the optimizer at the boundary). Returns float64 [loss, mlm, nsp, tokens, padded tokens,
+    grad norm]; the norm is measured here (``grad_norm``) only where DeepSpeed does not report one (plain fp32)."""
+    stats = torch.zeros(6, dtype=torch.float64, device=device)
+    for micro in range(accum):
+        batch = _to(next_batch(), device)
+        out = engine(**batch)
+        engine.backward(out.loss)
+        if grad_norm and micro == accum - 1:  # gradients are averaged over ranks by now, not yet clipped
+            norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+            stats[5] = torch.stack(norms).norm().double() if norms else 0.0
+        engine.step()
+        stats[0] += out.loss.detach().double()
+        stats[1] += out.mlm_loss.detach().double()
+        if out.nsp_loss is not None:
+            stats[2] += out.nsp_loss.detach().double()
+        stats[3] += batch["attention_mask"].sum()
+        stats[4] += batch["input_ids"].numel()
+    return stats
+
+
+@torch.no_grad()
+def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict[str, float]:
+    """Validation MLM loss/accuracy and NSP loss/accuracy, summed over every rank's batches (static masks).
+    All ranks run the same number of batches (ZeRO-3 gathers parameters collectively)."""
+    n = torch.tensor([min(max_batches, len(loader))], device=device)
+    n = int(D.all_reduce(n, dist.ReduceOp.MIN).item())
+    s = torch.zeros(6, dtype=torch.float64, device=device)  # mlm loss, correct, count; nsp loss, correct, count
+    engine.eval()
+    with _fork_rng(device):
+        for _, batch in zip(range(n), loader, strict=False):
+            out = engine(**_to(batch, device))
+            if out.mlm_logits is not None and out.num_masked:
+                logits = out.mlm_logits.float()
+                s[0] += F.cross_entropy(logits, out.mlm_labels, reduction="sum").double()
+                s[1] += (logits.argmax(-1) == out.mlm_labels).sum()
+                s[2] += out.num_masked
+            if out.nsp_logits is not None and "next_sentence_label" in batch:
+                label = batch["next_sentence_label"].to(device)
+                s[3] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double()
+                s[4] += (out.nsp_logits.argmax(-1) == label).sum()
+                s[5] += label.numel()
+    engine.train()
+    s = D.all_reduce(s).tolist()
+    res = {"val_mlm_loss": s[0] / s[2], "val_mlm_acc": s[1] / s[2]} if s[2] else {}
+    if s[5]:
+        res.update(val_nsp_loss=s[3] / s[5], val_nsp_acc=s[4] / s[5])
+    return res
+
+
+def _scalar(x: Any) -> float | None:
+    return None if x is None else float(x.item() if torch.is_tensor(x) else x)
+
+
+def train(cfg: Any, cfg_dict: dict) -> int:
+    """Run (or resume) a pretraining job from a composed Hydra config; return the process exit code."""
+    t, t_start = cfg.trainer, time.time()
+    env = D.detect_env()
+    info, model_kw = preflight(cfg, env.world_size)  # fails before any work
+    ds_config = build_ds_config(cfg, env.world_size)
+    import deepspeed
+
+    from pretrain.data import build_dataloader
+    from pretrain.masking import MaskingConfig
+    from pretrain.model import export_hf
+
+    device, run_dir = D.init(env), Path(cfg.run_dir).resolve()
+    main, ckpt_root = env.is_main, run_dir / "checkpoints"
+    resume_tag = None if cfg.resume == "none" else (
+        find_checkpoint(ckpt_root) if cfg.resume == "auto" else _tag_dir(cfg.resume, "resume"))
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    model = build_model(model_kw, t.init_from if resume_tag is None else None)
+    torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
+    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, device.type == "cuda")
+    if ds_opt is not None:
+        ds_config["optimizer"] = ds_opt
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+        print(f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
+              f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
+              f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}", flush=True)
+        if cfg.optim.name == "lamb" and "Fused" not in opt_desc and (
+                ds_config["zero_optimization"].get("stage", 0) > 0 or t.precision == "bf16"):
+            print("warning: LAMB on flattened ZeRO/bf16 partitions takes the trust ratio per partition, not per layer")
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
+                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)
+    accum = engine.gradient_accumulation_steps()
+    masking = MaskingConfig(**cfg_dict["data"]["masking"])
+    common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    try:
+        loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, masking=masking,
+                                           bucket=cfg.data.bucket, shuffle=True, drop_last=True, **common)
+        val_loader = build_dataloader(cfg.data.dir, "validation", t.micro_batch_size, masking=masking,
+                                      shuffle=False, drop_last=False, **common)[0] if info.has_validation else None
+    except ValueError as e:
+        raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
+    state, wandb_id = TrainState(), None
+    if resume_tag is not None:
+        state, client = restore(engine, resume_tag, sampler)
+        wandb_id = client.get("wandb_id")
+        if main:
+            print(f"resumed from {resume_tag} at step {state.step}", flush=True)
+    elif t.init_from and main:
+        print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
+    sampler.set_epoch(state.epoch)
+    logger = MetricsLogger(cfg, run_dir, main, wandb_id, cfg_dict, state.step, t.max_steps)
+    stop, flops = D.StopFlag(), model.flops_per_token(t.max_seq_length)
+    peak = peak_tflops(t.peak_tflops, device)
+
+    def new_iter():
+        with _fork_rng(device):
+            return iter(loader)
+
+    it = [new_iter()]
+
+    def next_batch() -> dict[str, torch.Tensor]:
+        try:
+            batch = next(it[0])
+        except StopIteration:  # epoch boundary: the sampler reshuffles with the new epoch
+            sampler.set_epoch(sampler.epoch + 1)
+            it[0] = new_iter()
+            batch = next(it[0])
+        sampler.advance(1)  # consumed micro-batches: the checkpointed position (the loader prefetches ahead)
+        state.epoch = sampler.epoch
+        return batch
+
+    w = state.window
+    own_norm = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
+    last_rec: dict[str, Any] = {}
+    window_stats = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, padded tokens (timing only)
+    t_window, steps_window, job_steps, job_tokens = time.time(), 0, 0, 0
+    t_loop = t_window
+    last_val: dict[str, float] = {}
+    status, code, last_ckpt = "finished", 0, None
+    while state.step < t.max_steps:
+        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        stats = train_step(engine, next_batch, accum, device, log_now and own_norm)
+        state.step += 1
+        job_steps += 1
+        steps_window += 1
+        for i, k in enumerate(("loss", "mlm", "nsp")):
+            w[k] += float(stats[i])
+        w["micro"] += accum
+        window_stats += stats[3:5]
+        state.sequences += t.global_batch_size
+        logger.advance()
+        if log_now:
+            sums = D.all_reduce(torch.tensor([w["loss"], w["mlm"], w["nsp"], w["micro"]], dtype=torch.float64,
+                                             device=device)).tolist()
+            toks = D.all_reduce(window_stats.clone()).tolist()
+            state.tokens += int(toks[0])
+            job_tokens += int(toks[0])
+            dt = max(time.time() - t_window, 1e-9)
+            rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": sums[0] / sums[3],
+                   "mlm_loss": sums[1] / sums[3], "nsp_loss": sums[2] / sums[3] if info.nsp and model.config.nsp
+                   else None, "lr": scheduler.get_last_lr()[0],
+                   "grad_norm": float(stats[5]) if own_norm else _scalar(engine.get_global_grad_norm()),
+                   "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
+                   "sequences_per_s": steps_window * t.global_batch_size / dt, "tokens_per_s": toks[0] / dt,
+                   "mfu": flops * toks[1] / dt / (peak * 1e12 * env.world_size) if peak else None,
+                   "memory_gb": memory_gb(device), "tokens": state.tokens}
+            logger.log(rec)
+            last_rec = rec
+            state.window = w = {k: 0.0 for k in w}
+            window_stats.zero_()
+            t_window, steps_window = time.time(), 0
+        if val_loader is not None and (t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps):
+            last_val = evaluate(engine, val_loader, t.eval_batches, device)
+            logger.log({"kind": "eval", "step": state.step, **last_val})
+        over_time = t.max_time_minutes is not None and (time.time() - t_start) / 60 > t.max_time_minutes
+        preempted = stop.agreed(over_time, device)
+        stopping = t.stop_at_step is not None and state.step >= t.stop_at_step and state.step < t.max_steps
+        if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.max_steps \
+                or preempted or stopping:
+            last_ckpt = save(engine, ckpt_root, state_dict(state, sampler, cfg_dict, logger.wandb_id), t.keep_last)
+        if preempted:
+            reason = stop.signal_name or "time limit"
+            status, code = f"preempted ({reason}) at step {state.step}: resume=auto continues", D.PREEMPTED_EXIT_CODE
+            break
+        if stopping:
+            status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
+            break
+    hf_dir = None
+    if state.step >= t.max_steps:
+        hf_dir = run_dir / "hf"
+        stage = engine.zero_optimization_stage()
+        if stage == 0 and t.precision == "fp32":
+            sd = engine.module.state_dict() if main else None
+        else:
+            sd = _fp32_weights(last_ckpt or resume_tag) if main else None
+        if main:
+            from pretrain.model import BertConfig, BertForPreTraining
+
+            export = BertForPreTraining(BertConfig(**model_kw))
+            export.load_state_dict(sd, strict=False)
+            export_hf(export, cfg.data.dir, hf_dir)
+        D.barrier()
+    seconds, loop_s = time.time() - t_start, max(time.time() - t_loop, 1e-9)
+    summary = {"run_name": cfg.run_name, "status": status, "step": state.step, "max_steps": t.max_steps,
+               "sequences": state.sequences, "tokens": state.tokens, "seconds": seconds,
+               "sequences_per_s": job_steps * t.global_batch_size / loop_s,
+               "tokens_per_s": job_tokens / loop_s, "mfu": last_rec.get("mfu"), "train_loss": last_rec.get("loss"),
+               "optimizer": opt_desc, "zero_stage": engine.zero_optimization_stage(),
+               "precision": t.precision, "world_size": env.world_size, "run_dir": str(run_dir),
+               "checkpoint": str(last_ckpt) if last_ckpt else None, "hf_dir": str(hf_dir) if hf_dir else None,
+               "wandb_dir": logger.wandb.dir if logger.wandb is not None else None, **last_val}
+    logger.close(summary)
+    if main:
+        print_summary(summary)
+    return code

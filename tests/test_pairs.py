@@ -1,0 +1,292 @@
+"""Shards stage (data_prep.pairs): BERT pairs as Google builds them, RoBERTa packing, determinism, resumption.
+
+The in-memory corpus gives every corpus token a unique id (its position), so a sample's provenance is exact:
+token id -> position -> document and sentence.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep.config import PrepareConfig
+from data_prep.pairs import plan_shards, run_shards, split_documents
+from data_prep.report import DataPrepError, Report
+from data_prep.store import Shard, SplitReader
+
+SPECIAL_BASE = 100  # [PAD] [UNK] [CLS] [SEP] [MASK] at ids 100..104: never assume 0..4
+CLS, SEP = SPECIAL_BASE + 2, SPECIAL_BASE + 3
+
+
+class MemCorpus:
+    """A tiny token store over numpy arrays; calling it returns itself (the picklable opener workers use)."""
+
+    def __init__(self, docs: list[list[int]], seed: int = 0, ends: bool = False):
+        lens = [n for doc in docs for n in doc]
+        pos = np.arange(sum(lens), dtype=np.int64)
+        self.tokens = np.where(pos < SPECIAL_BASE, pos, pos + 5)  # unique ids around the specials
+        self.num_docs = len(docs)
+        self.sent_bounds = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+        self.doc_bounds = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int64)
+        # TokenStore-style END offsets, or boundaries with a leading 0: pairs.py must take both
+        self.doc_offsets = self.doc_bounds[1:] if ends else self.doc_bounds
+        self.sentence_offsets = self.sent_bounds[1:] if ends else self.sent_bounds
+        self.vocab_size = int(self.tokens.max(initial=SPECIAL_BASE + 4)) + 1
+
+    def __call__(self) -> MemCorpus:
+        return self
+
+    def doc_sentences(self, d: int) -> tuple[int, int]:
+        return int(self.doc_bounds[d]), int(self.doc_bounds[d + 1])
+
+    def sentence_tokens(self, s: int) -> np.ndarray:
+        return self.tokens[self.sent_bounds[s] : self.sent_bounds[s + 1]]
+
+    def doc_num_tokens(self, d: int) -> int:
+        a, b = self.doc_sentences(d)
+        return int(self.sent_bounds[b] - self.sent_bounds[a])
+
+    # provenance helpers for the tests
+    def position(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        return np.where(ids < SPECIAL_BASE, ids, ids - 5)
+
+    def doc_of(self, pos: np.ndarray) -> np.ndarray:
+        sent = np.searchsorted(self.sent_bounds, pos, side="right") - 1
+        return np.searchsorted(self.doc_bounds, sent, side="right") - 1
+
+
+def random_docs(n_docs: int, seed: int = 0, sents: tuple[int, int] = (2, 40), lens: tuple[int, int] = (3, 25)):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(*lens, size=rng.integers(*sents)).tolist() for _ in range(n_docs)]
+
+
+def write_vocab(out: Path, size: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    names = [f"t{i}" for i in range(size)]
+    names[SPECIAL_BASE : SPECIAL_BASE + 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    (out / "vocab.txt").write_text("\n".join(names) + "\n")
+
+
+def build(out: Path, corpus: MemCorpus, **kw) -> tuple[dict, Report]:
+    write_vocab(out, max(corpus.vocab_size, 200))
+    cfg = PrepareConfig(output_dir=str(out), **{"max_seq_length": 64, "samples_per_shard": 200, "num_workers": 1,
+                                                "validation_fraction": 0.05, "seed": 3, **kw})
+    report = Report()
+    return run_shards(cfg, report, open_corpus=corpus), report
+
+
+def samples(out: Path, split: str = "train"):
+    for name in [e for e in sorted(p.name[: -len(".index.npy")] for p in (out / split).glob("*.index.npy"))]:
+        shard = Shard(out / split, name)
+        for i in range(len(shard)):
+            yield name, shard[i]
+
+
+@pytest.fixture(scope="module")
+def bert_run(tmp_path_factory):
+    corpus = MemCorpus(random_docs(150, sents=(40, 100)))
+    out = tmp_path_factory.mktemp("bert")
+    result, report = build(out, corpus, num_workers=2)
+    return corpus, out, result, report
+
+
+def test_bert_samples_are_well_formed_and_isnext_continues_a(bert_run):
+    corpus, out, result, report = bert_run
+    labels = []
+    for _, s in samples(out):
+        ids, a_len, n = s.input_ids, int(np.argmax(s.token_type_ids)), len(s.input_ids)
+        assert n <= 64 and ids[0] == CLS and ids[-1] == SEP
+        assert np.flatnonzero(ids == SEP).tolist() == [a_len - 1, n - 1]
+        assert (s.token_type_ids[:a_len] == 0).all() and (s.token_type_ids[a_len:] == 1).all()
+        a, b = ids[1 : a_len - 1], ids[a_len:-1]
+        assert len(a) >= 1 and len(b) >= 1 and not np.isin(np.concatenate([a, b]), range(100, 105)).any()
+        pa, pb = corpus.position(a), corpus.position(b)
+        assert (np.diff(pa) == 1).all() and (np.diff(pb) == 1).all()  # each segment is a contiguous run
+        assert (corpus.doc_of(pa) == s.doc_a).all() and (corpus.doc_of(pb) == s.doc_b).all()
+        labels.append(s.nsp_label)
+        if s.nsp_label == 1:
+            assert s.doc_b != s.doc_a
+            continue
+        assert s.doc_b == s.doc_a and pa[-1] < pb[0]
+        gap = corpus.sent_bounds[(corpus.sent_bounds > pa[-1]) & (corpus.sent_bounds <= pb[0])]
+        assert len(gap) >= 1  # B starts after a sentence end that follows A's kept tokens
+        if len(a) + len(b) < 61:  # no truncation: A is whole sentences and B starts right after A's last one
+            assert pa[-1] + 1 == pb[0] and pb[0] in corpus.sent_bounds and pa[0] in corpus.sent_bounds
+            assert pb[-1] + 1 in corpus.sent_bounds
+    labels += [s.nsp_label for _, s in samples(out, "validation")]
+    assert result["is_next"] == labels.count(0) and result["not_next"] == labels.count(1)
+    assert report.counts["is_next"] + report.counts["not_next"] == sum(result["samples"].values())
+    assert 0.5 < result["padding_free_fill"] <= 1
+
+
+def test_isnext_rate_is_one_half(bert_run, tmp_path):
+    # Google's algorithm forces NotNext for one-sentence chunks (and per-document short targets make many of
+    # them), which biases the rate a little; with full-length targets the coin dominates.
+    result, _ = build(tmp_path, bert_run[0], short_seq_prob=0.0)
+    n = result["is_next"] + result["not_next"]
+    assert n > 2500 and abs(result["is_next"] / n - 0.5) < 0.03
+    assert abs(bert_run[2]["is_next"] / sum(bert_run[2]["samples"].values()) - 0.5) < 0.05
+
+
+def test_notnext_draws_from_the_whole_split_and_validation_is_held_out(bert_run):
+    corpus, out, result, _ = bert_run
+    train_docs, val_docs = split_documents(np.diff(corpus.sent_bounds[corpus.doc_bounds]), 0.05, 3)
+    assert len(val_docs) == 8 and not set(train_docs.tolist()) & set(val_docs.tolist())
+    assert len(result["splits"]["train"]["shards"]) > 5
+    outside, seen_docs = 0, set()
+    by_shard: dict[str, list] = {}
+    for name, s in samples(out):
+        by_shard.setdefault(name, []).append(s)
+    for rows in by_shard.values():
+        lo, hi = min(s.doc_a for s in rows), max(s.doc_a for s in rows)
+        outside += sum(s.nsp_label == 1 and not lo <= s.doc_b <= hi for s in rows)
+        seen_docs |= {s.doc_a for s in rows} | {s.doc_b for s in rows}
+    assert outside > 0.5 * result["not_next"]  # NotNext B documents come from all over the corpus
+    assert seen_docs <= set(train_docs.tolist())  # validation documents never appear in train samples
+    val = list(samples(out, "validation"))
+    assert val and {s.doc_a for _, s in val} | {s.doc_b for _, s in val} <= set(val_docs.tolist())
+
+
+def test_shards_do_not_depend_on_workers_but_on_seed(bert_run, tmp_path):
+    corpus, out, result, _ = bert_run
+    one, _ = build(tmp_path / "one", corpus, num_workers=1)
+    for split in ("train", "validation"):
+        assert one["splits"][split]["shards"] == result["splits"][split]["shards"]  # sha256 of both files
+    other, _ = build(tmp_path / "seed", corpus, num_workers=1, seed=4)
+    assert other["splits"]["train"]["shards"] != result["splits"]["train"]["shards"]
+    a = [s.input_ids.tolist() for _, s in samples(out)]
+    b = [s.input_ids.tolist() for _, s in samples(tmp_path / "seed")]
+    assert a != b and sorted(a) != sorted(b)
+
+
+def test_interrupted_run_is_finished_by_rerun_and_config_change_clears_shards(bert_run, tmp_path):
+    corpus, _, result, _ = bert_run
+    out = tmp_path / "run"
+    first, _ = build(out, corpus)
+    assert first["splits"] == result["splits"]
+    victim = out / "train" / f"{first['splits']['train']['shards'][2]['name']}.index.npy"
+    victim.unlink()
+    mtime = (out / "train" / "shard-00000.index.npy").stat().st_mtime_ns
+    again, _ = build(out, corpus)
+    assert again["splits"] == first["splits"] and victim.exists()
+    assert (out / "train" / "shard-00000.index.npy").stat().st_mtime_ns == mtime  # complete shards were kept
+    fewer, _ = build(out, corpus, samples_per_shard=1000)
+    names = sorted(p.name for p in (out / "train").iterdir())
+    expected = sorted(f"{e['name']}{x}" for e in fewer["splits"]["train"]["shards"] for x in (".tokens.npy",
+                                                                                             ".index.npy"))
+    assert names == expected and len(fewer["splits"]["train"]["shards"]) < len(first["splits"]["train"]["shards"])
+    assert json.loads((out / "shards.json").read_text())["fingerprint"]["samples_per_shard"] == 1000
+    assert fewer["samples"]["train"] == len(SplitReader(out, "train"))
+
+
+def test_roberta_packs_every_token_once_with_sep_between_documents(tmp_path):
+    docs = random_docs(120, seed=1, sents=(1, 30), lens=(1, 40))
+    docs[7][0] = 150  # sentences longer than a sample are split into pieces
+    docs[50] = [62, 62]
+    corpus = MemCorpus(docs, ends=True)
+    result, _ = build(tmp_path, corpus, nsp=False, samples_per_shard=40, num_workers=2)
+    seen = []
+    for split in ("train", "validation"):
+        for _, s in samples(tmp_path, split):
+            ids = s.input_ids
+            assert len(ids) <= 64 and ids[0] == CLS and ids[-1] == SEP and s.nsp_label == -1 and s.doc_b == -1
+            assert (s.token_type_ids == 0).all()
+            body = ids[1:-1]
+            seps = np.flatnonzero(body == SEP)
+            pos = corpus.position(body[body != SEP])
+            assert corpus.doc_of(pos[:1])[0] == s.doc_a
+            docs_of = corpus.doc_of(pos)
+            for k, p in enumerate(np.flatnonzero(np.diff(docs_of)) + 1):  # a [SEP] exactly at each document change
+                assert seps[k] - k == p
+            assert len(seps) == np.count_nonzero(np.diff(docs_of))
+            for run in np.split(pos, np.flatnonzero(np.diff(docs_of)) + 1):
+                assert (np.diff(run) == 1).all()  # whole sentences, in order
+            seen.append(pos)
+    seen = np.sort(np.concatenate(seen))
+    assert np.array_equal(seen, np.arange(len(corpus.tokens)))  # every corpus token exactly once
+    assert result["is_next"] == result["not_next"] == 0 and result["padding_free_fill"] > 0.7
+
+
+def test_small_vocabulary_writes_uint16(tmp_path):
+    corpus = MemCorpus(random_docs(20, seed=2))
+    corpus.tokens = corpus.tokens % 90  # ids below the specials
+    corpus.vocab_size = 200
+    result, _ = build(tmp_path, corpus)
+    shard = Shard(tmp_path / "train", result["splits"]["train"]["shards"][0]["name"])
+    assert shard.tokens.dtype == np.uint16 and len(shard) > 0
+
+
+def test_single_document_and_empty_corpus(tmp_path):
+    result, report = build(tmp_path / "one", MemCorpus([[5, 6, 7, 8, 9, 10]]))
+    assert result["samples"]["validation"] == 0 and result["samples"]["train"] > 0 and result["not_next"] == 0
+    assert any("no validation documents" in w for w in report.warnings)
+    with pytest.raises(DataPrepError, match="empty"):
+        build(tmp_path / "empty", MemCorpus([[0, 0], []]))
+    with pytest.raises(DataPrepError, match="no training sample"):
+        build(tmp_path / "lone", MemCorpus([[12]]))
+
+
+def test_plan_cuts_whole_documents():
+    cfg = PrepareConfig(max_seq_length=64, samples_per_shard=10, short_seq_prob=0.0)
+    plan = plan_shards(np.array([61] * 25 + [6100] + [61] * 5), cfg)
+    assert plan == [(0, 10), (10, 20), (20, 26), (26, 31)]  # a shard ends at the document that fills it
+    assert all(a < b for a, b in plan) and all(p[1] == q[0] for p, q in zip(plan, plan[1:], strict=False))
+
+
+@pytest.fixture(scope="module")
+def real_store(tmp_path_factory):
+    """A real ``TokenStore``: two read-stage parts written by hand, then the vocab and tokenize stages."""
+    tokenize = pytest.importorskip("data_prep.tokenize")
+    from data_prep.vocab import run_vocab
+
+    out = tmp_path_factory.mktemp("real")
+    rng = np.random.default_rng(5)
+    words = "the a river stone light house north old green quiet city wind came went over under".split()
+    docs_dir = out / "work" / "documents"
+    docs_dir.mkdir(parents=True)
+    for k in range(2):
+        docs = [[" ".join(rng.choice(words, size=rng.integers(3, 15))) + "." for _ in range(rng.integers(3, 25))]
+                for _ in range(40)]
+        (docs_dir / f"part-{k:05d}.txt").write_text("".join("\n".join(d) + "\n\n" for d in docs))
+        (docs_dir / f"part-{k:05d}.docs.jsonl").write_text("".join(json.dumps({"sentences": len(d)}) + "\n"
+                                                                   for d in docs))
+    cfg = PrepareConfig(output_dir=str(out), vocab_size=120, num_workers=1)
+    run_vocab(cfg, Report())
+    tokenize.run_tokenize(cfg, Report())
+    return out, tokenize.TokenStore(out)
+
+
+@pytest.mark.parametrize("nsp", [True, False])
+def test_real_token_store(real_store, nsp):
+    out, store = real_store
+    vocab = (out / "vocab.txt").read_text().split("\n")
+    cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
+    cfg = PrepareConfig(output_dir=str(out), max_seq_length=48, samples_per_shard=100, num_workers=2, nsp=nsp,
+                        validation_fraction=0.1)
+    result = run_shards(cfg, Report())  # opens TokenStore(task_dir) in each worker
+    assert len(result["splits"]["train"]["shards"]) > 1 and result["samples"]["validation"] > 0
+    counts = np.zeros(len(vocab), np.int64)
+    for split in ("train", "validation"):
+        for _, s in samples(out, split):
+            ids = s.input_ids
+            assert len(ids) <= 48 and ids[0] == cls_id and ids[-1] == sep_id
+            if not nsp:
+                counts += np.bincount(ids[(ids != cls_id) & (ids != sep_id)], minlength=len(vocab))
+                continue
+            a_len = int(np.argmax(s.token_type_ids))
+            assert np.flatnonzero(ids == sep_id).tolist() == [a_len - 1, len(ids) - 1]
+            if s.nsp_label == 0 and len(ids) - 3 < 45:  # untruncated IsNext: A then B, whole sentences of doc_a
+                ab = np.concatenate([ids[1 : a_len - 1], ids[a_len:-1]])
+                s0, s1 = store.doc_sentences(s.doc_a)
+                starts = store.sentence_offsets[s0 : s1 + 1]
+                doc = store.tokens(int(starts[0]), int(starts[-1]))
+                rel = (starts - starts[0]).tolist()
+                assert any(np.array_equal(doc[r : r + len(ab)], ab) and r + a_len - 2 in rel for r in rel)
+            elif s.nsp_label == 1:
+                assert s.doc_b != s.doc_a
+    if not nsp:  # every token of the store exactly once
+        assert np.array_equal(counts, np.bincount(store.tokens(0, store.num_tokens), minlength=len(vocab)))
