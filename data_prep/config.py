@@ -37,7 +37,8 @@ class PrepareConfig:
     dupe_factor: int = 1
     """Passes over the corpus with different pairings; 1 is enough with dynamic masking."""
     validation_fraction: float = 0.01
-    """Fraction of documents held out for validation (at least one whenever the corpus has two or more)."""
+    """Fraction of documents held out for validation (at least two when the corpus has four or more, so validation
+    has NotNext pairs; at least one when it has two or three)."""
     samples_per_shard: int = 100_000
     """Target samples per shard (shards follow document boundaries, so sizes vary slightly)."""
     seed: int = 12345

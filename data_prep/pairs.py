@@ -125,12 +125,14 @@ class _Worker:
 def split_documents(doc_tokens: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Sorted (train, validation) document indices: a seeded permutation of the non-empty documents.
 
-    ``fraction`` of them, but at least one, go to validation whenever there are two or more (and ``fraction > 0``);
-    train always keeps at least one.
+    ``fraction`` of them go to validation (when ``fraction > 0``), but at least two whenever there are four or
+    more, so that validation has NotNext pairs too, and at least one when there are two or three; train always
+    keeps at least one.
     """
     usable = np.flatnonzero(doc_tokens > 0)
     n = len(usable)
-    n_val = 0 if n < 2 or fraction <= 0 else min(n - 1, max(1, round(fraction * n)))
+    floor = 2 if n >= 4 else 1
+    n_val = 0 if n < 2 or fraction <= 0 else min(n - 1, max(floor, round(fraction * n)))
     perm = np.random.default_rng([seed, 0x5917]).permutation(n)
     return np.sort(usable[perm[n_val:]]), np.sort(usable[perm[:n_val]])
 

@@ -150,7 +150,7 @@ def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
         report.merge(Report.from_dict(state["report"]))
     vocab, shards = states["vocab"]["result"], states["shards"]["result"]
     splits = shards["splits"]
-    input_bytes = report.counts.get("input_bytes", 0)
+    text_bytes = report.counts.get("characters", 0)  # uncompressed text, comparable across .gz/.bz2/plain
     seconds = {stage: round(state["seconds"], 3) for stage, state in states.items()}
     return {
         "format": "bert-pretrain-shards",
@@ -170,7 +170,7 @@ def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
         "warnings": report.warnings,
         "splits": splits,
         "stage_seconds": seconds,
-        "throughput_mb_per_s": round(input_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
+        "throughput_mchars_per_s": round(text_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
         "versions": _versions(),
     }
 
@@ -235,7 +235,7 @@ def print_summary(manifest: dict, out: Path) -> None:
         f"data prepared in {out} ({manifest['mode']} mode, {manifest['max_seq_length']} tokens, "
         f"vocabulary {manifest['vocab_size']})",
         f"  documents {c.get('documents_read', 0):,}  sentences {c.get('sentences', 0):,}  "
-        f"tokens {c.get('tokens', 0):,}  input {c.get('input_bytes', 0) / 1e6:,.1f} MB",
+        f"tokens {c.get('tokens', 0):,}  text {c.get('characters', 0) / 1e6:,.1f} M characters",
     ]
     for split, info in splits.items():
         lines.append(f"  {split:<10} {info['samples']:>10,} samples  {len(info['shards']):>4} shards")
@@ -251,6 +251,6 @@ def print_summary(manifest: dict, out: Path) -> None:
         total = sum(seconds.values())
         lines.append(
             f"  time {total:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + ")"
-            f"  {manifest['throughput_mb_per_s']:.2f} MB/s"
+            f"  {manifest['throughput_mchars_per_s']:.2f} M characters/s"
         )
     print("\n".join(lines), flush=True)
