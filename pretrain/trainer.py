@@ -235,6 +235,7 @@ def _scalar(x: Any) -> float | None:
 def train(cfg: Any, cfg_dict: dict) -> int:
     """Run (or resume) a pretraining job from a composed Hydra config; return the process exit code."""
     t, t_start = cfg.trainer, time.time()
+    stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
     env = D.detect_env()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     ds_config = build_ds_config(cfg, env.world_size)
@@ -289,7 +290,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
     sampler.set_epoch(state.epoch)
     logger = MetricsLogger(cfg, run_dir, main, wandb_id, cfg_dict, state.step, t.max_steps)
-    stop, flops = D.StopFlag(), model.flops_per_token(t.max_seq_length)
+    flops = model.flops_per_token(t.max_seq_length)
     peak = peak_tflops(t.peak_tflops, device)
 
     def new_iter():

@@ -134,7 +134,7 @@ def test_state_other_world_size_and_data(data: Path) -> None:
             s.load_state_dict(one.state_dict())
     assert two[0].state_dict()["batches_consumed"] == 3
     rest = sorted(i for s in two for i in all_indices(s))
-    assert rest == sorted(one.global_order(0)[24:96].tolist())
+    assert rest == sorted(one.global_order(0)[24:104].tolist())  # same permutation, cut at 13 x 8
     with pytest.raises(ValueError, match="same data"):
         ResumableDistributedSampler(111, 4).load_state_dict(one.state_dict())
 
@@ -249,9 +249,9 @@ def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
                                           num_attention_heads=2, intermediate_size=512,
                                           max_position_embeddings=64))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    loader, sampler = build_dataloader(root, "train", 32, seed=0)
+    loader, sampler = build_dataloader(root, "train", 16, seed=0)
     losses: list[float] = []
-    while len(losses) < 250:
+    while len(losses) < 150:  # ~1 s a step on a shared 2-core CPU
         for batch in loader:
             loss = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
                          labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label")).loss
@@ -260,6 +260,9 @@ def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
             optimizer.step()
             sampler.advance()
             losses.append(loss.item())
-            if len(losses) == 250:
+            if len(losses) == 150:
                 break
-    assert np.mean(losses[-20:]) < 0.8 * np.mean(losses[:20]), (losses[:20], losses[-20:])
+    # From ~ln(V) to well below: the model learns what the labels hold. A floor catches degenerate labels
+    # (e.g. every label [MASK]), which a model would learn to near-zero loss.
+    first, last = np.mean(losses[:5]), np.mean(losses[-20:])
+    assert 1.0 < last < 0.8 * first, (losses[:5], losses[-20:])
