@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 bench: $(STAMP)
-	$(PY) benchmarks/data_prep.py
+	$(PY) benchmarks/prep_throughput.py
 
 clean:
 	rm -rf demo outputs

@@ -10,15 +10,18 @@ markdown rows.
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from data_prep.store import INDEX_COLUMNS, token_dtype, write_shard
-from pretrain.data import build_dataloader
-from pretrain.masking import MaskingConfig
+import numpy as np  # noqa: E402
+
+from data_prep.store import INDEX_COLUMNS, token_dtype, write_shard  # noqa: E402
+from pretrain.data import build_dataloader  # noqa: E402
+from pretrain.masking import MaskingConfig  # noqa: E402
 
 
 def synthetic(root: Path, seq: int, samples: int, vocab_size: int = 30522, seed: int = 0) -> Path:

@@ -25,6 +25,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,7 @@ TOKENS_DIR = Path("work") / "tokens"
 # Bytes of text per task: large enough that per-task IPC and bookkeeping vanish next to tokenization (about a
 # second of work), small enough to keep both cores busy on small corpora. Chunks end at document boundaries.
 CHUNK_BYTES = 1 << 20
+STARTUP_TIMEOUT_S = 120
 _ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}  # one worker = one core
 
 _tok: Tokenizer | None = None
@@ -273,9 +275,15 @@ def _map_ordered(tasks: Iterator, workers: int, tokenizer_json: str, dtype: str,
                     return
             yield task
 
-    ctx = mp.get_context("spawn")
+    main_file = getattr(sys.modules["__main__"], "__file__", None)  # spawn re-imports it: impossible for stdin
+    ctx = mp.get_context("fork" if main_file and not os.path.exists(main_file) else "spawn")
     with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_json, dtype, unk_id)) as pool:
         try:
+            try:  # a worker that cannot start is replaced forever by Pool: fail loudly instead of hanging
+                pool.apply_async(os.getpid).get(timeout=STARTUP_TIMEOUT_S)
+            except mp.TimeoutError:
+                raise DataPrepError(f"tokenize: {workers} worker processes did not start within "
+                                    f"{STARTUP_TIMEOUT_S}s (see the errors above); try num_workers=1") from None
             for result in pool.imap(_encode_chunk, throttled()):
                 window.release()
                 yield result

@@ -378,7 +378,10 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             from pretrain.model import BertConfig, BertForPreTraining
 
             export = BertForPreTraining(BertConfig(**model_kw))
-            export.load_state_dict(sd, strict=False)
+            missing, unexpected = export.load_state_dict(sd, strict=False)
+            missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
+            if missing or unexpected:
+                raise RuntimeError(f"HF export: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
             export_hf(export, cfg.data.dir, hf_dir)
         D.barrier()
     seconds, loop_s = time.time() - t_start, max(time.time() - t_loop, 1e-9)

@@ -163,28 +163,21 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE OverSubscribe
         self._wait_for(self._node_idle, f"node {self.host} to become idle in sinfo")
 
     def stop(self) -> None:
-        """Stop slurmd, slurmctld and munged (in that order) by their pid files."""
+        """Stop slurmd, slurmctld and munged by their pid files: SIGTERM to all, SIGKILL after 10 s."""
+        pids = []
         for name in ("slurmd", "slurmctld", "munged"):
-            pid_file = self._pid_files[name]
             try:
-                pid = int(pid_file.read_text().strip())
-            except (OSError, ValueError):
-                continue
-            try:
+                pid = int(self._pid_files[name].read_text().strip())
                 os.kill(pid, _signal.SIGTERM)
-            except ProcessLookupError:
+                pids.append(pid)
+            except (OSError, ValueError):  # no pid file, or the daemon is already gone
                 continue
-            for _ in range(100):
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
+        deadline = time.monotonic() + 10
+        for pid in pids:
+            while time.monotonic() < deadline and _alive(pid):
                 time.sleep(0.1)
-            else:
-                try:
-                    os.kill(pid, _signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if _alive(pid):
+                os.kill(pid, _signal.SIGKILL)
 
     def _run(self, cmd: list[str]) -> None:
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True)
@@ -301,6 +294,14 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE OverSubscribe
 
     def cancel(self, job_id: str) -> None:
         subprocess.run(["scancel", job_id], env=self.env, capture_output=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def _parse(line: str) -> dict[str, str]:

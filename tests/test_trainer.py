@@ -1,0 +1,337 @@
+"""Trainer: optimizer/schedule units, pre-flight errors, launcher handling, and real multi-process DeepSpeed runs
+(ZeRO 0-3, preemption + exact resume, torchrun + phase 2) on a tiny model and tiny shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from data_prep.store import write_shard
+from pretrain import distributed as D
+from pretrain.config import UserError, preflight
+from pretrain.logging import truncate_metrics
+from pretrain.optim import Lamb, lr_lambda, param_groups
+from pretrain.trainer import find_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+LAUNCH = str(ROOT / "launch" / "pretrain.py")
+SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
+         "model.num_hidden_layers=1"]
+COMMON = [*SMALL, "trainer.max_steps=12", "trainer.log_every=2", "trainer.eval_every=6", "trainer.eval_batches=2",
+          "trainer.checkpoint_every=6", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
+          "optim.lr=5e-3", "scheduler.warmup_steps=1"]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)] + [f"##s{i}" for i in range(8)]
+
+
+def make_data(out: Path, nsp: bool = True, n_train: int = 96, n_val: int = 24, max_len: int = 32) -> Path:
+    """Tiny learnable shards (runs of consecutive word ids), vocab.txt and manifest.json."""
+    (out).mkdir(parents=True, exist_ok=True)
+    (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("validation", n_val)):
+        toks, rows, off = [], [], 0
+        for i in range(n):
+            length = int(rng.integers(12, max_len + 1))
+            start = int(rng.integers(0, 59))
+            body = [5 + (start + k) % 59 for k in range(length - 3)]
+            a = len(body) // 2
+            ids = [2, *body[:a], 3, *body[a:], 3] if nsp else [2, *body, 3]
+            a_len = a + 2 if nsp else len(ids)
+            rows.append([off, len(ids), a_len, i % 2 if nsp else -1, i, i if nsp else -1])
+            toks += ids
+            off += len(ids)
+        write_shard(out / split, "shard-00000", np.array(toks, dtype=np.uint16), np.array(rows, dtype=np.int64))
+    manifest = {"vocab_size": len(VOCAB), "nsp": nsp, "max_seq_length": max_len, "mode": "bert" if nsp else "roberta"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("data") / "bert")
+
+
+def _cfg(*overrides: str):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["run_name=t", *overrides])
+
+
+# ---------------------------------------------------------------------------------------------- units
+
+def test_param_groups_exclude_bias_and_layernorm():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
+    decay, no_decay = param_groups(model, 0.01)
+    assert [p.shape for p in decay["params"]] == [(4, 4), (2, 4)] and decay["weight_decay"] == 0.01
+    assert len(no_decay["params"]) == 3 and no_decay["weight_decay"] == 0.0
+
+
+def test_lamb_step_matches_formula():
+    torch.manual_seed(0)
+    w0, g = torch.randn(3, 4), torch.randn(3, 4)
+    p = torch.nn.Parameter(w0.clone())
+    opt = Lamb([p], lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    p.grad = g.clone()
+    opt.step()
+    m, v = 0.1 * g / 0.1, 0.001 * g * g / 0.001  # bias-corrected first step
+    update = m / (v.sqrt() + 1e-6) + 0.01 * w0
+    expected = w0 - 0.1 * (w0.norm() / update.norm()) * update
+    torch.testing.assert_close(p.detach(), expected)
+    z = torch.nn.Parameter(torch.zeros(3))  # zero weights: trust ratio 1, plain Adam step
+    opt = Lamb([z], lr=0.1, weight_decay=0.0)
+    z.grad = torch.ones(3)
+    opt.step()
+    torch.testing.assert_close(z.detach(), torch.full((3,), -0.1), atol=1e-5, rtol=0)
+
+
+def test_bert_schedule_warmup_then_polynomial():
+    f = lr_lambda(max_steps=100, warmup_steps=10, power=0.5, min_lr_ratio=0.0)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(55) == pytest.approx(0.5**0.5) and f(100) == 0.0
+    assert lr_lambda(100, 0, 1.0, 0.1)(50) == pytest.approx(0.55)
+
+
+def test_strip_local_rank(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["x.py", "--local_rank=3", "model=tiny"]
+    D.strip_local_rank_arg(argv)
+    assert argv == ["x.py", "model=tiny"] and os.environ["LOCAL_RANK"] == "3"
+    argv = ["x.py", "--local_rank", "1", "a=b"]
+    D.strip_local_rank_arg(argv)
+    assert argv == ["x.py", "a=b"]
+
+
+def test_detect_env_srun(monkeypatch):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is expanded by hand
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[03-06,09]")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    env = D.detect_env()
+    assert (env.rank, env.local_rank, env.world_size, env.launcher) == (5, 1, 8, "srun")
+    assert os.environ["MASTER_ADDR"] == "gpu03" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+
+
+def test_stop_flag_on_sigusr1():
+    old = {s: signal.getsignal(s) for s in D.PREEMPT_SIGNALS}
+    try:
+        flag = D.StopFlag()
+        assert not flag.agreed(False, torch.device("cpu")) and flag.agreed(True, torch.device("cpu"))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert flag.local and flag.signal_name == "SIGUSR1" and flag.agreed(False, torch.device("cpu"))
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def test_truncate_metrics_and_find_checkpoint(tmp_path):
+    m = tmp_path / "metrics.jsonl"
+    m.write_text("".join(json.dumps({"step": s}) + "\n" for s in (2, 4, 6, 8)))
+    truncate_metrics(m, 5)
+    assert [json.loads(x)["step"] for x in m.read_text().splitlines()] == [2, 4]
+    for step, complete in ((4, True), (8, True), (12, False)):
+        (tmp_path / "ck" / f"step{step:08d}").mkdir(parents=True)
+        if complete:
+            (tmp_path / "ck" / f"step{step:08d}" / "COMPLETE").write_text("{}")
+    assert find_checkpoint(tmp_path / "ck").name == "step00000008"  # the half-written step 12 is ignored
+
+
+# ---------------------------------------------------------------------------------------------- pre-flight
+
+def test_preflight_fills_vocab_and_checks(data, tmp_path):
+    info, model = preflight(_cfg(f"data.dir={data}"), 1)
+    assert model["vocab_size"] == len(VOCAB) and info.nsp
+    cases = [
+        ([f"data.dir={data}", "model.vocab_size=30522"], "model.vocab_size=30522 but .* has 72 tokens"),
+        ([f"data.dir={data}", "model.max_position_embeddings=16"], "max_position_embeddings=16"),
+        ([f"data.dir={data}", "trainer.global_batch_size=10"], "not divisible"),
+        ([f"data.dir={tmp_path / 'missing'}"], "directory not found"),
+    ]
+    for overrides, msg in cases:
+        with pytest.raises(UserError, match=msg):
+            preflight(_cfg(*overrides), 2)
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "vocab.txt").write_text("\n".join(VOCAB))
+    with pytest.raises(UserError, match="no shards"):
+        preflight(_cfg(f"data.dir={tmp_path / 'empty'}"), 1)
+    roberta = make_data(tmp_path / "roberta", nsp=False)
+    with pytest.raises(UserError, match="model.nsp=true but .* RoBERTa-mode shards"):
+        preflight(_cfg(f"data.dir={roberta}"), 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        preflight(_cfg(f"data.dir={data}", "model.nsp=false"), 1)
+    assert any("NSP labels are ignored" in str(w.message) for w in caught)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               HYDRA_FULL_ERROR="0", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def test_preflight_error_is_one_line_exit_2(tmp_path):
+    roberta = make_data(tmp_path / "roberta", nsp=False)
+    r = subprocess.run([sys.executable, LAUNCH, "--local_rank=0", f"data.dir={roberta}", f"run_dir={tmp_path / 'r'}"],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "RoBERTa-mode shards" in errors[0] and "Traceback" not in r.stderr
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------- real runs
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cmd(launcher: str) -> list[str]:
+    if launcher == "deepspeed":
+        ds = str(Path(sys.executable).parent / "deepspeed")
+        return [ds, "--num_gpus", "2", "--master_port", str(_port()), LAUNCH]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+            LAUNCH]
+
+
+def _launch(run_dir: Path, *overrides: str, launcher: str = "deepspeed", timeout: int = 400):
+    r = subprocess.run([*_cmd(launcher), f"run_dir={run_dir}", *overrides], capture_output=True, text=True,
+                       env=_env(), timeout=timeout, cwd=ROOT)
+    return r
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "hf" / "model.safetensors"))
+
+
+_RUNS: dict[int, Path] = {}
+
+
+@pytest.fixture(scope="module")
+def zero_run(data, tmp_path_factory):
+    def get(stage: int) -> Path:
+        if stage not in _RUNS:
+            run_dir = tmp_path_factory.mktemp("runs") / f"zero{stage}"
+            extra = ["logger=wandb"] if stage == 2 else []
+            r = _launch(run_dir, f"data.dir={data}", f"deepspeed=zero{stage}", *COMMON, *extra)
+            assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+            assert "optimizer: AdamW: PyTorch" in r.stdout and f"ZeRO stage {stage}" in r.stdout
+            _RUNS[stage] = run_dir
+        return _RUNS[stage]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_deepspeed_zero_stage_trains(zero_run, stage):
+    run_dir = zero_run(stage)
+    train = _records(run_dir, "train")
+    assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+    assert train[-1]["loss"] < train[0]["loss"] and train[-1]["lr"] == 0.0
+    for key in ("mlm_loss", "nsp_loss", "grad_norm", "sequences_per_s", "tokens_per_s", "memory_gb", "loss_scale"):
+        assert train[-1][key] is not None and train[-1][key] >= 0, key
+    evals = _records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [6, 12] and 0 <= evals[-1]["val_mlm_acc"] <= 1
+    assert 0 <= evals[-1]["val_nsp_acc"] <= 1
+    ds = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000006", "step00000012"]
+    assert all((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step*"))
+    assert _weights(run_dir)["bert.embeddings.word_embeddings.weight"].shape == (len(VOCAB), 32)
+    if stage == 2:  # W&B offline run inside the run dir, holding the logged metrics
+        wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(wandb_files) == 1 and b"val_mlm_acc" in wandb_files[0].read_bytes()
+
+
+@pytest.mark.slow
+def test_zero_stages_agree(zero_run):
+    losses = {s: [r["loss"] for r in _records(zero_run(s), "train")] for s in (0, 1, 2, 3)}
+    weights = {s: _weights(zero_run(s)) for s in (0, 1, 2, 3)}  # stage 0 exports the module, ZeRO the fp32 master
+    for s in (1, 2, 3):
+        np.testing.assert_allclose(losses[s], losses[0], rtol=2e-4)
+        for k, v in weights[0].items():
+            torch.testing.assert_close(weights[s][k], v, rtol=1e-3, atol=1e-4)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out + [g for c in out for g in _children(c)]
+
+
+@pytest.mark.slow
+def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks checkpoint at the same step and exit 75; a resume stopped at
+    trainer.stop_at_step, then another resume to the end, gives the same weights and metrics as one run."""
+    reference = zero_run(2)
+    run_dir = tmp_path / "chain"
+    args = [f"data.dir={data}", "deepspeed=zero2", *COMMON, "logger=wandb"]
+    proc = subprocess.Popen([*_cmd("deepspeed"), f"run_dir={run_dir}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    rank1 = [p for p in _children(proc.pid) if "--local_rank=1" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert rank1, "rank 1 not found"
+    os.kill(rank1[0], signal.SIGUSR1)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == D.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert "preempted (SIGUSR1)" in out
+    first = find_checkpoint(run_dir / "checkpoints")
+    stop_step = int(first.name[4:])
+    assert 1 <= stop_step < 12
+    r = _launch(run_dir, *args, f"trainer.stop_at_step={stop_step + 2}")
+    assert r.returncode == 0 and f"resumed from {first}" in r.stdout, (r.stdout + r.stderr)[-4000:]
+    assert find_checkpoint(run_dir / "checkpoints").name == f"step{stop_step + 2:08d}"
+    assert not (run_dir / "hf").exists()
+    r = _launch(run_dir, *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    keys = ("step", "loss", "mlm_loss", "nsp_loss", "lr", "grad_norm", "epoch")
+    for kind in ("train", "eval"):
+        ours = [{k: v for k, v in x.items() if k in keys or k.startswith("val_")} for x in _records(run_dir, kind)]
+        ref = [{k: v for k, v in x.items() if k in keys or k.startswith("val_")} for x in _records(reference, kind)]
+        assert ours == ref, kind
+    ours, ref = _weights(run_dir), _weights(reference)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3 and len(ids) == 1  # one W&B run, 3 jobs
+
+
+@pytest.mark.slow
+def test_torchrun_phase2_loads_weights_only(zero_run, data, tmp_path):
+    """torchrun launch; trainer=phase2 takes phase-1 weights (lr 0: they come out unchanged), step restarts at 0."""
+    phase1 = zero_run(0)
+    run_dir = tmp_path / "phase2"
+    r = _launch(run_dir, f"data.dir={data}", "trainer=phase2", f"trainer.init_from={phase1}", *SMALL,
+                "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.global_batch_size=8",
+                "trainer.micro_batch_size=4", "trainer.precision=fp32", "optim.lr=0", launcher="torchrun")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "torchrun" in r.stdout and "optimizer, schedule and step start afresh" in r.stdout
+    assert [x["step"] for x in _records(run_dir, "train")] == [2, 4]
+    ours, ref = _weights(run_dir), _weights(phase1)
+    assert all(torch.equal(ours[k], ref[k]) for k in ref)
