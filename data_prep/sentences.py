@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import re
+import textwrap
 from dataclasses import dataclass
 
 import blingfire
@@ -262,10 +263,21 @@ _UNDERLINE = re.compile(r"^([*=~^+#-])\1{2,}$")
 _SIGNATURE = re.compile(r"^[\w.]+\(.*\)(\s*->.*)?$")
 
 
+_CODE_MARKS = re.compile(r"::=|>>>|\s=\s|[{}]|^\s*(def|class|import|from|return|print)\b", re.M)
+
+
+def _indented_prose(block: str) -> bool:
+    """An indented block that reads as sentences rather than code or grammar: no code marks, ends a sentence."""
+    words = block.split()
+    return len(words) >= 6 and block.rstrip()[-1:] in '.!?:)"”' and not _CODE_MARKS.search(block)
+
+
 def clean_pydocs(text: str) -> list[str]:
     """Prose of docstrings: doctest examples, code and literal blocks, signatures and reST markup dropped."""
     paragraphs = []
     for raw in text.split("\n\n"):
+        if raw.startswith((" ", "\t")) and _indented_prose(raw):
+            raw = textwrap.dedent(raw)  # a definition's body ("object.__call__(self)" then its description)
         lines = raw.split("\n")
         kept = []
         for i, line in enumerate(lines):

@@ -133,8 +133,10 @@ def _fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
 
 
 def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
-    """``client_state`` of a checkpoint. Per-rank entries (sampler, RNG) are gathered to every rank."""
-    return {"format": CHECKPOINT_FORMAT, **asdict(state), "sampler": _gather(sampler.state_dict()),
+    """``client_state`` of a checkpoint. Per-rank entries (log window, sampler, RNG) are gathered from every rank:
+    DeepSpeed writes the client state from one rank (ZeRO 0-2) and every rank reads that copy back."""
+    return {"format": CHECKPOINT_FORMAT, **asdict(state), "window": _gather(state.window),
+            "sampler": _gather(sampler.state_dict()),
             "rng": _gather(_rng_state()), "world_size": dist.get_world_size(), "config": cfg_dict,
             "wandb_id": wandb_id}
 
@@ -169,7 +171,9 @@ def restore(engine: Any, tag: Path, sampler: Any) -> tuple[TrainState, dict]:
         _set_rng_state(client["rng"][rank])
     elif rank == 0:
         print(f"resume: world size {client['world_size']} -> {dist.get_world_size()}: RNG streams restart")
-    state = TrainState(**{f.name: client[f.name] for f in fields(TrainState)})
+    state = TrainState(**{f.name: client[f.name] for f in fields(TrainState) if f.name != "window"})
+    if same_world:  # per-rank loss sums of the open log window
+        state.window = dict(client["window"][rank])
     return state, client
 
 
@@ -360,7 +364,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
                 or preempted or stopping:
             last_ckpt = save(engine, ckpt_root, state_dict(state, sampler, cfg_dict, logger.wandb_id), t.keep_last)
         if preempted:
-            reason = stop.signal_name or "time limit"
+            reason = stop.signal_name or ("time limit" if over_time else "signal on another rank")
             status, code = f"preempted ({reason}) at step {state.step}: resume=auto continues", D.PREEMPTED_EXIT_CODE
             break
         if stopping:
