@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 
 @dataclass
@@ -63,3 +64,9 @@ class PrepareConfig:
     """This task's index when the shard stage is split across SLURM array tasks (``$SLURM_ARRAY_TASK_ID``)."""
     num_tasks: int = 1
     """Number of array tasks; task i takes every num_tasks-th input file, then ``stage=merge`` joins them."""
+
+
+def task_dir(cfg: PrepareConfig) -> Path:
+    """This task's output folder: ``output_dir``, or ``output_dir/tasks/task-NNNNN`` for SLURM array tasks."""
+    out = Path(cfg.output_dir)
+    return out / "tasks" / f"task-{cfg.task_index:05d}" if cfg.num_tasks > 1 else out

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.config import PrepareConfig
+from data_prep.config import PrepareConfig, task_dir
 from data_prep.report import DataPrepError, Report
 from data_prep.store import LENGTH, NSP_LABEL, sha256_file, shard_complete, shard_name, token_dtype, write_shard
 
@@ -45,12 +45,6 @@ class Corpus(Protocol):
 
     def sentence_tokens(self, s: int) -> np.ndarray: ...
 
-
-try:  # the read stage owns the layout of OUTDIR; fall back to the same rule if it is not there
-    from data_prep.read import task_dir
-except ImportError:  # pragma: no cover - depends on which stages are installed
-    def task_dir(cfg: PrepareConfig) -> Path:
-        return Path(cfg.output_dir, *(("tasks", f"task-{cfg.task_index:05d}") if cfg.num_tasks > 1 else ()))
 
 
 def open_token_store(path: str) -> Corpus:

@@ -19,7 +19,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from data_prep.config import PrepareConfig
+from data_prep.config import PrepareConfig, task_dir
 from data_prep.report import DataPrepError, Report
 from data_prep.store import shard_name
 
@@ -28,12 +28,6 @@ log = logging.getLogger("data_prep")
 STAGES = ("read", "vocab", "tokenize", "shards")
 MANIFEST_VERSION = 1
 TOOLS = ("tokenizers", "numpy", "blingfire", "mwparserfromhell", "datasets", "pyarrow", "bert-pretrain")
-
-
-def task_dir(cfg: PrepareConfig) -> Path:
-    if cfg.num_tasks > 1:
-        return Path(cfg.output_dir) / "tasks" / f"task-{cfg.task_index:05d}"
-    return Path(cfg.output_dir)
 
 
 def validate(cfg: PrepareConfig) -> None:
@@ -188,7 +182,7 @@ def merge(cfg: PrepareConfig) -> dict:
     for i, m in enumerate(manifests):
         for key in ("vocab_sha256", "max_seq_length", "nsp"):
             if m[key] != first[key]:
-                raise DataPrepError(f"task {i}: {key}={m[key]} differs from task 0 ({first[key]}); rerun with one config")
+                raise DataPrepError(f"task {i}: {key}={m[key]} differs from task 0 ({first[key]}); rerun them alike")
     report = Report()
     splits: dict[str, dict] = {}
     for i, m in enumerate(manifests):

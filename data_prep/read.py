@@ -28,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_prep.config import PrepareConfig
+from data_prep.config import PrepareConfig, task_dir
 from data_prep.readers import Unit, expand_units, input_files, iter_unit_documents, parse_input
 from data_prep.report import DataPrepError, Report
 from data_prep.sentences import RawDoc, clean_document, split_sentences
@@ -37,12 +37,6 @@ from data_prep.store import sha256_file
 TMP = ".tmp"
 BATCH_DOCS = 2048  # documents read ahead per batch (two batches in flight: one cleaned while the next is read)
 BATCH_CHARS = 64 << 20
-
-
-def task_dir(cfg: PrepareConfig) -> Path:
-    """This task's output folder: ``output_dir``, or ``output_dir/tasks/task-NNNNN`` for SLURM array tasks."""
-    out = Path(cfg.output_dir)
-    return out / "tasks" / f"task-{cfg.task_index:05d}" if cfg.num_tasks > 1 else out
 
 
 def documents_dir(cfg: PrepareConfig) -> Path:

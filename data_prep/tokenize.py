@@ -36,10 +36,10 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from .config import PrepareConfig
+from .config import PrepareConfig, task_dir
 from .report import DataPrepError, Report
 from .store import sha256_file, token_dtype
-from .vocab import document_parts, output_dir
+from .vocab import document_parts
 
 log = logging.getLogger("data_prep")
 
@@ -180,7 +180,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     ``empty_sentences`` (dropped: no tokens) and ``documents_tokenized`` to the report; returns them with
     ``parts`` (part names), ``parts_skipped`` (already complete) and ``vocab_sha256``.
     """
-    outdir = output_dir(cfg)
+    outdir = task_dir(cfg)
     tok_path, vocab_path = outdir / "tokenizer.json", outdir / "vocab.txt"
     if not tok_path.is_file() or not vocab_path.is_file():
         raise DataPrepError(f"{tok_path}: not found; run stage=vocab first")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from .config import PrepareConfig
+from .config import PrepareConfig, task_dir
 from .report import DataPrepError, Report
 from .store import sha256_file
 
@@ -35,19 +35,6 @@ SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS
 SPECIALS = list(SPECIAL_TOKENS.values())  # trained vocabularies get exactly these ids 0..4
 MODEL_MAX_LENGTH = 512  # BERT's position embeddings; samples themselves are cfg.max_seq_length long
 DOCUMENTS_DIR = Path("work") / "documents"
-
-
-def output_dir(cfg: PrepareConfig) -> Path:
-    """OUTDIR: ``cfg.output_dir``, or this array task's folder when the run is split into SLURM tasks."""
-    try:  # the read stage owns the rule; this fallback mirrors it until data_prep.read exists
-        from .read import task_dir
-    except ImportError:
-        task_dir = None
-    if task_dir is not None:
-        return Path(task_dir(cfg))
-    if cfg.num_tasks > 1:
-        return Path(cfg.output_dir) / "tasks" / f"task-{cfg.task_index:05d}"
-    return Path(cfg.output_dir)
 
 
 def document_parts(outdir: str | os.PathLike) -> tuple[list[tuple[int, Path, Path]], list[Path]]:
@@ -135,7 +122,7 @@ def _write_tokenizer_files(outdir: Path, tok: Tokenizer, lowercase: bool) -> Non
 
 def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
     """Train (or take ``cfg.vocab``) and write the tokenizer files into OUTDIR; return a summary dict."""
-    outdir = output_dir(cfg)
+    outdir = task_dir(cfg)
     outdir.mkdir(parents=True, exist_ok=True)
     vocab_path = outdir / "vocab.txt"
     trained = cfg.vocab is None

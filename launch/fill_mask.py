@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
         return 2
     hf_dir, texts = Path(argv[0]), argv[1:]
     if not (hf_dir / "tokenizer.json").is_file():
-        print(f"error: {hf_dir / 'tokenizer.json'} not found; give a directory exported by the trainer", file=sys.stderr)
+        print(f"error: {hf_dir / 'tokenizer.json'} not found; give a trainer export (RUN_DIR/hf)", file=sys.stderr)
         return 2
     try:
         model = load_hf(hf_dir).eval()
