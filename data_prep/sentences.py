@@ -6,6 +6,7 @@ prose paragraphs; ``split_sentences`` turns paragraphs into single-line sentence
 
 from __future__ import annotations
 
+import ctypes
 import html
 import re
 import textwrap
@@ -48,6 +49,22 @@ def _cut(sentence: str, max_chars: int) -> list[str]:
     return [p for p in pieces if p]
 
 
+_buffer = ctypes.create_string_buffer(1 << 16)
+
+
+def _text_to_sentences(text: str) -> str:
+    """``blingfire.text_to_sentences`` with one reused output buffer: the wrapper allocates and zeroes a fresh
+    buffer per call, which costs more than the splitting itself for a typical paragraph."""
+    global _buffer
+    data = text.encode("utf-8")
+    if len(_buffer) < 2 * len(data) + 1:
+        _buffer = ctypes.create_string_buffer(2 * len(data) + 1)
+    n = blingfire.blingfire.TextToSentences(ctypes.c_char_p(data), len(data), _buffer, len(_buffer))
+    if n < 0 or n > len(_buffer):
+        return ""
+    return _buffer.raw[: max(n - 1, 0)].decode("utf-8")  # n counts the terminating NUL
+
+
 def split_sentences(paragraphs: list[str], max_sentence_chars: int) -> list[str]:
     """Sentences of the paragraphs, one line each, whitespace normalised, none empty or over the cap."""
     out: list[str] = []
@@ -55,8 +72,8 @@ def split_sentences(paragraphs: list[str], max_sentence_chars: int) -> list[str]
         paragraph = normalize_whitespace(paragraph)
         if not paragraph:
             continue
-        # BlingFire returns '' when its buffer is too small: keep the paragraph whole rather than lose it.
-        split = blingfire.text_to_sentences(paragraph) or paragraph
+        # BlingFire returns '' on failure: keep the paragraph whole rather than lose it.
+        split = _text_to_sentences(paragraph) or paragraph
         for sentence in split.split("\n"):
             sentence = sentence.strip()
             if sentence:
@@ -221,16 +238,17 @@ def strip_gutenberg(text: str) -> str:
     return text[: end.start()] if end else text
 
 
+_LETTER = re.compile(r"[^\W\d_]")
+
+
 def _is_heading(paragraph: str, n_lines: int) -> bool:
-    letters = [c for c in paragraph if c.isalpha()]
-    if not letters:
+    # Cheap tests first: this runs on every paragraph of every book.
+    if _HEADING_WORDS.match(paragraph) or _ROMAN.match(paragraph) or not _LETTER.search(paragraph):
         return True
-    if _HEADING_WORDS.match(paragraph) or _ROMAN.match(paragraph):
-        return True
-    short = len(paragraph) <= 80 and n_lines <= 2
-    all_caps = all(c.isupper() for c in letters)
+    if len(paragraph) > 80 or n_lines > 2:
+        return False
     # Titles and headings are short and unpunctuated ("Down the Rabbit-Hole", "THE END"); dialogue is punctuated.
-    return short and (all_caps or not paragraph.endswith(_SENTENCE_END))
+    return paragraph.isupper() or not paragraph.endswith(_SENTENCE_END)
 
 
 def clean_book(text: str) -> list[str]:

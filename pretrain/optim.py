@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -115,6 +116,10 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
         if on_cuda and impl in ("auto", "deepspeed"):
             return None, {"type": "Lamb", "params": ds_params}, groups, "LAMB: DeepSpeed FusedLamb"
         label = "pure PyTorch" if impl == "torch" else "pure PyTorch (CPU fallback)"
+        if cfg.deepspeed.zero_optimization.get("stage", 0) > 0 or cfg.trainer.precision != "fp32":
+            warnings.warn("LAMB under ZeRO or bf16/fp16 sees flattened partitions: its trust ratio is per partition, "
+                          "not per layer (use deepspeed=zero0 with fp32, or a GPU with DeepSpeed/apex LAMB)",
+                          stacklevel=2)
         return Lamb(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, f"LAMB: {label}"
     if on_cuda and impl in ("auto", "deepspeed"):
         desc = "AdamW: DeepSpeed fused Adam (CPU Adam if offloaded)"

@@ -255,9 +255,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         find_checkpoint(ckpt_root) if cfg.resume == "auto" else _tag_dir(cfg.resume, "resume"))
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # same initial weights on every rank
+    random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
     model = build_model(model_kw, t.init_from if resume_tag is None else None)
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
     client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, device.type == "cuda")
@@ -269,12 +267,6 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         print(f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
               f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
               f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}", flush=True)
-        if cfg.optim.name == "lamb" and "Fused" not in opt_desc and (
-                ds_config["zero_optimization"].get("stage", 0) > 0 or t.precision == "bf16"):
-            print("warning: LAMB on flattened ZeRO/bf16 partitions takes the trust ratio per partition, not per layer")
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
-                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)
-    accum = engine.gradient_accumulation_steps()
     masking = MaskingConfig(**cfg_dict["data"]["masking"])
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:
@@ -284,6 +276,9 @@ def train(cfg: Any, cfg_dict: dict) -> int:
                                       shuffle=False, drop_last=False, **common)[0] if info.has_validation else None
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
+                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)
+    accum = engine.gradient_accumulation_steps()
     state, wandb_id = TrainState(), None
     if resume_tag is not None:
         state, client = restore(engine, resume_tag, sampler)
