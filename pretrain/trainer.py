@@ -166,7 +166,10 @@ def restore(engine: Any, tag: Path, sampler: Any) -> tuple[TrainState, dict]:
     if load_path is None or not client:
         raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
     rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()
-    sampler.load_state_dict(client["sampler"][rank if same_world else 0])
+    try:
+        sampler.load_state_dict(client["sampler"][rank if same_world else 0])
+    except ValueError as e:
+        raise UserError(f"resume from {tag}: {e} (or start a new run dir / resume=none)") from None
     if same_world:
         _set_rng_state(client["rng"][rank])
     elif rank == 0:
