@@ -8,8 +8,8 @@ OUT=${DEMO_DIR:-demo}
 export WANDB_MODE=${WANDB_MODE:-offline}
 
 python launch/prepare_data.py inputs=[builtin:pydocs] output_dir="$OUT/data" vocab_size=8000 \
-    max_seq_length=128 samples_per_shard=20000
-python launch/pretrain.py experiment=tiny-cpu data.dir="$OUT/data" run_dir="$OUT/run" "$@"
+    max_seq_length=128 samples_per_shard=20000 validation_fraction=0.05
+python launch/pretrain.py experiment=demo-cpu data.dir="$OUT/data" run_dir="$OUT/run" "$@"
 python launch/fill_mask.py "$OUT/run/hf" \
     "the [MASK] function returns a new list." \
     "raise a [MASK] if the file does not exist." \

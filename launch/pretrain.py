@@ -52,12 +52,19 @@ def _one_line_warnings() -> None:
 def main(cfg: DictConfig) -> None:
     _one_line_warnings()
     try:
+        overrides = HydraConfig.get().overrides.task
+        if HydraConfig.get().runtime.choices.get("trainer") == "smoke" and any(
+            o.startswith("trainer.phase=") for o in overrides
+        ):
+            # trainer.phase only labels a recipe; without this a "phase 1" run would quietly be the 40-step smoke run
+            raise UserError("trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
+                            "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)")
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             run_dir = Path(cfg.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg_dict, run_dir / "config.yaml")
-            (run_dir / "overrides.txt").write_text("\n".join(HydraConfig.get().overrides.task) + "\n")
+            (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
         from pretrain.trainer import train
 
         code = train(cfg, cfg_dict)
