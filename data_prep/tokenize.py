@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from .config import PrepareConfig, task_dir
 from .report import DataPrepError, Report
 from .store import sha256_file, token_dtype
-from .vocab import document_parts
+from .vocab import completed_parts
 
 log = logging.getLogger("data_prep")
 
@@ -187,12 +187,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     tok = Tokenizer.from_file(str(tok_path))
     dtype, unk_id = token_dtype(tok.get_vocab_size()), tok.token_to_id("[UNK]")
     vocab_sha = sha256_file(vocab_path)
-    parts, unfinished = document_parts(outdir)
-    if unfinished:
-        report.warn(f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]}; "
-                    "re-run stage=read to complete them")
-    if not parts:
-        raise DataPrepError(f"{outdir / 'work' / 'documents'}: no completed document parts; run stage=read first")
+    parts = completed_parts(outdir, report)
     tdir = outdir / TOKENS_DIR
     tdir.mkdir(parents=True, exist_ok=True)
     keep = {f"part-{k:05d}" for k, _, _ in parts}

@@ -54,6 +54,17 @@ def document_parts(outdir: str | os.PathLike) -> tuple[list[tuple[int, Path, Pat
     return done, unfinished
 
 
+
+def completed_parts(outdir: Path, report: Report) -> list[tuple[int, Path, Path]]:
+    """``document_parts`` for a stage that needs them: unfinished parts warned about, none at all an error."""
+    parts, unfinished = document_parts(outdir)
+    if unfinished:
+        report.warn(f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]} "
+                    "(no .docs.jsonl); re-run stage=read to complete them")
+    if not parts:
+        raise DataPrepError(f"{outdir / DOCUMENTS_DIR}: no completed document parts; run stage=read first")
+    return parts
+
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -134,12 +145,7 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
             shutil.copyfile(src, tmp)  # verbatim: same bytes, same sha256 as the user's file
             os.replace(tmp, vocab_path)
     else:
-        parts, unfinished = document_parts(outdir)
-        if unfinished:
-            report.warn(f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]} "
-                        "(no .docs.jsonl); re-run stage=read to complete them")
-        if not parts:
-            raise DataPrepError(f"{outdir / DOCUMENTS_DIR}: no completed document parts; run stage=read first")
+        parts = completed_parts(outdir, report)
         files = [txt for _, txt, _ in parts]
         # Reuse a vocabulary trained on the same parts with the same settings (training is not deterministic).
         key = {"vocab_size": cfg.vocab_size, "min_frequency": cfg.min_frequency, "lowercase": cfg.lowercase,
