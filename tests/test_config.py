@@ -38,7 +38,7 @@ def test_experiment_composes_to_valid_ds_config(experiment):
     cfg = _compose(f"experiment={experiment}")
     OmegaConf.to_object(cfg)  # every field validates against the dataclass schema
     assert cfg.name == experiment
-    world = 8 if experiment != "tiny-cpu" else 2
+    world = {"tiny-cpu": 2, "demo-cpu": 1}.get(experiment, 8)  # CPU presets run on one or two ranks
     ds = build_ds_config(cfg, world)
     t = cfg.trainer
     assert ds["train_batch_size"] == t.global_batch_size
