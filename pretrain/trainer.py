@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from pretrain import distributed as D
 from pretrain.config import UserError, build_ds_config, preflight
-from pretrain.logging import MetricsLogger, memory_gb, peak_tflops, print_summary
+from pretrain.metrics import MetricsLogger, memory_gb, peak_tflops, print_summary
 from pretrain.optim import build_optimizer, scheduler_factory
 
 CHECKPOINT_FORMAT = 1

@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from data_prep.store import write_shard
 from pretrain import distributed as D
 from pretrain.config import UserError, preflight
-from pretrain.logging import truncate_metrics
+from pretrain.metrics import truncate_metrics
 from pretrain.optim import Lamb, lr_lambda, param_groups
 from pretrain.trainer import find_checkpoint
 
