@@ -80,13 +80,15 @@ def main() -> int:
     parser.add_argument("--wiki", action="store_true", help="also the Wikipedia sample (its own rows)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="read the books N times (N inputs), so fixed start-up costs weigh as on a real corpus")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     books = SHARED / "books"
     if not books.is_dir():
         print(f"skipped: shared books not found at {books}")
         return 0
-    corpora = {"books": (sorted(books.glob("*.txt*")), [f"books:{books}"])}
+    corpora = {"books": (sorted(books.glob("*.txt*")) * args.repeat, [f"books:{books}"] * args.repeat)}
     wiki = SHARED / "wikipedia" / "enwiki-sample-pages-articles.xml.bz2"
     if args.wiki and wiki.exists():
         corpora["wiki"] = ([wiki], [f"wiki:{wiki}"])
