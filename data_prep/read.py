@@ -61,9 +61,8 @@ def _validate(cfg: PrepareConfig) -> None:
 
 def plan_units(cfg: PrepareConfig) -> list[tuple[int, Unit]]:
     """(k, unit) pairs of this task: every unit of every input, then every num_tasks-th from task_index."""
-    units: list[Unit] = []
-    for spec in cfg.inputs:
-        units.extend(u for u in expand_units(parse_input(spec)) if u not in units)
+    # An input named twice (or a file inside a folder also given) is read once: dict keeps first-seen order.
+    units = dict.fromkeys(u for spec in cfg.inputs for u in expand_units(parse_input(spec)))
     return list(enumerate(units))[cfg.task_index :: cfg.num_tasks]
 
 
