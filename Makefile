@@ -8,7 +8,13 @@ STAMP := $(VENV)/.installed
 .PHONY: demo test test-fast test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	# Without ensurepip (Debian/Ubuntu pythons lacking python3-venv) the venv borrows the pip found below.
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV) \
+	    || $(PYTHON) -m venv --system-site-packages --without-pip $(VENV)
+	# Where $(PYTHON) is itself a virtualenv (the python3 of many GPU images), --system-site-packages skips its
+	# packages: a .pth adds them after our own, so a CUDA torch installed there is found and kept.
+	$(PYTHON) -c "import site; print('\n'.join(site.getsitepackages()))" \
+	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_parent_site.pth"
 	# Keep any torch the machine already has (CUDA builds included); otherwise take 2.13.0.
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	# DeepSpeed's setup.py imports torch, so it must build against the torch installed above.

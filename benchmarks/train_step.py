@@ -6,7 +6,8 @@
 Both models get the same config, the same batch (15% of positions masked, -100 elsewhere, NSP labels) and
 AdamW; iterations alternate between the two so machine noise hits both alike. On CUDA the step runs under bf16
 autocast and the table adds sequences/s and MFU (model FLOPs from ``flops_per_token``, dense MLM head for both,
-over ``--peak-tflops``, the H100 SXM bf16 dense peak by default). Prints markdown table rows.
+over ``--peak-tflops``, the H100 SXM bf16 dense peak by default) and the peak GPU memory of each implementation's
+step (its parameters and optimizer state plus the step's high-water mark). Prints markdown table rows.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ sys.path.insert(0, str(ROOT))
 from pretrain.model import BertConfig, BertForPreTraining  # noqa: E402
 
 MODELS = ("tiny", "mini", "small", "bert-base", "bert-large", "roberta-base")
-HEADER = ("| model | seq | batch | device | implementation | ms/step | seq/s | MFU | speed-up |\n"
-          "|---|---|---|---|---|---|---|---|---|")
+HEADER = ("| model | seq | batch | device | implementation | ms/step | seq/s | tokens/s | MFU | peak GiB | speed-up |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def make_models(name: str, vocab: int, device: torch.device):
@@ -56,9 +57,20 @@ def make_batch(cfg: BertConfig, batch: int, seq_len: int, device: torch.device, 
     return {k: v.to(device) for k, v in b.items()}
 
 
-def timed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device) -> float:
+def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Resident training state of one implementation: parameters and optimizer moments."""
+    tensors = list(model.parameters()) + [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def timed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
+               peak: list[int]) -> float:
+    """Seconds for one step; appends to ``peak`` the step's GPU memory high-water mark above what was allocated
+    before it (activations, gradients, workspace), so two models resident side by side do not count each other."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         loss = model(**batch).loss
@@ -67,6 +79,7 @@ def timed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, 
     opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
+        peak.append(torch.cuda.max_memory_allocated(device) - before)
     return time.perf_counter() - t0
 
 
@@ -78,11 +91,13 @@ def bench(name: str, seq_len: int, batch_size: int, iters: int, warmup: int, voc
     runs = {"ours (pretrain.model)": ours, "transformers": hf}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4, weight_decay=0.01, **fused) for k, m in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
+    peaks: dict[str, list[int]] = {k: [] for k in runs}
     for i in range(warmup + iters):  # interleaved, so drift and noise hit both implementations alike
         for k, m in runs.items():
-            t = timed_step(m, opts[k], batch, device)
+            t = timed_step(m, opts[k], batch, device, peaks[k])
             if i >= warmup:
                 times[k].append(t)
+    peaks = {k: v[warmup:] or [0] for k, v in peaks.items()}  # the first step also allocates optimizer state
     flops = ours.flops_per_token(seq_len)  # same model FLOPs for both: MFU compares like with like
     ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     ref = ms["transformers"]
@@ -90,9 +105,11 @@ def bench(name: str, seq_len: int, batch_size: int, iters: int, warmup: int, voc
     rows = []
     for k, v in ms.items():
         seq_s = batch_size / (v / 1e3)
-        mfu = f"{100 * flops * seq_s * seq_len / (peak_tflops * 1e12):.1f}%" if device.type == "cuda" else "-"
-        rows.append(f"| {name} | {seq_len} | {batch_size} | {dev} | {k} | {v:.1f} | {seq_s:.1f} | {mfu} | "
-                    f"{ref / v:.2f}x |")
+        cuda = device.type == "cuda"
+        mfu = f"{100 * flops * seq_s * seq_len / (peak_tflops * 1e12):.1f}%" if cuda else "-"
+        gib = f"{(max(peaks[k]) + state_bytes(runs[k], opts[k])) / 2**30:.1f}" if cuda else "-"
+        rows.append(f"| {name} | {seq_len} | {batch_size} | {dev} | {k} | {v:.1f} | {seq_s:,.0f} | "
+                    f"{seq_s * seq_len:,.0f} | {mfu} | {gib} | {ref / v:.2f}x |")
     del runs, opts, ours, hf
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -97,10 +97,14 @@ def detect_env() -> DistEnv:
 
 
 def init(env: DistEnv) -> torch.device:
-    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; return this rank's device."""
-    import deepspeed
+    """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; return this rank's device.
 
-    if torch.cuda.is_available():
+    The device follows DeepSpeed's accelerator detection, so ``DS_ACCELERATOR=cpu`` runs on the CPU (gloo) even
+    where a GPU is visible, as DeepSpeed's own launcher and ops do."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(env.local_rank)
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     else:

@@ -1,9 +1,11 @@
 """Optimizers and the learning-rate schedule.
 
 - Parameter groups: weight decay on every weight matrix, never on biases nor LayerNorm parameters (as BERT).
-- AdamW: DeepSpeed's fused Adam (``"optimizer": {"type": "AdamW"}`` in its config; CPU Adam with ZeRO offload)
-  on GPU, ``torch.optim.AdamW`` on CPU.
-- LAMB: apex's FusedLAMB when apex is importable on GPU, else DeepSpeed's FusedLamb on GPU, else ``Lamb`` below,
+- AdamW: ``torch.optim.AdamW`` (``fused=True`` on GPU: one kernel, nothing to compile at start-up); DeepSpeed's
+  fused Adam when asked (``optim.implementation=deepspeed``) and its CPU Adam under ZeRO offload, both built by
+  DeepSpeed from the ``"optimizer"`` section of its config.
+- LAMB: apex's FusedLAMB when apex is importable on GPU, else DeepSpeed's FusedLamb on GPU (its CUDA op is
+  compiled once at start-up; where that fails, one warning and the fallback), else ``Lamb`` below,
   a pure-PyTorch implementation of You et al. (2019) as in NVIDIA's BERT: Adam moments with bias correction,
   decoupled weight decay in the update, then a per-parameter (layer-wise) trust ratio ||w|| / ||update||.
 - Schedule: linear warm-up then polynomial decay, a ``LambdaLR`` (DeepSpeed steps it once per optimizer step).
@@ -114,17 +116,38 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
         if impl == "apex":
             raise ValueError("optim.implementation=apex but apex (with CUDA extensions) is not importable")
         if on_cuda and impl in ("auto", "deepspeed"):
-            return None, {"type": "Lamb", "params": ds_params}, groups, "LAMB: DeepSpeed FusedLamb"
-        label = "pure PyTorch" if impl == "torch" else "pure PyTorch (CPU fallback)"
+            error = _deepspeed_op_error("FusedLambBuilder")
+            if error is None:
+                return None, {"type": "Lamb", "params": ds_params}, groups, "LAMB: DeepSpeed FusedLamb"
+            if impl == "deepspeed":
+                raise ValueError(f"optim.implementation=deepspeed but DeepSpeed's FusedLamb op does not build: {error}")
+            warnings.warn(f"DeepSpeed's FusedLamb op does not build here ({error}): pure PyTorch LAMB instead",
+                          stacklevel=2)
+        label = "pure PyTorch" if impl == "torch" or on_cuda else "pure PyTorch (CPU fallback)"
         if cfg.deepspeed.zero_optimization.get("stage", 0) > 0 or cfg.trainer.precision != "fp32":
             warnings.warn("LAMB under ZeRO or bf16/fp16 sees flattened partitions: its trust ratio is per partition, "
                           "not per layer (use deepspeed=zero0 with fp32, or a GPU with DeepSpeed/apex LAMB)",
                           stacklevel=2)
         return Lamb(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, f"LAMB: {label}"
-    if on_cuda and impl in ("auto", "deepspeed"):
-        desc = "AdamW: DeepSpeed fused Adam (CPU Adam if offloaded)"
+    offload = cfg.deepspeed.zero_optimization.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    if on_cuda and (offload or impl == "deepspeed"):  # DeepSpeed builds CPU Adam (offload) or its fused Adam
+        desc = "AdamW: DeepSpeed CPU Adam (ZeRO offload)" if offload else "AdamW: DeepSpeed fused Adam"
         return None, {"type": "AdamW", "params": ds_params}, groups, desc
+    if on_cuda:
+        return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True), None, groups, \
+            "AdamW: PyTorch fused (CUDA)"
     return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, "AdamW: PyTorch"
+
+
+def _deepspeed_op_error(builder: str) -> str | None:
+    """None when DeepSpeed's CUDA op loads (JIT-compiled and cached on first use), else the first line of why not."""
+    try:
+        from deepspeed.ops import op_builder
+
+        getattr(op_builder, builder)().load(verbose=False)
+    except Exception as e:  # a missing nvcc, a CUDA/torch mismatch, a compiler error: all mean "use the fallback"
+        return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+    return None
 
 
 def lr_lambda(max_steps: int, warmup_steps: int, power: float, min_lr_ratio: float) -> Callable[[int], float]:

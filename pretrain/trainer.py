@@ -256,7 +256,8 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     main, ckpt_root = env.is_main, run_dir / "checkpoints"
     resume_tag = None if cfg.resume == "none" else (
         find_checkpoint(ckpt_root) if cfg.resume == "auto" else _tag_dir(cfg.resume, "resume"))
-    if t.deterministic:
+    if t.deterministic:  # cuBLAS needs a fixed workspace for reproducible GEMMs; read at its first use, after this
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
     model = build_model(model_kw, t.init_from if resume_tag is None else None)

@@ -179,8 +179,10 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
 
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    # The CPU matrix (gloo, bit-exact resumes) also on a GPU machine: two ranks cannot share one GPU under NCCL,
+    # and the GPU matrix lives in test_gpu.py.
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               HYDRA_FULL_ERROR="0", TOKENIZERS_PARALLELISM="false")
+               HYDRA_FULL_ERROR="0", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
     return env
 
 
