@@ -7,7 +7,8 @@
 # the demo stopped at step 300 and resumed, and a deterministic pair, weights compared with the uninterrupted run
 # 7. a BERT-base smoke run (bf16, ZeRO-1, LAMB) stopped and resumed, compared likewise.
 # Logs: OUT/session.log (everything), OUT/summary.txt (one line per step), OUT/bench.md, OUT/resume.txt,
-# OUT/make_test.log. BUDGET_S bounds the whole session; DRY_RUN=1 shrinks every run to check the script on a CPU.
+# OUT/make_test.log. BUDGET_S bounds the whole session; SECTIONS picks steps 3-7 (default "bench make-test test-gpu
+# demo base"); DRY_RUN=1 shrinks every run to check the script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -19,8 +20,9 @@ rm -rf "$W" && mkdir -p "$W"
 T0=$SECONDS
 exec > >(tee -a "$OUT/session.log") 2>&1
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
-export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}  # JIT-built DeepSpeed ops: this GPU's arch only
 
+SECTIONS=" ${SECTIONS:-bench make-test test-gpu demo base} "
+want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
 run() {  # run NAME SECONDS CMD...: bounded by the session budget, logged, one summary line
@@ -38,7 +40,8 @@ run() {  # run NAME SECONDS CMD...: bounded by the session budget, logged, one s
 # ---- 1. environment
 run env 30 bash -c 'nvidia-smi; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc;
   command -v python3; python3 -c "import sys, torch; print(sys.version.split()[0], torch.__version__,
-  torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"; nvcc --version | tail -2'
+  torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())"; nvcc --version | tail -2;
+  echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-unset}"'
 
 # ---- 2. install: the README's command (its make target), offline from .whl/ where the machine has no index
 if [[ -d .whl ]]; then export PIP_NO_INDEX=1 PIP_FIND_LINKS=$PWD/.whl PIP_DISABLE_PIP_VERSION_CHECK=1; fi
@@ -62,7 +65,7 @@ STEPS=600; HALF=300; DET=200; BASE=40
 [[ "${DRY_RUN:-0}" == 1 ]] && { STEPS=20; HALF=10; DET=10; BASE=4; }
 
 # ---- 3. benchmark suite (alone on the machine: nothing else runs while it times)
-if [[ "${DRY_RUN:-0}" != 1 ]]; then
+if want bench && [[ "${DRY_RUN:-0}" != 1 ]]; then
   run bench 240 bash -c "set -o pipefail; $PY benchmarks/train_step.py --suite --batch 256 --iters 10 --warmup 3 \
     | tee $OUT/bench.md; for b in 128 512; do $PY benchmarks/train_step.py --model bert-base --batch \$b --iters 10 \
     --warmup 3 | tail -2 | tee -a $OUT/bench.md; done"
@@ -71,13 +74,13 @@ fi
 # ---- 4. make test in the background (pytest-xdist where installed, else serial)
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile")
 TESTS=tests; [[ "${DRY_RUN:-0}" == 1 ]] && TESTS=tests/test_masking.py
-(timeout $(($(left) - 15)) "$PY" -m pytest -q -m "not gpu" $XDIST -p no:cacheprovider $TESTS \
+want make-test && (timeout $(($(left) - 15)) "$PY" -m pytest -q -m "not gpu" $XDIST -p no:cacheprovider $TESTS \
   > "$OUT/make_test.log" 2>&1; echo "make test (background, $XDIST): rc=$? (124: cut at the budget)" \
   >> "$OUT/summary.txt") &
-BG=$!
+BG=$(want make-test && echo $!)
 
 # ---- 5. the GPU test matrix
-run test-gpu 300 "${TEST_GPU[@]}"
+want test-gpu && run test-gpu 300 "${TEST_GPU[@]}"
 
 # ---- 6. demo end to end, then stop + resume (default kernels, then deterministic), weights compared
 compare() {  # compare LABEL RUN_A RUN_B: HF weights bitwise, and the largest difference
@@ -96,7 +99,9 @@ print(f"{label}: {equal}/{len(wa)} tensors bitwise equal, max |diff| {diff:.3g};
 EOF
 }
 DEMO="launch/pretrain.py experiment=demo-cpu data.dir=$W/demo/data trainer.max_steps=$STEPS"
-if DEMO_DIR=$W/demo run demo 240 bash launch/demo.sh trainer.max_steps=$STEPS; then  # what `make demo` runs
+if want demo && DEMO_DIR=$W/demo run demo 240 bash launch/demo.sh trainer.max_steps=$STEPS; then  # `make demo`
+  (run demo-again 120 "$PY" $DEMO run_dir=$W/again && compare "demo fp32, two uninterrupted runs" $W/demo/run $W/again) &
+  P0=$!
   (run demo-stop 120 "$PY" $DEMO run_dir=$W/stop trainer.stop_at_step=$HALF && \
    run demo-resume 120 "$PY" $DEMO run_dir=$W/stop && compare "demo fp32, stop at $HALF + resume" $W/demo/run $W/stop) &
   P1=$!
@@ -105,23 +110,26 @@ if DEMO_DIR=$W/demo run demo 240 bash launch/demo.sh trainer.max_steps=$STEPS; t
   P2=$!
   run det-stop 120 "$PY" $D run_dir=$W/det_stop trainer.stop_at_step=$((DET / 2)) && \
     run det-resume 120 "$PY" $D run_dir=$W/det_stop
-  wait $P1 $P2
+  wait $P0 $P1 $P2
   compare "demo deterministic, stop at $((DET / 2)) + resume" $W/det_full $W/det_stop
 
-  # ---- 7. BERT-base smoke run: bf16, ZeRO-1, LAMB, global batch 256
+fi
+if want base && [[ -d $W/demo/data ]]; then
+  # ---- 7. BERT-base smoke run: bf16, ZeRO-1, LAMB, global batch 256; then alone with deterministic kernels
   B="launch/pretrain.py model=bert-base data.dir=$W/demo/data deepspeed=zero1 optim=lamb trainer.precision=bf16
-     trainer.global_batch_size=256 trainer.micro_batch_size=128 trainer.max_steps=$BASE trainer.log_every=5
+     trainer.global_batch_size=256 trainer.micro_batch_size=256 trainer.max_steps=$BASE trainer.log_every=5
      trainer.eval_every=$((BASE / 2)) trainer.eval_batches=4 trainer.checkpoint_every=$((BASE / 2))
      scheduler.warmup_steps=$((BASE / 4)) optim.lr=1e-3"
-  (run base-full 200 "$PY" $B run_dir=$W/base_full) &
-  P1=$!
+  run base-full 150 "$PY" $B run_dir=$W/base_full  # alone on the GPU: its throughput is the figure
+  run base-det 150 "$PY" $B run_dir=$W/base_det trainer.deterministic=true
   run base-stop 150 "$PY" $B run_dir=$W/base_stop trainer.stop_at_step=$((BASE / 2)) && \
     run base-resume 150 "$PY" $B run_dir=$W/base_stop
-  wait $P1
   compare "bert-base bf16 zero1 lamb, stop at $((BASE / 2)) + resume" $W/base_full $W/base_stop
-  grep -h '"kind": "train"' $W/base_full/metrics.jsonl | tail -2 | tee -a "$OUT/resume.txt"
+  compare "bert-base bf16 zero1 lamb, default vs deterministic kernels" $W/base_full $W/base_det
+  for r in base_full base_det; do echo "$r: $(grep -h '"kind": "train"' $W/$r/metrics.jsonl | tail -1)"; done \
+    | tee -a "$OUT/resume.txt"
 fi
 
-wait $BG  # make test ends by itself at the budget
+[[ -n "$BG" ]] && wait $BG  # make test ends by itself at the budget
 tail -5 "$OUT/make_test.log"
 note "session: $((SECONDS - T0))s"

@@ -114,8 +114,15 @@ def init(env: DistEnv) -> torch.device:
 
 
 def barrier() -> None:
+    if dist.is_initialized():  # NCCL: name this rank's GPU, or torch guesses it (and warns on every call)
+        nccl = dist.get_backend() == "nccl"
+        dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
+
+
+def shutdown() -> None:
+    """Release the process group at a normal exit (NCCL warns of leaked communicators otherwise)."""
     if dist.is_initialized():
-        dist.barrier()
+        dist.destroy_process_group()
 
 
 def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:

@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import math
+import os
+import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -141,6 +143,11 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
 
 def _deepspeed_op_error(builder: str) -> str | None:
     """None when DeepSpeed's CUDA op loads (JIT-compiled and cached on first use), else the first line of why not."""
+    # DeepSpeed's JIT reads TORCH_CUDA_ARCH_LIST as digits only: the arch-specific "9.0a" that CUDA images set
+    # breaks its parser (int("0a")). The generic "9.0" builds the same kernels for these ops.
+    arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if arch and re.search(r"\d[a-z]", arch):
+        os.environ["TORCH_CUDA_ARCH_LIST"] = re.sub(r"(\d)[a-z]+", r"\1", arch)
     try:
         from deepspeed.ops import op_builder
 

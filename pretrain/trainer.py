@@ -399,4 +399,5 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     logger.close(summary)
     if main:
         print_summary(summary)
+    D.shutdown()
     return code
