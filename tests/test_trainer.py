@@ -95,6 +95,32 @@ def test_lamb_step_matches_formula():
     torch.testing.assert_close(z.detach(), torch.full((3,), -0.1), atol=1e-5, rtol=0)
 
 
+def test_optimizer_choice_per_device(monkeypatch):
+    """GPU: torch's fused AdamW (nothing to compile), DeepSpeed's Adam only under offload or when asked; LAMB
+    falls back to pure PyTorch with one warning where DeepSpeed's op cannot build (here: no CUDA), after
+    rewriting an arch-specific TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT cannot parse."""
+    from pretrain.optim import build_optimizer
+
+    model = torch.nn.Linear(4, 4)
+    opt, ds, _, desc = build_optimizer(_cfg(), model, on_cuda=True)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and ds is None
+    assert desc == "AdamW: PyTorch fused (CUDA)"
+    opt, ds, _, desc = build_optimizer(_cfg("deepspeed=zero2_offload"), model, on_cuda=True)
+    assert opt is None and ds["type"] == "AdamW" and "offload" in desc
+    opt, ds, _, _ = build_optimizer(_cfg("optim.implementation=deepspeed"), model, on_cuda=True)
+    assert opt is None and ds["type"] == "AdamW"
+    opt, ds, _, desc = build_optimizer(_cfg("deepspeed=zero2_offload"), model, on_cuda=False)
+    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"] and desc == "AdamW: PyTorch"
+
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;10.0a+PTX")
+    with pytest.warns(UserWarning, match="FusedLamb op does not build here"):
+        opt, ds, _, desc = build_optimizer(_cfg("optim=lamb"), model, on_cuda=True)
+    assert isinstance(opt, Lamb) and ds is None and desc == "LAMB: pure PyTorch"
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
+    with pytest.raises(ValueError, match="optim.implementation=deepspeed but DeepSpeed's FusedLamb"):
+        build_optimizer(_cfg("optim=lamb", "optim.implementation=deepspeed"), model, on_cuda=True)
+
+
 def test_bert_schedule_warmup_then_polynomial():
     f = lr_lambda(max_steps=100, warmup_steps=10, power=0.5, min_lr_ratio=0.0)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
