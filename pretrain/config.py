@@ -38,6 +38,9 @@ class DataConfig:
     """Group samples of similar length into batches (less padding); order is still deterministic."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """Dynamic MLM masking (see ``pretrain/masking.py``); validation always uses static masks of the same rates."""
+    verify: bool = True
+    """Check every shard against the sha256 in ``manifest.json`` before the first step (a rotten or truncated
+    shard stops the run with one line naming it); false keeps only the cheap size and index checks."""
 
 
 @dataclass
@@ -118,6 +121,16 @@ class TrainerConfig:
     """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
     deterministic: bool = False
     """``torch.use_deterministic_algorithms`` (bit-exact GPU resumes at some speed cost; CPU is exact anyway)."""
+    collective_timeout_minutes: float = 5.0
+    """How long a collective waits for a rank that died, froze or never started before every other rank stops
+    with an error naming it (the NCCL/gloo default is 30 minutes). Must exceed the longest gap between two
+    collectives: a checkpoint save or an evaluation pass."""
+    max_nonfinite_steps: int = 3
+    """A step whose loss or gradients are not finite is skipped (fp16: DeepSpeed lowers the loss scale); this many
+    in a row stop the run, naming the step and the last good checkpoint. 0 = stop at the first."""
+    loss_spike_factor: float = 10.0
+    """A step whose loss exceeds this times the running mean is logged (``kind: spike`` in metrics.jsonl) with the
+    ids of its samples, so the document behind it can be found; training continues. 0 = off."""
 
 
 @dataclass
