@@ -101,11 +101,17 @@ class MetricsLogger:
             return
         record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         record["time"] = round(time.time(), 3)
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        except OSError as e:  # a full or vanished disk: one line, not a traceback from deep in the loop
+            from pretrain.config import UserError
+
+            raise UserError(f"{self.path}: cannot write metrics ({e.strerror}); free space or point run_dir "
+                            "elsewhere, then rerun to resume from the last complete checkpoint") from None
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and v is not None},
-                           step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
+                            and not isinstance(v, bool)}, step=record["step"])  # lists/strings stay in the jsonl
         if self.bar is not None and record.get("kind") == "train":
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
 

@@ -1,7 +1,13 @@
 """The training loop, top to bottom: set-up, ``train_step``, ``evaluate``, checkpoints (``state_dict``), ``train``.
 
 Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
-``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``).
+``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
+on non-finite losses (``trainer.max_nonfinite_steps`` in a row; nothing saved after the last good checkpoint).
+
+Non-finite losses: the ranks agree on them once per step (one all-reduce, with the step's loss). A step with one
+is skipped: DeepSpeed's own overflow check skips it under fp16, bf16 and ZeRO 1-2 (turned on for fp32 too); under
+ZeRO-0 in fp32 (a plain client optimizer) its update is skipped here. Where neither holds (ZeRO-3 in bf16 or
+fp32) the update may have been applied, so the run stops at once rather than save suspect weights.
 
 Checkpoints are ``RUN_DIR/checkpoints/stepNNNNNNNN/`` written by ``engine.save_checkpoint(save_latest=False)``;
 after a barrier rank 0 adds a ``COMPLETE`` marker, so a job killed mid-save never leaves a checkpoint that
@@ -16,7 +22,10 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
+import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +41,8 @@ from pretrain.metrics import MetricsLogger, memory_gb, peak_tflops, print_summar
 from pretrain.optim import build_optimizer, scheduler_factory
 
 CHECKPOINT_FORMAT = 1
+NONFINITE_EXIT_CODE = 3
+SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
 
 
 @dataclass
@@ -40,6 +51,8 @@ class TrainState:
     epoch: int = 0
     sequences: int = 0
     tokens: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss (or an fp16 overflow), over the whole run
+    nonfinite_streak: int = 0  # consecutive steps with a non-finite loss, up to now
     # Running sums since the last log line (kept in checkpoints so a resumed log window averages the same steps).
     window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "micro": 0.0})
 
@@ -141,16 +154,44 @@ def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | 
             "wandb_id": wandb_id}
 
 
+def _commit_file(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: after a crash the file is either absent or whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
     tag = f"step{client['step']:08d}"
-    engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    except (OSError, RuntimeError) as e:  # full disk, quota, read-only mount: torch.save raises either
+        error = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    ok = torch.tensor([0.0 if error else 1.0], device=engine.device)
+    if D.all_reduce(ok, dist.ReduceOp.MIN).item() == 0:  # every rank learns that some rank failed
+        free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0  # before the clean-up frees some
+        if dist.get_rank() == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)  # never leave a half-written tag behind
+        prev = find_checkpoint(root)
+        # torch reports a full disk as "unexpected pos ..." or "file write failed": say what it means
+        why = f": the disk is full ({free:,.0f} MB free)" if free < 64 or "No space" in (error or "") else \
+            f" ({error})" if error else " (on another rank)"
+        raise UserError(f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
+                        f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}")
     D.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
-        tmp = root / tag / "COMPLETE.tmp"
-        tmp.write_text(json.dumps({"step": client["step"], "time": time.time()}) + "\n")
-        os.replace(tmp, root / tag / "COMPLETE")
-        (root / "latest.tmp").write_text(tag + "\n")
-        os.replace(root / "latest.tmp", root / "latest_complete")
+        meta = {"step": client["step"], "world_size": dist.get_world_size(), "time": time.time()}
+        _commit_file(root / tag / "COMPLETE", json.dumps(meta) + "\n")
+        _commit_file(root / "latest_complete", tag + "\n")
         done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
         for old in done[: max(0, len(done) - max(1, keep_last))]:
             shutil.rmtree(old, ignore_errors=True)
@@ -174,7 +215,8 @@ def restore(engine: Any, tag: Path, sampler: Any) -> tuple[TrainState, dict]:
         _set_rng_state(client["rng"][rank])
     elif rank == 0:
         print(f"resume: world size {client['world_size']} -> {dist.get_world_size()}: RNG streams restart")
-    state = TrainState(**{f.name: client[f.name] for f in fields(TrainState) if f.name != "window"})
+    keys = [f.name for f in fields(TrainState) if f.name != "window" and f.name in client]  # older formats: fewer
+    state = TrainState(**{k: client[k] for k in keys})
     if same_world:  # per-rank loss sums of the open log window
         state.window = dict(client["window"][rank])
     return state, client
@@ -184,26 +226,49 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(engine: Any, next_batch: Any, accum: int, device: torch.device, grad_norm: bool = False) -> torch.Tensor:
+def train_step(engine: Any, next_batch: Any, accum: int, device: torch.device, grad_norm: bool = False,
+               skip_nonfinite: bool = False) -> tuple[torch.Tensor, bool]:
     """One optimizer step: ``accum`` micro-batches through ``engine.backward``/``engine.step`` (DeepSpeed scales
     the loss and steps the optimizer at the boundary). Returns float64 [loss, mlm, nsp, tokens, padded tokens,
-    grad norm]; the norm is measured here (``grad_norm``) only where DeepSpeed does not report one (plain fp32)."""
-    stats = torch.zeros(6, dtype=torch.float64, device=device)
+    grad norm, step loss summed over ranks] and whether any rank saw a non-finite loss (agreed before the last
+    ``engine.step()``, where ``skip_nonfinite`` then skips the client optimizer's update). The norm
+    is measured here (``grad_norm``) only where DeepSpeed does not report one (plain fp32)."""
+    stats = torch.zeros(7, dtype=torch.float64, device=device)
+    bad = torch.zeros(2, dtype=torch.float64, device=device)  # non-finite micro-batches, summed losses
     for micro in range(accum):
         batch = _to(next_batch(), device)
         out = engine(**batch)
         engine.backward(out.loss)
-        if grad_norm and micro == accum - 1:  # gradients are averaged over ranks by now, not yet clipped
-            norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-            stats[5] = torch.stack(norms).norm().double() if norms else 0.0
-        engine.step()
-        stats[0] += out.loss.detach().double()
+        loss = out.loss.detach().double()
+        bad[0] += (~torch.isfinite(loss)).double()
+        if micro == accum - 1:
+            bad[1] = stats[0] + loss
+            nonfinite = bool(D.all_reduce(bad)[0].item() > 0)  # one agreed answer for every rank
+            stats[6] = bad[1]
+            if grad_norm and not nonfinite:  # gradients are averaged over ranks by now, not yet clipped
+                norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                stats[5] = torch.stack(norms).norm().double() if norms else 0.0
+        if micro == accum - 1 and nonfinite and skip_nonfinite:
+            # The plain client optimizer (ZeRO-0, fp32) has no overflow check: skip its update for this step only,
+            # leaving weights and moments untouched (DeepSpeed still clears the gradients and steps the schedule).
+            opt, own = engine.optimizer, vars(engine.optimizer).get("step")  # the LR scheduler may have wrapped it
+            opt.step = lambda *args, **kwargs: None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+                engine.step()
+            if own is None:
+                del opt.step
+            else:
+                opt.step = own
+        else:
+            engine.step()
+        stats[0] += loss
         stats[1] += out.mlm_loss.detach().double()
         if out.nsp_loss is not None:
             stats[2] += out.nsp_loss.detach().double()
         stats[3] += batch["attention_mask"].sum()
         stats[4] += batch["input_ids"].numel()
-    return stats
+    return stats, nonfinite
 
 
 @torch.no_grad()
@@ -235,6 +300,16 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
     return res
 
 
+def nonfinite_stop(step: int, why: str, ckpt_root: Path, main: bool) -> tuple[str, int]:
+    """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
+    last = find_checkpoint(ckpt_root)
+    msg = (f"non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good checkpoint is "
+           f"{last or 'none (no checkpoint yet)'}: look at the data and learning rate, then rerun to resume from it")
+    if main:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+    return f"stopped: non-finite loss at step {step}", NONFINITE_EXIT_CODE
+
+
 def _scalar(x: Any) -> float | None:
     return None if x is None else float(x.item() if torch.is_tensor(x) else x)
 
@@ -256,6 +331,10 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     main, ckpt_root = env.is_main, run_dir / "checkpoints"
     resume_tag = None if cfg.resume == "none" else (
         find_checkpoint(ckpt_root) if cfg.resume == "auto" else _tag_dir(cfg.resume, "resume"))
+    partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
+    if cfg.resume == "auto" and resume_tag is None and partial:  # never silently start over a killed run
+        raise UserError(f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
+                        "while saving?); pass resume=none to start afresh, or restore a complete one")
     if t.deterministic:  # cuBLAS needs a fixed workspace for reproducible GEMMs; read at its first use, after this
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -301,6 +380,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             return iter(loader)
 
     it = [new_iter()]
+    positions: list[tuple[int, int]] = []  # (epoch, micro-batch) of this step's batches on this rank
 
     def next_batch() -> dict[str, torch.Tensor]:
         try:
@@ -311,6 +391,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             batch = next(it[0])
         sampler.advance(1)  # consumed micro-batches: the checkpointed position (the loader prefetches ahead)
         state.epoch = sampler.epoch
+        positions.append((sampler.epoch, sampler.batches_consumed - 1))  # which samples: for the spike log
         return batch
 
     w = state.window
@@ -321,16 +402,55 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     t_loop = t_window
     last_val: dict[str, float] = {}
     status, code, last_ckpt = "finished", 0, None
+    # Who skips a non-finite step: DeepSpeed's wrappers check for overflow (fp16 loss scaler, bf16 optimizer,
+    # ZeRO 1-2, where fp32 has the check off: turn it on); a plain client optimizer (ZeRO-0, fp32) is skipped here.
+    skip_nonfinite = engine.optimizer is client_opt and client_opt is not None
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True
+    history: deque[float] = deque(maxlen=SPIKE_HISTORY)
+
+    def log_spike(step: int, loss: float, mean: float) -> None:
+        """Every rank's sample indices of this step (global indices into the split: ``data_prep.inspect``)."""
+        b = t.micro_batch_size
+        mine = [i for e, k in positions for i in sampler.rank_order(e)[k * b : (k + 1) * b].tolist()]
+        samples = sorted(i for ids in _gather(mine) for i in ids)
+        logger.log({"kind": "spike", "step": step, "loss": loss, "running_mean": mean, "epoch": state.epoch,
+                    "samples": samples})
+        if main:
+            print(f"loss spike at step {step}: {loss:.4f} vs running mean {mean:.4f}; samples {samples[:8]}"
+                  f"{' ...' if len(samples) > 8 else ''} (all in metrics.jsonl)", flush=True)
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
-        stats = train_step(engine, next_batch, accum, device, log_now and own_norm)
+        positions.clear()
+        stats, nonfinite = train_step(engine, next_batch, accum, device, log_now and own_norm, skip_nonfinite)
         state.step += 1
         job_steps += 1
         steps_window += 1
-        for i, k in enumerate(("loss", "mlm", "nsp")):
-            w[k] += float(stats[i])
-        w["micro"] += accum
         window_stats += stats[3:5]
+        if nonfinite and engine.was_step_applied() and not skip_nonfinite:
+            status, code = nonfinite_stop(state.step, "this ZeRO stage and precision cannot skip the update, so "
+                                          "the weights after it are discarded", ckpt_root, main)
+            break
+        if nonfinite or not engine.was_step_applied():  # skipped: weights and optimizer state unchanged
+            state.skipped += 1
+            state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
+            logger.log({"kind": "skipped", "step": state.step, "skipped": state.skipped,
+                        "reason": "non-finite loss" if nonfinite else "fp16 overflow",
+                        "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0))})
+            if nonfinite and state.nonfinite_streak >= max(1, t.max_nonfinite_steps):
+                status, code = nonfinite_stop(state.step, f"{state.nonfinite_streak} step(s) in a row "
+                                              "(trainer.max_nonfinite_steps)", ckpt_root, main)
+                break
+        else:
+            state.nonfinite_streak = 0
+            for i, k in enumerate(("loss", "mlm", "nsp")):
+                w[k] += float(stats[i])
+            w["micro"] += accum
+            step_loss = float(stats[6]) / (accum * env.world_size)
+            if t.loss_spike_factor and len(history) >= 10 and step_loss > t.loss_spike_factor * np.mean(history):
+                log_spike(state.step, step_loss, float(np.mean(history)))
+            else:
+                history.append(step_loss)
         state.sequences += t.global_batch_size
         logger.advance()
         if log_now:
@@ -340,16 +460,18 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             state.tokens += int(toks[0])
             job_tokens += int(toks[0])
             dt = max(time.time() - t_window, 1e-9)
-            rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": sums[0] / sums[3],
-                   "mlm_loss": sums[1] / sums[3], "nsp_loss": sums[2] / sums[3] if info.nsp and model.config.nsp
+            rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": sums[0] / max(sums[3], 1),
+                   "mlm_loss": sums[1] / max(sums[3], 1), "nsp_loss": sums[2] / max(sums[3], 1)
+                   if info.nsp and model.config.nsp
                    else None, "lr": scheduler.get_last_lr()[0],
                    "grad_norm": float(stats[5]) if own_norm else _scalar(engine.get_global_grad_norm()),
                    "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
                    "sequences_per_s": steps_window * t.global_batch_size / dt, "tokens_per_s": toks[0] / dt,
                    "mfu": flops * toks[1] / dt / (peak * 1e12 * env.world_size) if peak else None,
                    "memory_gb": memory_gb(device), "tokens": state.tokens}
-            logger.log(rec)
-            last_rec = rec
+            if sums[3]:  # a window of skipped steps only has no loss to report
+                logger.log(rec)
+                last_rec = rec
             state.window = w = {k: 0.0 for k in w}
             window_stats.zero_()
             t_window, steps_window = time.time(), 0
@@ -370,7 +492,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
             break
     hf_dir = None
-    if state.step >= t.max_steps:
+    if state.step >= t.max_steps and code == 0:
         hf_dir = run_dir / "hf"
         stage = engine.zero_optimization_stage()
         if stage == 0 and t.precision == "fp32":

@@ -1,0 +1,214 @@
+"""Faults inside the training loop, injected for real into real trainer processes: non-finite losses, a loss
+spike, SIGKILL at points inside a checkpoint save, a full disk under the run dir.
+
+Injection: a ``sitecustomize.py`` on the child's PYTHONPATH wraps the model's forward (or the checkpoint commit)
+when ``FAULT`` is set, so the trainer itself carries no test hooks.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pretrain.data import ResumableDistributedSampler
+from pretrain.trainer import find_checkpoint
+from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, make_data
+
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
+
+# FAULT="scale:STEP=FACTOR,...": multiply the loss of the STEP-th training forward by FACTOR (inf, nan, 100).
+# FAULT="kill:WHERE@STEP": SIGKILL this process inside the save of STEP, WHERE = engine (before DeepSpeed writes),
+# commit (shards written, before the COMPLETE marker), retention (marker written, before latest/pruning).
+SITECUSTOMIZE = '''
+import os
+spec = os.environ.get("FAULT", "")
+if spec.startswith("scale:"):
+    import pretrain.model as m
+    factors = {int(k): float(v) for k, v in (x.split("=") for x in spec[6:].split(","))}
+    orig, calls = m.BertForPreTraining.forward, [0]
+    def forward(self, *a, **k):
+        out = orig(self, *a, **k)
+        if self.training:
+            calls[0] += 1
+            if calls[0] in factors:
+                out.loss = out.loss * factors[calls[0]]
+        return out
+    m.BertForPreTraining.forward = forward
+elif spec.startswith("kill:"):
+    import signal
+    import pretrain.trainer as t
+    where, step = spec[5:].split("@")
+    step = int(step)
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+    orig_save, orig_commit = t.save, t._commit_file
+    def save(engine, root, client, keep_last):
+        if client["step"] == step and where == "engine":
+            (root / f"step{step:08d}").mkdir(parents=True, exist_ok=True)
+            die()
+        return orig_save(engine, root, client, keep_last)
+    def commit(path, text):
+        name = path.name
+        if (where == "commit" and name == "COMPLETE" or where == "retention" and name == "latest_complete") \\
+                and path.parent.name in (f"step{step:08d}", "checkpoints"):
+            if name == "COMPLETE" or (path.parent / f"step{step:08d}" / "COMPLETE").exists():
+                die()
+        return orig_commit(path, text)
+    t.save, t._commit_file = save, commit
+'''
+
+ARGS = [*SMALL, "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_every=1",
+        "trainer.eval_every=0", "optim.lr=5e-3", "scheduler.warmup_steps=1", "deepspeed=zero0"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("faults") / "bert")
+
+
+@pytest.fixture(scope="module")
+def inject_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("inject")
+    (d / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    return d
+
+
+def _run(run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None,
+         timeout: int = 300) -> subprocess.CompletedProcess:
+    env = _env()
+    if fault:
+        env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
+    return subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run_dir}", *ARGS, *overrides],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def _records(run_dir: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "hf" / "model.safetensors"))
+
+
+def _error_lines(r: subprocess.CompletedProcess) -> list[str]:
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    return [line for line in r.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_nonfinite_step_skipped_and_spike_logged(data, inject_dir, tmp_path):
+    """fp32, ZeRO-0: an inf loss at step 3 skips that step (weights untouched, counted, logged); a 100x loss at
+    step 14 is logged as a spike with exactly the samples of that batch, and training goes on."""
+    run = tmp_path / "run"
+    r = _run(run, data, "trainer.max_steps=16", "trainer.checkpoint_every=0", fault="scale:3=inf,14=100",
+             inject=inject_dir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    skipped = _records(run, "skipped")
+    assert [(s["step"], s["reason"], s["skipped"]) for s in skipped] == [(3, "non-finite loss", 1)]
+    train = _records(run, "train")
+    assert [x["step"] for x in train] == [s for s in range(1, 17) if s != 3]  # no log line for the skipped step
+    assert all(np.isfinite(x["loss"]) for x in train)
+    assert all(torch.isfinite(v).all() for v in _weights(run).values())
+    spikes = _records(run, "spike")
+    assert [s["step"] for s in spikes] == [14] and spikes[0]["loss"] > 10 * spikes[0]["running_mean"]
+    sampler = ResumableDistributedSampler(96, 4, seed=1234)  # the trainer's: 96 train samples, seed, micro batch
+    order = sampler.rank_order(spikes[0]["epoch"])
+    k = 13 % len(sampler)  # the 14th micro-batch of the run
+    assert spikes[0]["samples"] == sorted(order[k * 4 : (k + 1) * 4].tolist())
+    assert "loss spike at step 14" in r.stdout
+
+
+def test_nonfinite_streak_stops_with_last_good_checkpoint(data, inject_dir, tmp_path):
+    run = tmp_path / "run"
+    r = _run(run, data, "trainer.max_steps=12", "trainer.checkpoint_every=2", "trainer.max_nonfinite_steps=3",
+             fault="scale:5=nan,6=inf,7=inf", inject=inject_dir)
+    assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
+    errors = _error_lines(r)
+    assert len(errors) == 1 and "non-finite loss at step 7" in errors[0], r.stderr[-2000:]
+    last = find_checkpoint(run / "checkpoints")
+    assert last is not None and last.name == "step00000006" and str(last) in errors[0]
+    assert [s["step"] for s in _records(run, "skipped")] == [5, 6, 7]
+    # The checkpoint saved during the streak holds the weights from before it (the skipped steps changed nothing).
+    sd = torch.load(last / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    assert all(torch.isfinite(v).all() for v in sd.values())
+    # Resuming without the fault finishes the run.
+    r = _run(run, data, "trainer.max_steps=12", "trainer.checkpoint_every=2")
+    assert r.returncode == 0 and f"resumed from {last}" in r.stdout, (r.stdout + r.stderr)[-3000:]
+
+
+def test_bf16_zero2_nonfinite_step_skipped_by_deepspeed(data, inject_dir, tmp_path):
+    """bf16 under ZeRO-2: DeepSpeed's overflow check skips the step; the run counts it and finishes."""
+    run = tmp_path / "run"
+    r = _run(run, data, "deepspeed=zero2", "trainer.precision=bf16", "trainer.max_steps=6",
+             "trainer.checkpoint_every=0", fault="scale:2=inf", inject=inject_dir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [(s["step"], s["reason"]) for s in _records(run, "skipped")] == [(2, "non-finite loss")]
+    assert all(torch.isfinite(v).all() for v in _weights(run).values())
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("ref") / "run"
+    r = _run(run, data, "trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.keep_last=1")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return run
+
+
+@pytest.mark.parametrize("where", ["engine", "commit", "retention"])
+def test_killed_inside_save_resumes_from_complete_checkpoint(data, inject_dir, reference, tmp_path, where):
+    """SIGKILL inside the save of step 6 (keep_last=1): the partial step6 is never loaded, step4 is not deleted
+    before step6 is complete, and the rerun ends with the weights of an uninterrupted run."""
+    run = tmp_path / "run"
+    args = ("trainer.max_steps=8", "trainer.checkpoint_every=2", "trainer.keep_last=1")
+    r = _run(run, data, *args, fault=f"kill:{where}@6", inject=inject_dir)
+    assert r.returncode == -9, (r.stdout + r.stderr)[-3000:]
+    ckpts = run / "checkpoints"
+    expected = "step00000006" if where == "retention" else "step00000004"
+    assert find_checkpoint(ckpts).name == expected
+    assert (ckpts / "step00000004" / "COMPLETE").is_file()  # retention waits for a complete successor
+    r = _run(run, data, *args)
+    assert r.returncode == 0 and f"resumed from {ckpts / expected}" in r.stdout, (r.stdout + r.stderr)[-3000:]
+    ours, ref = _weights(run), _weights(reference)
+    assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
+    assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000008"]
+
+
+def test_no_complete_checkpoint_refuses_to_start_fresh(data, inject_dir, tmp_path):
+    run = tmp_path / "run"
+    r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2", fault="kill:engine@2",
+             inject=inject_dir)
+    assert r.returncode == -9
+    r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2")
+    errors = _error_lines(r)
+    assert r.returncode == 2 and len(errors) == 1 and "step00000002" in errors[0] and "resume=none" in errors[0]
+    r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2", "resume=none")
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+
+
+def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
+    """A 1.5 MB tmpfs as run dir: the first checkpoint fits, a later one does not. One error line, exit 2, no
+    half-written checkpoint, and the complete one still loads."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        run = mnt / "run"
+        r = _run(run, data, "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.keep_last=8",
+                 "logger=none")
+        errors = _error_lines(r)
+        assert r.returncode == 2 and len(errors) == 1, (r.stdout + r.stderr)[-3000:]
+        assert ("could not be written" in errors[0] and "MB free" in errors[0]) or "cannot write metrics" in errors[0]
+        ckpts = sorted((run / "checkpoints").glob("step*"))
+        assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)  # no partial tag left behind
+        sd = torch.load(ckpts[-1] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+        assert sd["module"]["bert.embeddings.word_embeddings.weight"].shape[1] == 32
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
