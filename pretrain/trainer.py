@@ -1,4 +1,5 @@
-"""The training loop, top to bottom: set-up, ``train_step``, ``evaluate``, checkpoints (``state_dict``), ``train``.
+"""The training loop, top to bottom: set-up, ``train_step``, ``evaluate``, ``train``; checkpoints live in
+pretrain/checkpoint.py.
 
 Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
 ``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
@@ -9,11 +10,9 @@ is skipped: DeepSpeed's own overflow check skips it under fp16, bf16 and ZeRO 1-
 ZeRO-0 in fp32 (a plain client optimizer) its update is skipped here. Where neither holds (ZeRO-3 in bf16 or
 fp32) the update may have been applied, so the run stops at once rather than save suspect weights.
 
-Checkpoints are ``RUN_DIR/checkpoints/stepNNNNNNNN/`` written by ``engine.save_checkpoint(save_latest=False)``;
-after a barrier rank 0 adds a ``COMPLETE`` marker, so a job killed mid-save never leaves a checkpoint that
-``resume=auto`` would pick. Resumes are exact: data order and masks follow from the sampler position, and the
-Python/NumPy/torch/CUDA RNG states of every rank are restored, so the loss curve and the weights match an
-uninterrupted run (bit for bit on CPU).
+Resumes (``resume=auto``: the newest complete checkpoint; incomplete ones alone stop the run) are exact: data
+order and masks follow from the sampler position, and the Python/NumPy/torch/CUDA RNG states of every rank are
+restored, so the loss curve and the weights match an uninterrupted run (bit for bit on CPU).
 """
 
 from __future__ import annotations
@@ -21,12 +20,11 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -36,44 +34,24 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pretrain import distributed as D
+from pretrain.checkpoint import (
+    TrainState,
+    find_checkpoint,
+    fp32_weights,
+    gather,
+    restore,
+    save,
+    state_dict,
+    tag_dir,
+    universal_tag,
+    weights_from,
+)
 from pretrain.config import UserError, build_ds_config, preflight
 from pretrain.metrics import MetricsLogger, memory_gb, peak_tflops, print_summary
 from pretrain.optim import build_optimizer, scheduler_factory
 
-CHECKPOINT_FORMAT = 1
 NONFINITE_EXIT_CODE = 3
 SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
-
-
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    sequences: int = 0
-    tokens: int = 0
-    skipped: int = 0  # steps skipped for a non-finite loss (or an fp16 overflow), over the whole run
-    nonfinite_streak: int = 0  # consecutive steps with a non-finite loss, up to now
-    # Running sums since the last log line (kept in checkpoints so a resumed log window averages the same steps).
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "micro": 0.0})
-
-
-def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(s: dict[str, Any]) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
-    if s.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def _gather(obj: Any) -> list[Any]:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def _fork_rng(device: torch.device):
@@ -103,123 +81,6 @@ def build_model(model_kw: dict[str, Any], init_from: str | None):
         if missing:
             print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
     return model
-
-
-def find_checkpoint(root: Path) -> Path | None:
-    """Newest tag dir under ``root`` with a ``COMPLETE`` marker."""
-    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
-
-
-def _tag_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if (p / "COMPLETE").is_file():
-        return p
-    found = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
-    if found is None:
-        raise UserError(f"{what}={path}: no complete checkpoint there (a step* dir with a COMPLETE marker)")
-    return found
-
-
-def weights_from(path: str) -> dict[str, torch.Tensor]:
-    """fp32 model weights from a HF export, a run dir (its ``hf/``, else newest checkpoint) or a checkpoint dir."""
-    from pretrain.model import load_hf
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"trainer.init_from={path}: not found")
-    hf = p if (p / "config.json").is_file() else p / "hf"
-    if (hf / "config.json").is_file():
-        return load_hf(hf).state_dict()
-    tag = _tag_dir(path, "trainer.init_from")
-    return _fp32_weights(tag)
-
-
-def _fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
-    try:  # ZeRO checkpoints (and bf16): the fp32 master weights, whatever the stage and world size
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-    except Exception:  # stage 0 without a ZeRO optimizer: the module weights are the master weights
-        sd = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in sd.items()}
-
-
-def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
-    """``client_state`` of a checkpoint. Per-rank entries (log window, sampler, RNG) are gathered from every rank:
-    DeepSpeed writes the client state from one rank (ZeRO 0-2) and every rank reads that copy back."""
-    return {"format": CHECKPOINT_FORMAT, **asdict(state), "window": _gather(state.window),
-            "sampler": _gather(sampler.state_dict()),
-            "rng": _gather(_rng_state()), "world_size": dist.get_world_size(), "config": cfg_dict,
-            "wandb_id": wandb_id}
-
-
-def _commit_file(path: Path, text: str) -> None:
-    """Write, fsync, rename, fsync the directory: after a crash the file is either absent or whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
-    tag = f"step{client['step']:08d}"
-    error = None
-    try:
-        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
-    except (OSError, RuntimeError) as e:  # full disk, quota, read-only mount: torch.save raises either
-        error = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-    ok = torch.tensor([0.0 if error else 1.0], device=engine.device)
-    if D.all_reduce(ok, dist.ReduceOp.MIN).item() == 0:  # every rank learns that some rank failed
-        free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0  # before the clean-up frees some
-        if dist.get_rank() == 0:
-            shutil.rmtree(root / tag, ignore_errors=True)  # never leave a half-written tag behind
-        prev = find_checkpoint(root)
-        # torch reports a full disk as "unexpected pos ..." or "file write failed": say what it means
-        why = f": the disk is full ({free:,.0f} MB free)" if free < 64 or "No space" in (error or "") else \
-            f" ({error})" if error else " (on another rank)"
-        raise UserError(f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
-                        f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}")
-    D.barrier()  # every rank has written its shards
-    if dist.get_rank() == 0:
-        meta = {"step": client["step"], "world_size": dist.get_world_size(), "time": time.time()}
-        _commit_file(root / tag / "COMPLETE", json.dumps(meta) + "\n")
-        _commit_file(root / "latest_complete", tag + "\n")
-        done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
-        for old in done[: max(0, len(done) - max(1, keep_last))]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step*"):  # half-written leftovers of killed jobs
-            if not (stale / "COMPLETE").is_file() and stale.name < tag:
-                shutil.rmtree(stale, ignore_errors=True)
-    D.barrier()
-    return root / tag
-
-
-def restore(engine: Any, tag: Path, sampler: Any) -> tuple[TrainState, dict]:
-    load_path, client = engine.load_checkpoint(str(tag.parent), tag=tag.name)
-    if load_path is None or not client:
-        raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
-    rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()
-    try:
-        sampler.load_state_dict(client["sampler"][rank if same_world else 0])
-    except ValueError as e:
-        raise UserError(f"resume from {tag}: {e} (or start a new run dir / resume=none)") from None
-    if same_world:
-        _set_rng_state(client["rng"][rank])
-    elif rank == 0:
-        print(f"resume: world size {client['world_size']} -> {dist.get_world_size()}: RNG streams restart")
-    keys = [f.name for f in fields(TrainState) if f.name != "window" and f.name in client]  # older formats: fewer
-    state = TrainState(**{k: client[k] for k in keys})
-    if same_world:  # per-rank loss sums of the open log window
-        state.window = dict(client["window"][rank])
-    return state, client
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -327,10 +188,10 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     from pretrain.masking import MaskingConfig
     from pretrain.model import export_hf
 
-    device, run_dir = D.init(env), Path(cfg.run_dir).resolve()
+    device, run_dir = D.init(env, t.collective_timeout_minutes), Path(cfg.run_dir).resolve()
     main, ckpt_root = env.is_main, run_dir / "checkpoints"
     resume_tag = None if cfg.resume == "none" else (
-        find_checkpoint(ckpt_root) if cfg.resume == "auto" else _tag_dir(cfg.resume, "resume"))
+        find_checkpoint(ckpt_root) if cfg.resume == "auto" else tag_dir(cfg.resume, "resume"))
     partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
     if cfg.resume == "auto" and resume_tag is None and partial:  # never silently start over a killed run
         raise UserError(f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
@@ -359,12 +220,16 @@ def train(cfg: Any, cfg_dict: dict) -> int:
                                       shuffle=False, drop_last=False, **common)[0] if info.has_validation else None
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
+    stage = ds_config["zero_optimization"].get("stage", 0)
+    load_tag = universal_tag(resume_tag, stage, env.world_size, main) if resume_tag is not None else None
+    if load_tag is not None:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
                                                    lr_scheduler=scheduler_factory(cfg), config=ds_config)
     accum = engine.gradient_accumulation_steps()
     state, wandb_id = TrainState(), None
     if resume_tag is not None:
-        state, client = restore(engine, resume_tag, sampler)
+        state, client = restore(engine, resume_tag, sampler, load_tag)
         wandb_id = client.get("wandb_id")
         if main:
             print(f"resumed from {resume_tag} at step {state.step}", flush=True)
@@ -413,7 +278,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         """Every rank's sample indices of this step (global indices into the split: ``data_prep.inspect``)."""
         b = t.micro_batch_size
         mine = [i for e, k in positions for i in sampler.rank_order(e)[k * b : (k + 1) * b].tolist()]
-        samples = sorted(i for ids in _gather(mine) for i in ids)
+        samples = sorted(i for ids in gather(mine) for i in ids)
         logger.log({"kind": "spike", "step": step, "loss": loss, "running_mean": mean, "epoch": state.epoch,
                     "samples": samples})
         if main:
@@ -498,7 +363,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         if stage == 0 and t.precision == "fp32":
             sd = engine.module.state_dict() if main else None
         else:
-            sd = _fp32_weights(last_ckpt or resume_tag) if main else None
+            sd = fp32_weights(last_ckpt or resume_tag) if main else None
         if main:
             from pretrain.model import BertConfig, BertForPreTraining
 

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from pretrain.data import ResumableDistributedSampler
 from pretrain.trainer import find_checkpoint
-from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, make_data
+from tests.test_trainer import LAUNCH, ROOT, SMALL, _cmd, _env, make_data
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -41,14 +41,25 @@ if spec.startswith("scale:"):
                 out.loss = out.loss * factors[calls[0]]
         return out
     m.BertForPreTraining.forward = forward
+elif spec.startswith("record:"):  # append every training micro-batch's (epoch, sample) pairs to PATH.RANK
+    import json
+    import pretrain.data as d
+    path, orig = f"{spec[7:]}.{os.environ.get('RANK', '0')}", d.ShardDataset.__getitems__
+    def getitems(self, items):
+        if self.split == "train":
+            with open(path, "a") as f:
+                f.write(json.dumps([[int(e), int(i)] for e, i in items]) + "\\n")
+        return orig(self, items)
+    d.ShardDataset.__getitems__ = getitems
 elif spec.startswith("kill:"):
     import signal
+    import pretrain.checkpoint as c
     import pretrain.trainer as t
     where, step = spec[5:].split("@")
     step = int(step)
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
-    orig_save, orig_commit = t.save, t._commit_file
+    orig_save, orig_commit = t.save, c._commit_file
     def save(engine, root, client, keep_last):
         if client["step"] == step and where == "engine":
             (root / f"step{step:08d}").mkdir(parents=True, exist_ok=True)
@@ -61,7 +72,7 @@ elif spec.startswith("kill:"):
             if name == "COMPLETE" or (path.parent / f"step{step:08d}" / "COMPLETE").exists():
                 die()
         return orig_commit(path, text)
-    t.save, t._commit_file = save, commit
+    t.save, c._commit_file = save, commit
 '''
 
 ARGS = [*SMALL, "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_every=1",
@@ -212,3 +223,58 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
         assert sd["module"]["bert.embeddings.word_embeddings.weight"].shape[1] == 32
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+RESIZE = [*SMALL, "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", "deepspeed=zero2",
+          "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.checkpoint_every=4",
+          "trainer.global_batch_size=16", "trainer.micro_batch_size=1", "optim.lr=5e-3", "scheduler.warmup_steps=1"]
+# Micro-batches of one sample: a step's gradient is then the mean over its samples whatever the number of ranks
+# (with more samples per micro-batch, each micro-batch's mean loss weights its tokens differently).
+
+
+def _run_ranks(ranks: int, run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None):
+    env = _env()
+    if fault:
+        env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
+    launcher = _cmd("deepspeed") if ranks == 2 else [sys.executable, LAUNCH]
+    return subprocess.run([*launcher, f"data.dir={data}", f"run_dir={run_dir}", *RESIZE, *overrides],
+                          capture_output=True, text=True, env=env, timeout=400, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def resize_reference(data, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("resize_ref") / "run"
+    r = _run_ranks(2, run, data)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return run
+
+
+@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_path, before, after):
+    """ZeRO-2 stopped at step 4 on BEFORE ranks, resumed on AFTER ranks through DeepSpeed's universal checkpoint:
+    the same losses and weights as an uninterrupted 2-rank run (fp32, no dropout; up to summation order), and
+    every sample of the epoch exactly once, in order."""
+    run, ids = tmp_path / "run", tmp_path / "ids"
+    r = _run_ranks(before, run, data, "trainer.stop_at_step=4", fault=f"record:{ids}", inject=inject_dir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    first = sorted(tmp_path.glob("ids.*"))
+    seen_before = [tuple(x) for f in first for line in f.read_text().splitlines() for x in json.loads(line)]
+    for f in first:
+        f.unlink()
+    r = _run_ranks(after, run, data, fault=f"record:{ids}", inject=inject_dir)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"{before} rank(s) -> {after}: converting step00000004 to a universal checkpoint" in r.stdout
+    assert "resumed from" in r.stdout and "at step 4" in r.stdout
+    seen_after = [tuple(x) for f in tmp_path.glob("ids.*") for line in f.read_text().splitlines()
+                  for x in json.loads(line)]
+    order = ResumableDistributedSampler(96, 1, world_size=2, seed=1234).global_order(0)
+    assert sorted(seen_before) == sorted((0, int(i)) for i in order[:64])  # steps 1-4
+    assert sorted(x for x in seen_after if x[0] == 0) == sorted((0, int(i)) for i in order[64:])  # steps 5-6
+    assert sorted(x[1] for x in seen_after if x[0] == 1) == list(range(96))  # steps 7-12: epoch 1, once each
+    ref_loss = {x["step"]: x["loss"] for x in _records(resize_reference, "train")}
+    ours = {x["step"]: x["loss"] for x in _records(run, "train") if x["step"] > 4}
+    np.testing.assert_allclose([ours[k] for k in sorted(ours)], [ref_loss[k] for k in sorted(ours)], rtol=1e-4)
+    ref, got = _weights(resize_reference), _weights(run)
+    for k, v in ref.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-5)
+

@@ -1,0 +1,211 @@
+"""Checkpoints: one bundle per step, ``RUN_DIR/checkpoints/stepNNNNNNNN/``, and everything that reads or writes it.
+
+A bundle is DeepSpeed's own files (``engine.save_checkpoint(save_latest=False)``: module, optimizer and ZeRO
+partitions, LR scheduler) plus our ``client_state`` (step, counters, every rank's sampler position, RNG states
+and open log window, the resolved config, the W&B run id). After a barrier rank 0 commits it with a ``COMPLETE``
+marker (fsynced, renamed into place), so a job killed mid-save never leaves a bundle that ``resume=auto`` would
+pick; retention deletes old bundles only after a newer one is complete. A save that fails (full disk) removes
+its partial bundle and stops with one line. A ZeRO checkpoint of another world size is converted once by
+DeepSpeed's ``ds_to_universal`` and loaded as a universal checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from pretrain import distributed as D
+from pretrain.config import UserError
+
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    sequences: int = 0
+    tokens: int = 0
+    skipped: int = 0  # steps skipped for a non-finite loss (or an fp16 overflow), over the whole run
+    nonfinite_streak: int = 0  # consecutive steps with a non-finite loss, up to now
+    # Running sums since the last log line (kept in checkpoints so a resumed log window averages the same steps).
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "micro": 0.0})
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def gather(obj: Any) -> list[Any]:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def find_checkpoint(root: Path) -> Path | None:
+    """Newest tag dir under ``root`` with a ``COMPLETE`` marker."""
+    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
+    return done[-1] if done else None
+
+
+def tag_dir(path: str, what: str) -> Path:
+    p = Path(path)
+    if (p / "COMPLETE").is_file():
+        return p
+    found = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
+    if found is None:
+        raise UserError(f"{what}={path}: no complete checkpoint there (a step* dir with a COMPLETE marker)")
+    return found
+
+
+def weights_from(path: str) -> dict[str, torch.Tensor]:
+    """fp32 model weights from a HF export, a run dir (its ``hf/``, else newest checkpoint) or a checkpoint dir."""
+    from pretrain.model import load_hf
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"trainer.init_from={path}: not found")
+    hf = p if (p / "config.json").is_file() else p / "hf"
+    if (hf / "config.json").is_file():
+        return load_hf(hf).state_dict()
+    tag = tag_dir(path, "trainer.init_from")
+    return fp32_weights(tag)
+
+
+def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
+    try:  # ZeRO checkpoints (and bf16): the fp32 master weights, whatever the stage and world size
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
+    except Exception:  # stage 0 without a ZeRO optimizer: the module weights are the master weights
+        sd = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        return {k: v.float() for k, v in sd.items()}
+
+
+def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
+    """``client_state`` of a checkpoint. Per-rank entries (log window, sampler, RNG) are gathered from every rank:
+    DeepSpeed writes the client state from one rank (ZeRO 0-2) and every rank reads that copy back."""
+    return {"format": CHECKPOINT_FORMAT, **asdict(state), "window": gather(state.window),
+            "sampler": gather(sampler.state_dict()),
+            "rng": gather(_rng_state()), "world_size": dist.get_world_size(), "config": cfg_dict,
+            "wandb_id": wandb_id}
+
+
+def _commit_file(path: Path, text: str) -> None:
+    """Write, fsync, rename, fsync the directory: after a crash the file is either absent or whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
+    tag = f"step{client['step']:08d}"
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, client_state=client, save_latest=False)
+    except (OSError, RuntimeError) as e:  # full disk, quota, read-only mount: torch.save raises either
+        error = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    ok = torch.tensor([0.0 if error else 1.0], device=engine.device)
+    if D.all_reduce(ok, dist.ReduceOp.MIN).item() == 0:  # every rank learns that some rank failed
+        free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0  # before the clean-up frees some
+        if dist.get_rank() == 0:
+            shutil.rmtree(root / tag, ignore_errors=True)  # never leave a half-written tag behind
+        prev = find_checkpoint(root)
+        # torch reports a full disk as "unexpected pos ..." or "file write failed": say what it means
+        why = f": the disk is full ({free:,.0f} MB free)" if free < 64 or "No space" in (error or "") else \
+            f" ({error})" if error else " (on another rank)"
+        raise UserError(f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
+                        f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}")
+    D.barrier()  # every rank has written its shards
+    if dist.get_rank() == 0:
+        meta = {"step": client["step"], "world_size": dist.get_world_size(), "time": time.time()}
+        _commit_file(root / tag / "COMPLETE", json.dumps(meta) + "\n")
+        _commit_file(root / "latest_complete", tag + "\n")
+        done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
+        for old in done[: max(0, len(done) - max(1, keep_last))]:
+            shutil.rmtree(old, ignore_errors=True)
+        for stale in root.glob("step*"):  # half-written leftovers of killed jobs
+            if not (stale / "COMPLETE").is_file() and stale.name < tag:
+                shutil.rmtree(stale, ignore_errors=True)
+    D.barrier()
+    return root / tag
+
+
+def universal_tag(tag: Path, stage: int, world_size: int, is_main: bool) -> Path | None:
+    """For a ZeRO 1-3 checkpoint saved by another number of ranks: the same checkpoint in DeepSpeed's universal
+    format (per-parameter fp32 weights and optimizer moments, loadable by any world size), converted once by rank 0
+    with DeepSpeed's ``ds_to_universal`` into ``TAG_universal`` while the others wait. None where no conversion
+    is needed (same world size, or ZeRO-0, whose files do not depend on it)."""
+    saved = len(list(tag.glob("*_optim_states.pt")))  # one file per data-parallel rank of the saving job
+    if stage == 0 or saved in (0, world_size):
+        return None
+    out = tag.with_name(tag.name + "_universal")
+    if is_main and not out.is_dir():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        args = argparse.Namespace(input_folder=str(tag), output_folder=str(tmp), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True)  # our model declares no TP/PP layout: plain DP
+        print(f"resume: {saved} rank(s) -> {world_size}: converting {tag.name} to a universal checkpoint", flush=True)
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
+            ds_to_universal(args)
+        (tag.parent / "latest_universal").unlink(missing_ok=True)  # we always name the tag
+        os.replace(tmp, out)  # complete, or absent
+    D.barrier()
+    return out
+
+
+def restore(engine: Any, tag: Path, sampler: Any, load_tag: Path | None = None) -> tuple[TrainState, dict]:
+    """Load ``tag`` (or its universal conversion ``load_tag``) into the engine; the sampler, RNG and counters
+    from its client state. Another world size keeps the data position in samples and restarts the RNG streams."""
+    load = load_tag or tag
+    load_path, client = engine.load_checkpoint(str(load.parent), tag=load.name)
+    if load_path is None or not client:
+        raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
+    rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()
+    try:
+        sampler.load_state_dict(client["sampler"][rank if same_world else 0])
+    except ValueError as e:
+        raise UserError(f"resume from {tag}: {e} (or start a new run dir / resume=none)") from None
+    if same_world:
+        _set_rng_state(client["rng"][rank])
+    elif rank == 0:
+        print(f"resume: world size {client['world_size']} -> {dist.get_world_size()}: RNG streams restart")
+    keys = [f.name for f in fields(TrainState) if f.name != "window" and f.name in client]  # older formats: fewer
+    state = TrainState(**{k: client[k] for k in keys})
+    if same_world:  # per-rank loss sums of the open log window
+        state.window = dict(client["window"][rank])
+    return state, client
+
