@@ -64,3 +64,26 @@ def test_trainer_on_gpu(data_dir: Path, tmp_path: Path, deepspeed: str, optim: s
     losses = [r["loss"] for r in records if r.get("kind") == "train"]
     assert losses[-1] < losses[0]
     assert (run / "hf" / "model.safetensors").is_file()
+
+
+def test_fp16_resume_keeps_loss_scale(data_dir: Path, tmp_path: Path):
+    """fp16 with dynamic loss scaling, stopped and resumed: the loss scale continues where it was (no overflow
+    burst from a reset scale after the resume) and the skipped-step log matches an uninterrupted run."""
+    args = [f"data.dir={data_dir}", "deepspeed=zero1", "optim=adamw", "trainer.precision=fp16", "trainer.max_steps=40",
+            "trainer.log_every=1", "trainer.checkpoint_every=20", "trainer.eval_every=0", "trainer.deterministic=true"]
+
+    def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), f"run_dir={run_dir}", *args,
+                               *extra], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env={**os.environ, "WANDB_MODE": "offline"})
+
+    def scales(run_dir: Path) -> dict[int, float]:
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r["loss_scale"] for r in records if r.get("kind") in ("train", "skipped")}
+
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert run(full).returncode == 0
+    assert run(part, "trainer.stop_at_step=20").returncode == 0
+    r = run(part)
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    assert scales(part) == scales(full)
