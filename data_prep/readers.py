@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from data_prep.config import PrepareConfig
+from data_prep.encodings import EncodingError, as_utf8
 from data_prep.report import DataPrepError, Report
 from data_prep.sentences import RawDoc, is_gutenberg
 
@@ -163,12 +164,21 @@ def iter_unit_documents(unit: Unit, cfg: PrepareConfig, report: Report, hf_loade
         for doc in readers[kind](unit, cfg, report):
             n += 1
             yield doc
+    except EncodingError as e:
+        report.skip("file", unit.name, str(e), f"after {n} documents")
     except STREAM_ERRORS:
         compressed = unit.name.lower().endswith((".gz", ".bz2"))
         what = "truncated or corrupt compressed stream" if compressed else "read error"
-        report.skip("file", unit.name, f"{what} after {n} documents")
+        report.skip("file", unit.name, what, f"after {n} documents")
     except ET.ParseError as e:
-        report.skip("file", unit.name, f"malformed XML after {n} documents (line {e.position[0]})")
+        report.skip("file", unit.name, "malformed XML", f"after {n} documents, line {e.position[0]}")
+
+
+def skip_document(report: Report, name: str, reason: str, detail: str = "") -> None:
+    """A document a reader saw but cannot use: counted as read too, so that documents_read = documents_written +
+    documents_skipped holds whichever step (reader or cleaner) skipped it."""
+    report.count("documents_read")
+    report.skip("document", name, reason, detail)
 
 
 # ------------------------------------------------------------------------------------------------- wiki
@@ -246,13 +256,14 @@ def _decode(data: bytes, name: str, report: Report, what: str = "file", offset: 
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        report.skip(what, name, f"not valid UTF-8 (byte offset {offset + e.start})")
+        report.skip(what, name, "not valid UTF-8", f"byte offset {offset + e.start}")
         return None
 
 
 def _read_text(unit: Unit, cfg: PrepareConfig, report: Report) -> Iterator[RawDoc]:
     path = Path(unit.path)
-    with open_binary(path) as f:
+    with open_binary(path) as raw:
+        f = as_utf8(raw)
         head = f.read(HEAD_BYTES)
         bom = 3 if head.startswith(b"\xef\xbb\xbf") else 0
         if not head[bom:].strip():
@@ -292,7 +303,7 @@ def _blank_line_documents(unit: Unit, head: bytes, rest: BinaryIO, bom: int, rep
 
 def _finish_block(unit: Unit, lines: list[str], start_line: int, bad: int | None, report: Report):
     if bad is not None:
-        report.skip("document", f"{unit.name}:{start_line}", f"not valid UTF-8 (byte offset {bad})")
+        skip_document(report, f"{unit.name}:{start_line}", "not valid UTF-8", f"byte offset {bad}")
     elif lines:
         yield RawDoc(unit.name, f"line{start_line}", "text", "".join(lines))
 
@@ -311,11 +322,11 @@ def _read_jsonl(unit: Unit, cfg: PrepareConfig, report: Report) -> Iterator[RawD
             try:
                 record = json.loads(line)
             except ValueError:  # JSONDecodeError and UnicodeDecodeError
-                report.skip("document", f"{unit.name}:{lineno}", f"bad JSON on line {lineno}")
+                skip_document(report, unit.name, "bad JSON", f"line {lineno}")
                 continue
             text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                report.skip("document", f"{unit.name}:{lineno}", f"no text field '{field}' on line {lineno}")
+                skip_document(report, unit.name, f"no text field '{field}'", f"line {lineno}")
                 continue
             yield RawDoc(unit.name, str(record.get("id", f"line{lineno}")), "jsonl", text)
 
@@ -326,10 +337,10 @@ def iter_records(records: Iterable[dict], source: str, kind: str, field: str, re
         text = record.get(field)
         if i == 0 and field not in record:
             columns = ", ".join(sorted(record))
-            report.skip("file", source, f"no text field '{field}' (fields: {columns}; set text_field=...)")
+            report.skip("file", source, f"no text field '{field}' (set text_field=...)", f"fields: {columns}")
             return
         if not isinstance(text, str):
-            report.skip("document", f"{source}#{i}", f"text field '{field}' is not a string (record {i})")
+            skip_document(report, source, f"text field '{field}' is not a string", f"record {i}")
             continue
         doc_id = record.get("id")
         yield RawDoc(source, str(doc_id) if doc_id is not None else str(i), kind, text)
@@ -342,11 +353,11 @@ def _read_parquet(unit: Unit, cfg: PrepareConfig, report: Report) -> Iterator[Ra
     try:
         pf = pq.ParquetFile(unit.path)
     except (pa.ArrowException, OSError) as e:
-        report.skip("file", unit.name, f"not a readable parquet file ({type(e).__name__})")
+        report.skip("file", unit.name, "not a readable parquet file", type(e).__name__)
         return
     names = pf.schema_arrow.names
     if cfg.text_field not in names:
-        report.skip("file", unit.name, f"no text column '{cfg.text_field}' (columns: {', '.join(names)})")
+        report.skip("file", unit.name, f"no text column '{cfg.text_field}'", f"columns: {', '.join(names)}")
         return
     columns = [cfg.text_field] + (["id"] if "id" in names else [])
     rows = (row for batch in pf.iter_batches(batch_size=1024, columns=columns) for row in batch.to_pylist())
@@ -359,7 +370,7 @@ def _read_arrow(unit: Unit, cfg: PrepareConfig, report: Report) -> Iterator[RawD
     try:
         ds = datasets.load_from_disk(unit.path)
     except (FileNotFoundError, ValueError, OSError) as e:
-        report.skip("file", unit.name, f"not a dataset saved with save_to_disk ({type(e).__name__})")
+        report.skip("file", unit.name, "not a dataset saved with save_to_disk", type(e).__name__)
         return
     if isinstance(ds, datasets.DatasetDict):
         if cfg.hf_split not in ds:

@@ -34,21 +34,24 @@ class Report:
     def count(self, key: str, n: int = 1) -> None:
         self.counts[key] += n
 
-    def skip(self, what: str, name: str, reason: str) -> None:
+    def skip(self, what: str, name: str, reason: str, detail: str = "") -> None:
         """Record that ``what`` ('file' or 'document') ``name`` was skipped for ``reason``.
 
-        In strict mode this raises ``DataPrepError`` naming the item, instead of skipping it.
+        ``reason`` is a category ("not valid UTF-8"): the manifest counts skips by it, so it must not hold
+        per-item facts, which go in ``detail`` ("byte offset 23") and are listed with the item's name. In strict
+        mode this raises ``DataPrepError`` naming the item, instead of skipping it.
         """
+        why = f"{reason} ({detail})" if detail else reason
         if self.strict:
-            raise DataPrepError(f"{name}: {reason} (strict=true; set strict=false to skip and count such {what}s)")
+            raise DataPrepError(f"{name}: {why} (strict=true; set strict=false to skip and count such {what}s)")
         key = f"{what}: {reason}"
         self.skipped_counts[key] += 1
         listed = self.skipped.setdefault(key, [])
         if len(listed) < MAX_LISTED:
-            listed.append(name)
+            listed.append(f"{name} ({detail})" if detail else name)
         self.counts[f"{what}s_skipped"] += 1
         if self._warned < MAX_WARNINGS:
-            log.warning("skipped %s %s: %s", what, name, reason)
+            log.warning("skipped %s %s: %s", what, name, why)
         elif self._warned == MAX_WARNINGS:
             log.warning("further skips are counted in manifest.json, not printed")
         self._warned += 1

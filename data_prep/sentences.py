@@ -10,6 +10,7 @@ import ctypes
 import html
 import re
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import blingfire
@@ -29,23 +30,57 @@ class RawDoc:
 
 # C0/C1 control characters (tab/newline excepted): never prose, and a NUL would truncate BlingFire's output.
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufeff\u200b]")
+_SPACE = re.compile(r"\s")  # \s is str.isspace(): the characters str.split() splits on
+# Text longer than this is handled in pieces of about this size: a whole 50 MB line would cost its list of
+# 10 million words (~600 MB) in normalize_whitespace and several times its size inside BlingFire.
+LONG_TEXT = 1 << 20
 
 
 def normalize_whitespace(text: str) -> str:
-    return " ".join(_CONTROL.sub(" ", text).split())
+    if len(text) < LONG_TEXT:
+        return " ".join(_CONTROL.sub(" ", text).split())
+    pieces, start = [], 0
+    while start < len(text):  # pieces end at a whitespace character, so no word is cut: the result is the same
+        space = _SPACE.search(text, start + LONG_TEXT)
+        end = space.start() if space else len(text)
+        if piece := " ".join(_CONTROL.sub(" ", text[start:end]).split()):
+            pieces.append(piece)
+        start = end
+    return " ".join(pieces)
+
+
+def _blocks(paragraph: str) -> Iterator[str]:
+    """A normalised paragraph in blocks of at most LONG_TEXT characters for BlingFire, cut after a sentence end
+    where one is near, else at a space (sentences that long are cut at max_sentence_chars anyway)."""
+    start, n = 0, len(paragraph)
+    while n - start > LONG_TEXT:
+        end, floor = start + LONG_TEXT, start + LONG_TEXT // 2
+        cut = max(paragraph.rfind(mark, floor, end) for mark in (". ", "! ", "? ")) + 1  # just after the mark
+        cut = cut or paragraph.rfind(" ", floor, end)
+        cut = cut if cut > start else end
+        yield paragraph[start:cut]
+        start = cut
+    yield paragraph[start:]
 
 
 def _cut(sentence: str, max_chars: int) -> list[str]:
-    """Cut an over-long sentence into pieces of at most ``max_chars``, at whitespace where there is some."""
+    """Cut an over-long sentence into pieces of at most ``max_chars``, at whitespace where there is some.
+
+    Walks an offset instead of re-slicing the rest: slicing made a 50 MB line cost 500 copies of 25 MB."""
     pieces = []
-    while len(sentence) > max_chars:
-        cut = sentence.rfind(" ", max_chars // 2, max_chars + 1)
-        if cut <= 0:
-            cut = max_chars
-        pieces.append(sentence[:cut].strip())
-        sentence = sentence[cut:].strip()
-    if sentence:
-        pieces.append(sentence)
+    start, end = 0, len(sentence)
+    while end - start > max_chars:
+        cut = sentence.rfind(" ", start + max_chars // 2, start + max_chars + 1)
+        if cut <= start:
+            cut = start + max_chars
+        pieces.append(sentence[start:cut].strip())
+        start = cut
+        while start < end and sentence[start].isspace():
+            start += 1
+        while end > start and sentence[end - 1].isspace():
+            end -= 1
+    if start < end:
+        pieces.append(sentence[start:end])
     return [p for p in pieces if p]
 
 
@@ -57,12 +92,15 @@ def _text_to_sentences(text: str) -> str:
     buffer per call, which costs more than the splitting itself for a typical paragraph."""
     global _buffer
     data = text.encode("utf-8")
-    if len(_buffer) < 2 * len(data) + 1:
-        _buffer = ctypes.create_string_buffer(2 * len(data) + 1)
-    n = blingfire.blingfire.TextToSentences(ctypes.c_char_p(data), len(data), _buffer, len(_buffer))
-    if n < 0 or n > len(_buffer):
+    buffer = _buffer
+    if len(buffer) < 2 * len(data) + 1:
+        buffer = ctypes.create_string_buffer(2 * len(data) + 1)
+        if len(data) < LONG_TEXT:  # kept for the next paragraphs; a huge one's buffer is freed after use
+            _buffer = buffer
+    n = blingfire.blingfire.TextToSentences(ctypes.c_char_p(data), len(data), buffer, len(buffer))
+    if n < 0 or n > len(buffer):
         return ""
-    return _buffer.raw[: max(n - 1, 0)].decode("utf-8")  # n counts the terminating NUL
+    return ctypes.string_at(buffer, max(n - 1, 0)).decode("utf-8")  # n counts the terminating NUL
 
 
 def split_sentences(paragraphs: list[str], max_sentence_chars: int) -> list[str]:
@@ -72,12 +110,13 @@ def split_sentences(paragraphs: list[str], max_sentence_chars: int) -> list[str]
         paragraph = normalize_whitespace(paragraph)
         if not paragraph:
             continue
-        # BlingFire returns '' on failure: keep the paragraph whole rather than lose it.
-        split = _text_to_sentences(paragraph) or paragraph
-        for sentence in split.split("\n"):
-            sentence = sentence.strip()
-            if sentence:
-                out.extend(_cut(sentence, max_sentence_chars) if len(sentence) > max_sentence_chars else [sentence])
+        for block in _blocks(paragraph):
+            # BlingFire returns '' on failure: keep the block whole rather than lose it.
+            split = _text_to_sentences(block) or block
+            for sentence in split.split("\n"):
+                sentence = sentence.strip()
+                if sentence:
+                    out.extend(_cut(sentence, max_sentence_chars) if len(sentence) > max_sentence_chars else [sentence])
     return out
 
 

@@ -14,13 +14,19 @@ A split (``train`` or ``validation``) is a folder of shards. Shard ``NAME`` is t
 Both files are plain ``.npy`` so ``np.load(..., mmap_mode="r")`` opens them without reading them: a split
 never has to fit in RAM. A shard is written under a temporary name and renamed into place only when
 complete, tokens first and index last, so a reader never sees a half-written shard as complete.
+
+``manifest.json`` lists every shard with its sample and token counts and the sha256 of both files;
+``verify_data`` checks a data directory against it (``ShardError``, one line naming the file, when it does not
+hold), and opening a shard (``Shard``) fails the same way on a truncated or corrupt file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +35,15 @@ import numpy as np
 INDEX_COLUMNS = ("offset", "length", "a_len", "nsp_label", "doc_a", "doc_b")
 OFFSET, LENGTH, A_LEN, NSP_LABEL, DOC_A, DOC_B = range(len(INDEX_COLUMNS))
 TMP_SUFFIX = ".tmp"
+SUFFIXES = (".tokens.npy", ".index.npy")
+SPLITS = ("train", "validation")
+TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
+REDO = "re-run data preparation (launch/prepare_data.py, same settings) or restore the file from a backup"
+
+
+class ShardError(ValueError):
+    """A shard file is missing, truncated, corrupt, unlisted or disagrees with ``manifest.json``; the message is
+    one line naming the file, what is wrong and what to do."""
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -90,14 +105,139 @@ class Sample:
     doc_b: int
 
 
+def load_npy(path: Path) -> np.ndarray:
+    """``np.load(path, mmap_mode="r")``, with ``ShardError`` naming the file where numpy's own error would not
+    (a truncated file gives "mmap length is greater than file size"; a grown one no error at all)."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0  # fmt: skip
+            shape, _, dtype = read_header(f)
+            expected = f.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    except FileNotFoundError:
+        raise ShardError(f"{path}: file missing; {REDO}") from None
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as e:
+        why = str(e).splitlines()[0][:100].encode("ascii", "backslashreplace").decode() if str(e).strip() else \
+            type(e).__name__  # fmt: skip
+        raise ShardError(f"{path}: not a readable .npy file ({why}): truncated or corrupt; {REDO}") from None
+    size = path.stat().st_size
+    if size != expected:  # np.load ignores trailing bytes: a file that grew is as suspect as one that shrank
+        what = "truncated" if size < expected else "corrupt"
+        raise ShardError(f"{path}: {size} bytes where its header implies {expected}: {what}; {REDO}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:  # changed under our feet, or an object array
+        raise ShardError(f"{path}: not a readable .npy file ({str(e)[:100]}): truncated or corrupt; {REDO}") from None
+
+
+def open_shard(split_dir: Path, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Memory-map one shard's (tokens, index) and check what costs nothing: headers, sizes, dtypes, shapes."""
+    tokens_path, index_path = (split_dir / f"{name}{suffix}" for suffix in SUFFIXES)
+    tokens, index = load_npy(tokens_path), load_npy(index_path)
+    if tokens.ndim != 1 or tokens.dtype not in TOKEN_DTYPES:
+        raise ShardError(f"{tokens_path}: holds {tokens.dtype} {list(tokens.shape)}, not 1-D uint16/uint32 token ids;"
+                         f" {REDO}")  # fmt: skip
+    if index.ndim != 2 or index.shape[1] != len(INDEX_COLUMNS) or index.dtype != np.dtype(np.int64):
+        raise ShardError(f"{index_path}: holds {index.dtype} {list(index.shape)}, not int64 [n, {len(INDEX_COLUMNS)}];"
+                         f" {REDO}")  # fmt: skip
+    return tokens, index
+
+
+def check_index(index_path: Path, index: np.ndarray, num_tokens: int) -> None:
+    """Every row of a shard index is usable: its span lies inside the token array, its segment A length inside
+    the span, its NSP label one of -1/0/1. Reads the whole index (48 bytes a sample), not the tokens."""
+    rows = np.asarray(index)
+    off, length, a_len, label = (rows[:, c] for c in (OFFSET, LENGTH, A_LEN, NSP_LABEL))
+    bad = (off < 0) | (length < 1) | (off > num_tokens - length) | (a_len < 1) | (a_len > length)
+    bad |= (label < -1) | (label > 1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ShardError(f"{index_path}: row {i} of {len(rows)} (offset {int(off[i])}, length {int(length[i])}, "
+                         f"a_len {int(a_len[i])}, label {int(label[i])}) does not fit {num_tokens} tokens: corrupt; "
+                         f"{REDO}")  # fmt: skip
+
+
+def _names_on_disk(split_dir: Path) -> list[str]:
+    names = {p.name[: -len(suffix)] for suffix in SUFFIXES for p in split_dir.glob(f"*{suffix}")}
+    return sorted(names)
+
+
+def _listed(splits: object, split: str, root: Path) -> list[dict]:
+    """The manifest's shard entries of ``split`` (none when it does not list the split), checked for shape."""
+    section = splits.get(split, {}) if isinstance(splits, dict) else None
+    entries = section.get("shards", []) if isinstance(section, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                for e in entries):  # fmt: skip
+        raise ShardError(f"{root / 'manifest.json'}: splits.{split}.shards is not a list of shard entries with a "
+                         "name; re-run data preparation, or restore the manifest")  # fmt: skip
+    return entries
+
+
+def verify_data(data_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True,
+                threads: int | None = None) -> dict:
+    """Check the shards of ``data_dir`` against ``manifest`` (``manifest.json``'s content) before training.
+
+    Always (cheap: headers and indexes only): both files of every shard present and readable, dtypes and
+    shapes right, every index row inside its token array, and, when the manifest lists shards
+    (``splits.SPLIT.shards``), the same shards on disk as listed with the listed sample and token counts.
+    With ``checksums``, the sha256 of every file against the manifest as well (reads every byte; files hash
+    in ``threads`` threads, hashlib releasing the GIL). A manifest without ``splits`` (hand-made test data)
+    gets the structural checks only. Raises ``ShardError``; returns ``{"shards", "samples", "bytes_hashed",
+    "seconds"}``.
+    """
+    start, root = time.perf_counter(), Path(data_dir)
+    listed = (manifest or {}).get("splits")
+    splits = sorted(set(SPLITS) | set(listed or {}), key=lambda s: (s not in SPLITS, s))
+    shards, samples, to_hash = 0, {}, []
+    for split in splits:
+        split_dir = root / split
+        on_disk = _names_on_disk(split_dir) if split_dir.is_dir() else []
+        entries = _listed(listed, split, root) if listed is not None else None
+        if entries is not None:
+            names = [e["name"] for e in entries]
+            if missing := sorted(set(names) - set(on_disk)):
+                raise ShardError(f"{split_dir / missing[0]}.index.npy: listed in manifest.json but missing "
+                                 f"({len(missing)} shard(s) missing); {REDO}")  # fmt: skip
+            if unlisted := sorted(set(on_disk) - set(names)):
+                stray = next(p for p in (split_dir / f"{unlisted[0]}{x}" for x in SUFFIXES[::-1]) if p.exists())
+                raise ShardError(f"{stray}: shard not listed in manifest.json (left from "
+                                 "another run?); delete it, or re-run data preparation")  # fmt: skip
+        else:
+            entries = [{"name": n} for n in on_disk]
+        samples[split] = 0
+        for entry in entries:
+            name = entry["name"]
+            tokens, index = open_shard(split_dir, name)
+            tokens_path, index_path = (split_dir / f"{name}{suffix}" for suffix in SUFFIXES)
+            for key, path, value in (("samples", index_path, len(index)), ("tokens", tokens_path, len(tokens))):
+                if key in entry and int(entry[key]) != value:
+                    raise ShardError(f"{path}: holds {value} {key} where manifest.json lists {entry[key]}; {REDO}")
+            check_index(index_path, index, len(tokens))
+            shards, samples[split] = shards + 1, samples[split] + len(index)
+            sha = entry.get("sha256") or {}
+            if checksums:
+                to_hash += [(path, sha[key]) for key, path in (("tokens", tokens_path), ("index", index_path))
+                            if key in sha]  # fmt: skip
+    hashed = 0
+    if to_hash:
+        with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+            for (path, expected), actual in zip(to_hash, pool.map(lambda t: sha256_file(t[0]), to_hash), strict=True):
+                if actual != expected:
+                    pool.shutdown(cancel_futures=True)
+                    raise ShardError(f"{path}: sha256 {actual} does not match manifest.json's {expected}: the file "
+                                     f"is corrupt; {REDO}")  # fmt: skip
+                hashed += path.stat().st_size
+    return {"shards": shards, "samples": samples, "bytes_hashed": hashed,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
 class Shard:
-    """Read-only, memory-mapped view of one shard."""
+    """Read-only, memory-mapped view of one shard (``ShardError`` when a file is missing, truncated or corrupt)."""
 
     def __init__(self, split_dir: str | os.PathLike, name: str):
-        split_dir = Path(split_dir)
         self.name = name
-        self.tokens = np.load(split_dir / f"{name}.tokens.npy", mmap_mode="r")
-        self.index = np.load(split_dir / f"{name}.index.npy", mmap_mode="r")
+        self.tokens, self.index = open_shard(Path(split_dir), name)
 
     def __len__(self) -> int:
         return int(self.index.shape[0])

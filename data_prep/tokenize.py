@@ -12,11 +12,18 @@ Output, per part K, in ``OUTDIR/work/tokens/`` (K as in the input part, five dig
 - ``part-K.docs.npy``: ``int64 [num_documents]``, end offset of each document in the part's sentences;
   written last, it marks the part complete.
 
+When every part is done, ``OUTDIR/work/sentence_offsets.npy`` (``int64 [num_sentences + 1]``, the corpus-wide
+token offset of every sentence) is written with ``sentence_offsets.json`` (the parts it was built from):
+``TokenStore`` memory-maps it, so the shards stage's processes share one page-cache copy instead of each building
+an 8-bytes-a-sentence array (1.4 GB each for a 20 GB corpus). It is deleted when the stage starts.
+
 Sentences that tokenize to nothing are dropped (counted as ``empty_sentences``); documents are all kept, so
 document ``d`` of the store is line ``d`` of the ``docs.jsonl`` files (a document may have zero sentences).
 
 Chunks of whole documents go to a pool of ``num_workers`` processes through an ordered ``imap``, so the
-files are byte-identical whatever the number of workers. ``TokenStore`` reads the result back.
+files are byte-identical whatever the number of workers. A document much longer than a chunk (a 50 MB line cut
+into sentences) is cut between sentences instead, so that no task holds it whole. ``TokenStore`` reads the
+result back.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
 from .config import PrepareConfig, task_dir
+from .procs import die_with_parent
 from .report import DataPrepError, Report
 from .store import sha256_file, token_dtype
 from .vocab import completed_parts
@@ -44,9 +52,11 @@ from .vocab import completed_parts
 log = logging.getLogger("data_prep")
 
 TOKENS_DIR = Path("work") / "tokens"
+OFFSETS = Path("work") / "sentence_offsets"  # .npy and .json
 # Bytes of text per task: large enough that per-task IPC and bookkeeping vanish next to tokenization (about a
 # second of work), small enough to keep both cores busy on small corpora. Chunks end at document boundaries.
 CHUNK_BYTES = 1 << 20
+LONG_DOC_CHUNKS = 4  # a document is cut between sentences once it spans this many chunks without ending
 STARTUP_TIMEOUT_S = 120
 _ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}  # one worker = one core
 
@@ -57,21 +67,26 @@ _unk_id = -1
 
 def _init_worker(tokenizer_json: str, dtype: str, unk_id: int) -> None:
     global _tok, _dtype, _unk_id
+    die_with_parent()
     os.environ.update(_ENV)
     _tok, _dtype, _unk_id = Tokenizer.from_file(tokenizer_json), np.dtype(dtype), unk_id
 
 
 def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
-    """Tokenize whole documents (UTF-8 text ending with a document's blank line) into flat numpy arrays.
+    """Tokenize one chunk of a part (UTF-8, whole documents or a piece of a very long one) into flat arrays.
 
-    Returns ``(k, last, ids, sentence_lengths, doc_sentence_counts, stats)``; numpy arrays keep the result
-    small to pickle and avoid a Python object per token in the parent.
+    Returns ``(k, last, ids, sentence_lengths, doc_sentence_counts, stats, open_end)``; numpy arrays keep the result
+    small to pickle and avoid a Python object per token in the parent. A chunk cut inside a long document
+    (it ends with a sentence, not a blank line) counts that document's sentences so far as its last entry,
+    and the next chunk's first entry continues it (``_PartWriter.add`` joins the two).
     """
     k, last, data = task
     lines = data.decode("utf-8").split("\n")
     lines.pop()  # the text after the final newline: empty
     blank = np.flatnonzero(np.fromiter(map(len, lines), np.int64, len(lines)) == 0)
     doc_counts = np.diff(blank, prepend=-1) - 1  # sentences between consecutive blank lines
+    if lines and lines[-1]:  # cut inside a document: its sentences so far
+        doc_counts = np.append(doc_counts, len(lines) - 1 - (blank[-1] if len(blank) else -1))
     sentences = list(filter(None, lines))
     # encode_batch_fast skips the character offsets we never use: about 15% faster than encode_batch,
     # which itself matches one encode() per sentence on one core (measured; see docs/benchmarks.md).
@@ -85,18 +100,21 @@ def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
         doc_counts = doc_counts - np.bincount(doc_of_sentence[empty], minlength=len(doc_counts))
         lengths = lengths[~empty]
     stats = (len(data), len(sentences), n_empty, int(np.count_nonzero(ids == _unk_id)))
-    return k, last, ids, lengths.astype(np.uint32), doc_counts.astype(np.uint32), stats
+    return k, last, ids, lengths.astype(np.uint32), doc_counts.astype(np.uint32), stats, bool(lines and lines[-1])
 
 
 def _chunks(k: int, txt: Path, chunk_bytes: int) -> Iterator[tuple[int, bool, bytes]]:
-    """Split a part into runs of whole documents of about ``chunk_bytes``; the last one is flagged."""
+    """Split a part into runs of whole documents of about ``chunk_bytes`` (a document over ``LONG_DOC_CHUNKS``
+    chunks is cut between its sentences); the last one is flagged."""
     pending, buf = None, b""
     with open(txt, "rb") as f:
         while block := f.read(chunk_bytes):
-            buf += block
+            buf += block  # at most LONG_DOC_CHUNKS + 1 chunks long
             cut = buf.rfind(b"\n\n") + 2  # just after a blank line: a document boundary
             if cut == 1:
                 cut = 1 if buf.startswith(b"\n") else 0  # an empty document at the very start
+            if cut == 0 and len(buf) >= LONG_DOC_CHUNKS * chunk_bytes:
+                cut = buf.rfind(b"\n") + 1  # a very long document: cut between two of its sentences
             if cut == 0:
                 continue  # one document longer than a chunk: read on
             if pending is not None:
@@ -118,11 +136,17 @@ class _PartWriter:
         self.lengths: list[np.ndarray] = []
         self.docs: list[np.ndarray] = []
         self.stats = np.zeros(4, np.int64)
+        self.open = False  # the last chunk ended inside a document: the next one's first count continues it
 
-    def add(self, ids: np.ndarray, lengths: np.ndarray, docs: np.ndarray, stats: tuple) -> None:
+    def add(self, ids: np.ndarray, lengths: np.ndarray, docs: np.ndarray, stats: tuple, open_end: bool) -> None:
         self.f.write(ids.data)
         self.lengths.append(lengths)
+        if self.open:
+            docs = docs.copy()
+            docs[0] += self.docs[-1][-1]
+            self.docs[-1] = self.docs[-1][:-1]
         self.docs.append(docs)
+        self.open = open_end
         self.stats += stats
 
     def finish(self, expected_docs: int, expected_sentences: int, jsonl: Path) -> dict:
@@ -190,6 +214,8 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     parts = completed_parts(outdir, report)
     tdir = outdir / TOKENS_DIR
     tdir.mkdir(parents=True, exist_ok=True)
+    for suffix in (".json", ".npy"):  # the parts may change below: the offsets must not outlive them
+        (outdir / OFFSETS).with_suffix(suffix).unlink(missing_ok=True)
     keep = {f"part-{k:05d}" for k, _, _ in parts}
     for stale in tdir.glob("part-*"):  # parts whose text is gone (the read stage was re-run on other inputs)
         if stale.name[:10] not in keep:
@@ -217,9 +243,10 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     bar = tqdm(total=sum(m["source_bytes"] for m in metas.values()), unit="B", unit_scale=True,
                desc="tokenize", disable=not todo)
     start, writers = time.perf_counter(), {}
-    for k, last, ids, lengths, docs, stats in _map_ordered(tasks, workers, str(tok_path), dtype.name, unk_id):
+    for k, last, ids, lengths, docs, stats, open_end in _map_ordered(tasks, workers, str(tok_path), dtype.name,
+                                                                     unk_id):  # fmt: skip
         writer = writers.get(k) or writers.setdefault(k, _PartWriter(tdir, k, metas[k]))
-        writer.add(ids, lengths, docs, stats)
+        writer.add(ids, lengths, docs, stats, open_end)
         bar.update(stats[0])
         if last:
             (n_docs, n_sentences), jsonl = expected[k]
@@ -228,6 +255,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
                 totals[key] += done[key]
             bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start) / 1e3:.0f}k tok/s")
     bar.close()
+    write_sentence_offsets(outdir)
 
     for key, name in (("tokens", "tokens"), ("unk_tokens", "unk_tokens"), ("sentences", "sentences_tokenized"),
                       ("empty_sentences", "empty_sentences"), ("documents", "documents_tokenized")):
@@ -286,6 +314,54 @@ def _map_ordered(tasks: Iterator, workers: int, tokenizer_json: str, dtype: str,
             stop.set()
 
 
+def _part_metas(tdir: Path) -> tuple[list[str], list[dict]]:
+    names = sorted(p.name[: -len(".docs.npy")] for p in tdir.glob("part-*.docs.npy"))
+    if not names:
+        raise DataPrepError(f"{tdir}: no tokenized parts; run stage=tokenize first")
+    return names, [json.loads((tdir / f"{n}.json").read_text()) for n in names]
+
+
+def _sentence_offsets(tdir: Path, names: list[str], metas: list[dict], out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` (``num_sentences + 1``) with every sentence's corpus-wide start offset, part after part."""
+    out[0], s, base = 0, 1, 0
+    for n, meta in zip(names, metas, strict=True):
+        ends = np.load(tdir / f"{n}.sentences.npy", mmap_mode="r")
+        np.add(ends, base, out=out[s : s + len(ends)])
+        s, base = s + len(ends), base + int(meta["tokens"])
+    return out
+
+
+def _offsets_key(names: list[str], metas: list[dict]) -> list:
+    return [[n, m["sentences"], m["tokens"], m["vocab_sha256"]] for n, m in zip(names, metas, strict=True)]
+
+
+def write_sentence_offsets(outdir: Path) -> None:
+    """``work/sentence_offsets.npy`` for the complete token store, written atomically, its key last."""
+    tdir, path = outdir / TOKENS_DIR, outdir / OFFSETS
+    names, metas = _part_metas(tdir)
+    tmp = path.with_name(path.name + ".npy.tmp")
+    total = sum(int(m["sentences"]) for m in metas) + 1
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(total,))  # page cache, not heap
+    _sentence_offsets(tdir, names, metas, out).flush()
+    del out
+    os.replace(tmp, path.with_suffix(".npy"))
+    key = path.with_name(path.name + ".json.tmp")
+    key.write_text(json.dumps({"parts": _offsets_key(names, metas)}) + "\n")
+    os.replace(key, path.with_suffix(".json"))
+
+
+def _shared_offsets(outdir: Path, names: list[str], metas: list[dict]) -> np.ndarray | None:
+    """The memory-mapped offsets when they were written for exactly these parts, else None."""
+    path = outdir / OFFSETS
+    try:
+        if json.loads(path.with_suffix(".json").read_text())["parts"] != _offsets_key(names, metas):
+            return None
+        offsets = np.load(path.with_suffix(".npy"), mmap_mode="r")
+    except (OSError, ValueError, KeyError):
+        return None
+    return offsets if len(offsets) == sum(int(m["sentences"]) for m in metas) + 1 else None
+
+
 class TokenStore:
     """Read-only, corpus-wide view of the token store in ``OUTDIR/work/tokens`` (all parts, in order).
 
@@ -304,31 +380,24 @@ class TokenStore:
 
     def __init__(self, outdir: str | os.PathLike):
         tdir = Path(outdir) / TOKENS_DIR
-        names = sorted(p.name[: -len(".docs.npy")] for p in tdir.glob("part-*.docs.npy"))
-        if not names:
-            raise DataPrepError(f"{tdir}: no tokenized parts; run stage=tokenize first")
-        metas = [json.loads((tdir / f"{n}.json").read_text()) for n in names]
+        names, metas = _part_metas(tdir)
         if len({m["vocab_sha256"] for m in metas}) > 1:
             raise DataPrepError(f"{tdir}: parts were tokenized with different vocabularies; re-run stage=tokenize")
         self.part_names, self.vocab_sha256 = names, metas[0]["vocab_sha256"]
         self.vocab_size, self.dtype = metas[0]["vocab_size"], np.dtype(metas[0]["dtype"])
         self.parts: list[np.ndarray] = []
-        sent_ends, doc_ends, tok_base, sent_base = [], [], 0, 0
-        part_starts = [0]
-        for n in names:
+        doc_ends, sent_base = [], 0
+        for n, meta in zip(names, metas, strict=True):
             bin_path = tdir / f"{n}.tokens.bin"
             size = bin_path.stat().st_size  # np.memmap refuses empty files
             self.parts.append(np.memmap(bin_path, self.dtype, mode="r") if size else np.zeros(0, self.dtype))
-            s_ends, d_ends = np.load(tdir / f"{n}.sentences.npy"), np.load(tdir / f"{n}.docs.npy")
-            sent_ends.append(s_ends + tok_base)
-            doc_ends.append(d_ends + sent_base)
-            tok_base += len(self.parts[-1])
-            sent_base += len(s_ends)
-            part_starts.append(tok_base)
-        zero = [np.zeros(1, np.int64)]
-        self.sentence_offsets: np.ndarray = np.concatenate(zero + sent_ends)
-        self.doc_offsets: np.ndarray = np.concatenate(zero + doc_ends)
-        self.part_token_offsets = np.asarray(part_starts, np.int64)  # part p holds tokens [p, p+1)
+            doc_ends.append(np.load(tdir / f"{n}.docs.npy") + sent_base)
+            sent_base += int(meta["sentences"])
+        self.part_token_offsets = np.cumsum([0] + [len(t) for t in self.parts], dtype=np.int64)
+        self.doc_offsets: np.ndarray = np.concatenate([np.zeros(1, np.int64), *doc_ends])
+        self.sentence_offsets: np.ndarray = _shared_offsets(Path(outdir), names, metas)
+        if self.sentence_offsets is None:  # written by the tokenize stage; without it, built here (in memory)
+            self.sentence_offsets = _sentence_offsets(tdir, names, metas, np.empty(sent_base + 1, np.int64))
 
     @property
     def num_docs(self) -> int:

@@ -57,6 +57,8 @@ class ShardDataset(Dataset):
         self._open()
 
     def _open(self) -> None:
+        # Shard() checks headers, sizes, dtypes and shapes: a truncated or corrupt file raises ShardError (a
+        # ValueError, one line naming the file and what to do), which the trainer reports as a data error.
         reader = SplitReader(self.data_dir, self.split)
         self.cumulative = reader.cumulative.astype(np.int64)
         # Plain ndarray views of the memmaps: slicing an np.memmap costs ~10x more than slicing an ndarray.

@@ -165,7 +165,7 @@ def test_text_bom_empty_and_invalid_utf8(tmp_path):
     docs, report = read(str(tmp_path))
     assert [d.doc_id for d in docs] == ["bom.txt"] and docs[0].text == "Hello there. A second line.\n"
     assert report.skipped["file: empty file"] == [str(tmp_path / "empty.txt")]
-    assert report.skipped["file: not valid UTF-8 (byte offset 23)"] == [str(tmp_path / "bad.txt")]
+    assert report.skipped["file: not valid UTF-8"] == [f"{tmp_path / 'bad.txt'} (byte offset 23)"]
     assert report.counts["files_skipped"] == 2
     with pytest.raises(DataPrepError, match=r"bad\.txt: not valid UTF-8"):
         read(str(tmp_path / "bad.txt"), strict=True)
@@ -209,7 +209,7 @@ def test_truncated_compressed_streams_keep_earlier_documents(tmp_path):
     path.write_bytes(bz2.compress(first.encode()) + tail[: len(tail) // 2])  # two streams, the second cut
     docs, report = read(str(path))
     assert [d.doc_id for d in docs] == ["0", "1", "2"]
-    assert report.skipped["file: truncated or corrupt compressed stream after 3 documents"] == [str(path)]
+    assert report.skipped["file: truncated or corrupt compressed stream"] == [f"{path} (after 3 documents)"]
     with pytest.raises(DataPrepError, match=r"cut\.xml\.bz2: truncated"):
         read(str(path), strict=True)
     lines = "".join(json.dumps({"text": f"Record {i}."}) + "\n" for i in range(4)).encode()
@@ -227,8 +227,8 @@ def test_jsonl_and_parquet_records(tmp_path):
     path.write_text('{"text": "First doc.", "id": "a"}\n{bad json\n\n{"body": "no text"}\n{"text": "Last doc."}\n')
     docs, report = read(str(path))
     assert [(d.doc_id, d.text, d.kind) for d in docs] == [("a", "First doc.", "jsonl"), ("line5", "Last doc.", "jsonl")]
-    assert report.skipped["document: bad JSON on line 2"] == [f"{path}:2"]
-    assert report.skipped["document: no text field 'text' on line 4"] == [f"{path}:4"]
+    assert report.skipped["document: bad JSON"] == [f"{path} (line 2)"]
+    assert report.skipped["document: no text field 'text'"] == [f"{path} (line 4)"]
     with pytest.raises(DataPrepError, match="line 2"):
         read(str(path), strict=True)
     pq.write_table(pa.table({"content": ["Doc one.", "Doc two."], "n": [1, 2]}), tmp_path / "t.parquet")
