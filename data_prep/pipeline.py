@@ -10,6 +10,7 @@ array tasks (``num_tasks > 1``) into one data directory.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -97,8 +98,25 @@ def _runner(stage: str):
     return run_shards
 
 
+# Errors of the output disk (full, quota, read-only, not ours): the user's to fix, so one line, not a traceback.
+_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the configured stage(s); return the manifest when the shards stage ran, else the stage states."""
+    try:
+        return _prepare(cfg)
+    except OSError as e:
+        if e.errno not in _DISK_ERRORS:
+            raise
+        where = Path(e.filename) if e.filename else Path(cfg.output_dir)
+        free = shutil.disk_usage(cfg.output_dir).free / 2**20 if Path(cfg.output_dir).exists() else 0.0
+        raise DataPrepError(f"{where}: {e.strerror} ({free:,.0f} MB free under output_dir={cfg.output_dir}); free "
+                            "space or fix the permissions, then rerun the same command: finished stages and "
+                            "shards are kept, nothing complete was overwritten") from None
+
+
+def _prepare(cfg: PrepareConfig) -> dict:
     validate(cfg)
     if cfg.stage == "merge":
         return merge(cfg)

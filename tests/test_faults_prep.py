@@ -283,3 +283,29 @@ def test_utf16_files_are_decoded_and_broken_ones_skipped(tmp_path):
         ("line1", "Sentence 0 of the first document."), ("line7", "Zweites Dokument, Satz 0, schön."),
         ("le32.txt.gz", "Ein Text in UTF-32. Mit zwei Sätzen.")]  # fmt: skip
     assert report.skipped == {"file: not valid UTF-16": [f"{tmp_path / 'bad.txt'} (after 0 documents)"]}
+
+
+def test_full_then_readonly_disk_one_line_and_rerun_identical(vocab, reference, tmp_path):
+    """Output on a 600 kB tmpfs: one error line naming the disk problem, exit 2; read-only: the same; after the
+    space is there, the same command finishes with output identical to an uninterrupted run's."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = mnt / "out"
+        for problem, remount in (("No space left on device", None), ("Read-only file system", "remount,ro")):
+            if remount:
+                subprocess.run(["mount", "-o", remount, str(mnt)], check=True)
+            r = launch(f"output_dir={out}", f"vocab={vocab}", *PYDOCS)
+            errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+            assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+            assert len(errors) == 1 and problem in errors[0] and "rerun the same command" in errors[0]
+        subprocess.run(["mount", "-o", "remount,rw,size=64m", str(mnt)], check=True)
+        r = launch(f"output_dir={out}", f"vocab={vocab}", *PYDOCS)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert tree(out) == tree(reference)
+        ours, ref = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
+        assert comparable(ours)["splits"] == comparable(ref)["splits"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
