@@ -3,7 +3,8 @@
     python launch/prepare_data.py inputs=[PATH,...] output_dir=OUT vocab_size=N max_seq_length=L \
         nsp=true seed=S num_workers=W strict=false [stage=read|vocab|tokenize|shards|merge]
 
-Every option is documented in data_prep/config.py. User mistakes end with one line on stderr and exit code 2.
+Every option is documented in data_prep/config.py. User mistakes (an unknown option, with the close match; a bad
+value; unreadable inputs) end with one ``error:`` line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from data_prep.config import PrepareConfig  # noqa: E402
 from data_prep.pipeline import prepare  # noqa: E402
@@ -39,4 +41,10 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from pretrain.cli import check_overrides  # light: no torch
+
+    problem = check_overrides(ROOT / "conf", "prepare_data", "data_prep/config.py")  # before Hydra's own report
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

@@ -9,12 +9,23 @@ Config groups (conf/): model, data, optim, scheduler, deepspeed, trainer, logger
 in pretrain/config.py. The run dir is ``runs/<name>[,<overrides>]`` (or ``run_dir=...``), the same on every rank,
 so a requeued job with the same command resumes (``resume=auto``, the default).
 
-Exit codes: 0 done; 2 configuration or data mistake (one line on stderr, before any work);
-75 preempted (SIGUSR1/SIGTERM or trainer.max_time_minutes): a checkpoint was saved, requeue to continue.
+Exit codes (each failure is one ``error:`` line on stderr, no traceback):
+  0   done (or stopped at trainer.stop_at_step).
+  2   configuration or data mistake: an unknown option (with the close match), a bad value, a missing group
+      option, a wrong data.dir, a vocabulary or batch-size mismatch; found before any work.
+  69  a rank is missing: one died, froze or its node went away mid-run (named, from the heartbeats the ranks
+      keep in the rendezvous store), or a rank never joined the rendezvous at MASTER_ADDR:MASTER_PORT. Both are
+      bounded by trainer.collective_timeout_minutes (a killed rank is seen at once, a frozen one after it).
+      The last complete checkpoint is kept; rerun the same command to resume.
+  75  preempted (SIGUSR1/SIGTERM on any rank, or trainer.max_time_minutes): every rank checkpointed, requeue to
+      continue. A signal that arrives during start-up (even while torch is still importing) is kept: the run
+      does its first step, checkpoints it and exits 75; further signals during the save change nothing.
+  130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import warnings
@@ -27,13 +38,16 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain.distributed import strip_local_rank_arg  # noqa: E402
+from pretrain import cli  # noqa: E402
+from pretrain import distributed as D  # noqa: E402  (no torch import: it is lazy there)
 
-strip_local_rank_arg()  # before Hydra parses argv: the DeepSpeed launcher appends --local_rank=N
+D.catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
+cli.strip_local_rank_arg()  # before Hydra parses argv: the DeepSpeed launcher appends --local_rank=N
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from pretrain.config import UserError, register_configs  # noqa: E402
 
@@ -59,7 +73,10 @@ def main(cfg: DictConfig) -> None:
             # trainer.phase only labels a recipe; without this a "phase 1" run would quietly be the 40-step smoke run
             raise UserError("trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
                             "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)")
-        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        try:
+            cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
+            raise UserError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
             run_dir = Path(cfg.run_dir)
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -67,15 +84,45 @@ def main(cfg: DictConfig) -> None:
             (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
         from pretrain.trainer import train
 
+        D.set_failure_hint(lambda: _resume_hint(Path(cfg.run_dir).resolve()))
         code = train(cfg, cfg_dict)
+        D.ignore_preempt_signals()  # every rank is past its save: a late signal must not replace the exit code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except D.RendezvousError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(D.LOST_RANK_EXIT_CODE)  # not sys.exit: a store client may still be connecting on a thread
     except KeyboardInterrupt:
         print("interrupted: the last complete checkpoint is kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        print(f"error: {e.filename or cfg.run_dir}: {e.strerror}; free space or fix the permissions (or point "
+              "run_dir elsewhere), then rerun the same command", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except Exception as e:
+        lost = D.explain_failure(e)  # None: not a communication failure, a bug: Hydra prints the traceback
+        if lost is None:
+            raise
+        D.exit_lost_rank(lost)  # one line with _resume_hint, exit 69 at once (no teardown of a broken group)
     sys.exit(code)
 
 
+def _resume_hint(run_dir: Path) -> str:
+    from pretrain.trainer import find_checkpoint
+
+    tag = find_checkpoint(run_dir / "checkpoints")
+    if tag is None:
+        return f"no complete checkpoint in {run_dir / 'checkpoints'} yet; rerun the same command to start again"
+    return f"the last complete checkpoint is {tag}; rerun the same command to resume"
+
+
 if __name__ == "__main__":
+    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/config.py")  # before Hydra's own report
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

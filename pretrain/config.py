@@ -128,6 +128,10 @@ class TrainerConfig:
     """How long a collective waits for a rank that died, froze or never started before every other rank stops
     with an error naming it (the NCCL/gloo default is 30 minutes). Must exceed the longest gap between two
     collectives: a checkpoint save or an evaluation pass."""
+    rendezvous_timeout_minutes: float = 1.0
+    """How long a rank waits at start-up for the others to join MASTER_ADDR:MASTER_PORT before it stops with one
+    line naming them (a rank that never started, a wrong address). Counted from when this rank is ready, after
+    its data checks: raise it where ranks verify a very large corpus at different speeds."""
     max_nonfinite_steps: int = 3
     """A step whose loss or gradients are not finite is skipped (fp16: DeepSpeed lowers the loss scale); this many
     in a row stop the run, naming the step and the last good checkpoint. 0 = stop at the first."""

@@ -1,8 +1,14 @@
-"""Launcher detection, process-group set-up and coordinated preemption signals.
+"""Launcher detection, process-group set-up, lost-rank detection and preemption signals.
 
 The same script runs under ``deepspeed``, ``torchrun`` and ``srun``: DeepSpeed's launcher and torchrun export
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; under ``srun`` we derive them from SLURM_PROCID,
-SLURM_LOCALID, SLURM_NTASKS and the first host of SLURM_JOB_NODELIST before ``deepspeed.init_distributed``.
+SLURM_LOCALID, SLURM_NTASKS and the first host of SLURM_JOB_NODELIST before the process group starts.
+
+Faults: the rendezvous and every collective are bounded by ``trainer.collective_timeout_minutes``; each rank
+beats a heartbeat into the rendezvous store, so when a collective fails the survivors name the rank that died or
+froze (``explain_failure``) instead of hanging or printing a backend traceback.
+
+torch is imported lazily: ``catch_preempt_signals`` runs at the top of the entry point, before any heavy import.
 """
 
 from __future__ import annotations
@@ -12,31 +18,80 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
 
-import torch
-import torch.distributed as dist
+from packaging.version import Version
+
+if TYPE_CHECKING:
+    import torch
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, requeue the job with the same run dir to continue
+LOST_RANK_EXIT_CODE = 69  # EX_UNAVAILABLE: a rank died, froze or never joined; rerun the same command to resume
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
+# ---------------------------------------------------------------------------------------------- signals
 
-def strip_local_rank_arg(argv: list[str] | None = None) -> None:
-    """Remove ``--local_rank=N`` / ``--local_rank N`` (added by the DeepSpeed launcher) from argv, setting
-    LOCAL_RANK from it, so Hydra only sees its own overrides. Runs before ``@hydra.main`` parses argv."""
-    argv = sys.argv if argv is None else argv
-    i = 1
-    while i < len(argv):
-        arg = argv[i]
-        if arg.startswith(("--local_rank=", "--local-rank=")):
-            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
-            del argv[i]
-        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
-            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
-            del argv[i : i + 2]
-        else:
-            i += 1
+_early_signals: list[str] = []  # preemption signals that arrived before the trainer's StopFlag existed
 
+
+def _remember_signal(signum: int, frame: Any) -> None:
+    _early_signals.append(signal.Signals(signum).name)
+
+
+def catch_preempt_signals() -> None:
+    """Record SIGUSR1/SIGTERM from now on instead of dying (their default action): SLURM may signal a job while
+    it is still importing torch; ``StopFlag`` picks the signal up and the run checkpoints at its first step."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, _remember_signal)
+
+
+def ignore_preempt_signals() -> None:
+    """Once the run is over (finished, or checkpointed for exit 75): ignore further SIGUSR1/SIGTERM. Python puts
+    the default action (terminate) back while it shuts down, so a late signal would turn exit 75 into a death
+    by signal, which SLURM does not requeue; an ignored signal stays ignored."""
+    for sig in PREEMPT_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
+class StopFlag:
+    """SIGUSR1 (SLURM ``--signal=USR1@120``) and SIGTERM set a local flag; ``agreed`` all-reduces it (MAX) so
+    every rank stops at the same step boundary, whichever rank got the signal. A signal caught earlier by
+    ``catch_preempt_signals`` counts as received here; later signals (a second one during the save) only set the
+    flag again."""
+
+    def __init__(self) -> None:
+        self.local = False
+        self.signal_name: str | None = None
+        for sig in PREEMPT_SIGNALS:  # install first, then drain: a signal in between lands in _handler
+            signal.signal(sig, self._handler)
+        if _early_signals:
+            self.local, self.signal_name = True, _early_signals[0]
+            _early_signals.clear()
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.local = True
+        self.signal_name = self.signal_name or signal.Signals(signum).name
+
+    def agreed(self, extra: bool, device: torch.device) -> bool:
+        """True on every rank when any rank got a signal (or ``extra``, e.g. a time limit, is set anywhere)."""
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([1.0 if (self.local or extra) else 0.0], device=device)
+        return bool(all_reduce(t, dist.ReduceOp.MAX).item() > 0)
+
+
+def _first_line(text: object) -> str:
+    return next((s.strip() for s in str(text).splitlines() if s.strip()), "").rstrip(".")
+
+
+# ---------------------------------------------------------------------------------------------- launcher env
 
 @dataclass
 class DistEnv:
@@ -96,12 +151,229 @@ def detect_env() -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
 
 
-def init(env: DistEnv) -> torch.device:
+# ---------------------------------------------------------------------------------------------- process group
+
+class RendezvousError(Exception):
+    """Not every rank joined the rendezvous in time (one never started, or MASTER_ADDR/MASTER_PORT is wrong)."""
+
+
+def _within(seconds: float, fn: Callable[[], Any]) -> Any:
+    """``fn()`` on a daemon thread; TimeoutError after ``seconds``. A store whose host is frozen (SIGSTOP, a hung
+    node) accepts connections and never answers, and TCPStore's reads have no timeout of their own. After a
+    timeout the thread stays behind in C++: leave with ``os._exit`` (interpreter shutdown would abort in it)."""
+    box: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            box.append((True, fn()))
+        except BaseException as e:  # handed to the caller
+            box.append((False, e))
+
+    thread = threading.Thread(target=run, name="store-call", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if not box:
+        raise TimeoutError(f"no answer within {seconds:.0f} s")
+    ok, value = box[0]
+    if not ok:
+        raise value
+    return value
+
+
+class _Heartbeat:
+    """A daemon thread that beats ``heartbeat/<rank>`` = "<count> <unix time>" into the rendezvous store every
+    ``interval`` seconds, over its own connection, and watches the others. It beats while the main thread waits
+    in a collective (the backends release the GIL) and stops when the process dies or is frozen (SIGSTOP).
+
+    Rank 0 watches every heartbeat: one that has not changed for ``timeout_s`` (on rank 0's own clock) is a lost
+    rank; rank 0 posts the verdict under ``abort`` for the others and every rank exits with it. The other ranks
+    watch for the verdict, rank 0's heartbeat and the store itself: one that has not answered for ``timeout_s``
+    means rank 0 (its host) is lost. This bounds the wait even where a collective's own timeout does not apply:
+    DeepSpeed creates its groups with ``new_group()``, whose default timeout is torch's 30 minutes, not the world
+    group's."""
+
+    def __init__(self, host: str, port: int, rank: int, world_size: int, timeout_s: float) -> None:
+        self.host, self.port, self.rank, self.world_size = host, port, rank, world_size
+        self.timeout_s, self.interval = timeout_s, min(5.0, max(0.5, timeout_s / 30))
+        self.call_s = max(3.0, 2 * self.interval)  # one store round trip gives up after this
+        self.store = self._client()
+        self.seen: dict[int, tuple[bytes, float]] = {}  # rank 0: last heartbeat value, monotonic time it changed
+        self.count, self.last_ok = 0, time.monotonic()
+        self._beat()  # before the first collective: every rank has a heartbeat to compare
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self.thread.start()
+
+    def _client(self) -> Any:
+        import torch.distributed as dist
+
+        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=self.call_s),
+                              wait_for_workers=False)
+        return dist.PrefixStore("pretrain/heartbeat", store)
+
+    def _beat(self) -> None:
+        self.count += 1
+        self.store.set(str(self.rank), f"{self.count} {time.time():.3f}")
+
+    def _round(self) -> str | None:
+        self._beat()
+        if self.rank != 0 and self.store.check(["abort"]):
+            return self.store.get("abort").decode()
+        # rank 0 watches everyone; the others watch rank 0 (under torchrun the store outlives a frozen rank 0)
+        now, watched = time.monotonic(), range(self.world_size) if self.rank == 0 else [0]
+        for r in watched:
+            value = self.store.get(str(r)) if self.store.check([str(r)]) else b""
+            if r != self.rank and (r not in self.seen or self.seen[r][0] != value):
+                self.seen[r] = (value, now)
+        lost = [(r, now - t) for r, (_, t) in sorted(self.seen.items()) if now - t > self.timeout_s]
+        return _lost_message(lost) if lost else None
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            try:
+                verdict = _within(self.call_s, self._round)
+                self.last_ok = time.monotonic()
+            except Exception:  # the store does not answer: rank 0, its host, died or froze
+                down, verdict = time.monotonic() - self.last_ok, None
+                if down > self.timeout_s:
+                    who = "torchrun's agent" if _agent_store() else "rank 0"
+                    verdict = f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} has not " \
+                              f"answered for {down:.0f} s: it was killed or frozen, or its node died)"
+            if verdict and not self.stopped.is_set():
+                if self.rank == 0:
+                    self.store.set("abort", verdict)
+                    time.sleep(1.5 * self.interval + 0.5)  # the others read it before this store goes away
+                exit_lost_rank(verdict)
+
+    def stop(self) -> None:
+        self.stopped.set()
+        self.thread.join(timeout=self.call_s + 1)
+
+    def diagnose(self) -> str | None:
+        """After a collective failed: the verdict rank 0 posted, else the ranks whose heartbeat does not advance
+        over ~2.5 intervals (a killed rank breaks its connections at once, long before ``timeout_s``)."""
+        keys = [str(r) for r in range(self.world_size)]
+
+        def sample() -> str | None:
+            with _quiet_cpp_stderr():
+                store = self._client()
+            if store.check(["abort"]):
+                return store.get("abort").decode()
+            first = {r: store.get(k) for r, k in enumerate(keys) if store.check([k])}
+            time.sleep(2.5 * self.interval + 0.5)
+            second = {r: store.get(k) for r, k in enumerate(keys) if store.check([k])}
+            now = time.time()
+            lost = [(r, now - float(second[r].split()[1]) if r in second else float("nan"))
+                    for r in range(self.world_size) if r != self.rank and second.get(r, b"") == first.get(r, b"")]
+            return _lost_message(lost) if lost else None
+
+        try:
+            return _within(2.5 * self.interval + 0.5 + 3 * self.call_s, sample)
+        except Exception:
+            who = "torchrun's agent" if _agent_store() else "rank 0"
+            return f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} does not answer: it " \
+                   f"was killed or frozen, or its node died)"
+
+
+def _lost_message(lost: list[tuple[int, float]]) -> str:
+    ranks, age = ", ".join(str(r) for r, _ in lost), max(a for _, a in lost)
+    since = f"no heartbeat for {age:.0f} s" if age == age else "no heartbeat at all"
+    return f"lost rank{'s' if len(lost) > 1 else ''} {ranks} ({since}; it crashed, was killed or frozen, or its " \
+           f"node died: see its own output)"
+
+
+_exit_lock = threading.Lock()
+_failure_hint: Callable[[], str] | None = None  # set by the entry point: where to resume from
+_heartbeat: _Heartbeat | None = None
+_store: Any = None  # rank 0's TCPStore server lives as long as this reference
+
+
+def set_failure_hint(hint: Callable[[], str]) -> None:
+    """``hint()`` gives the tail of the lost-rank error line (the last complete checkpoint, how to resume)."""
+    global _failure_hint
+    _failure_hint = hint
+
+
+def exit_lost_rank(message: str) -> None:
+    """Print ``error: <message>: <hint>`` once per process and exit LOST_RANK_EXIT_CODE at once: tearing down a
+    process group whose peer is gone can block, and so can joining threads stuck in a collective."""
+    with _exit_lock:  # the heartbeat thread and the main thread may both get here
+        try:
+            tail = f": {_failure_hint()}" if _failure_hint else ""
+        except Exception:
+            tail = ""
+        sys.stdout.flush()
+        print(f"error: {message}{tail}", file=sys.stderr, flush=True)
+        os._exit(LOST_RANK_EXIT_CODE)
+
+
+@contextmanager
+def _quiet_cpp_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while a store client connects: torch's C++ side logs every retry with a stack
+    trace (and cannot be told otherwise once loaded); a failure becomes our own one-line error instead."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _agent_store() -> bool:
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's agent hosts it
+
+
+def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
+    """Rank 0 hosts the TCPStore and waits for every rank; the others connect. Both give up after ``timeout_s``
+    with a RendezvousError naming MASTER_ADDR:MASTER_PORT (torch's own default wait is 30 minutes)."""
+    import torch.distributed as dist
+
+    host, port, agent = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), _agent_store()
+    master = env.rank == 0 and not agent
+    t0 = time.time()
+
+    def connect() -> Any:
+        while True:  # clients: short attempts, as a client's own connect loop overruns its timeout up to 2.5x
+            left = t0 + timeout_s - time.time()
+            try:
+                return dist.TCPStore(host, port, world_size=None if agent else env.world_size, is_master=master,
+                                     timeout=timedelta(seconds=timeout_s if master else max(1.0, min(5.0, left))),
+                                     wait_for_workers=not agent, multi_tenant=True)
+            except (RuntimeError, OSError):
+                if master or time.time() - t0 >= timeout_s:
+                    raise
+
+    try:
+        with _quiet_cpp_stderr():
+            return _within(timeout_s + 30, connect)
+    except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError, TimeoutError, socket
+        took, why = time.time() - t0, _first_line(e)
+        if master and "clients joined" in why:
+            joined = why.split("clients joined")[0].split()[-1]  # "1/2"
+            what = f"{joined} ranks joined: start every rank, and give them the same MASTER_ADDR/MASTER_PORT"
+        elif master:
+            what = f"rank 0 cannot serve it ({why}): free the port or choose another MASTER_PORT"
+        else:
+            what = f"rank {env.rank} cannot reach rank 0 there ({why}): is rank 0 running, and are " \
+                   f"MASTER_ADDR/MASTER_PORT its address?"
+        raise RendezvousError(f"rendezvous at {host}:{port} failed after {took:.0f} s "
+                              f"(trainer.collective_timeout_minutes): {what}") from None
+
+
+def init(env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float | None = None) -> torch.device:
     """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; return this rank's device.
 
-    The device follows DeepSpeed's accelerator detection, so ``DS_ACCELERATOR=cpu`` runs on the CPU (gloo) even
-    where a GPU is visible, as DeepSpeed's own launcher and ops do."""
+    ``timeout_minutes`` bounds every collective of the world group (gloo's and NCCL's timeout) and, through the
+    heartbeats, the wait for a rank that died or froze; ``rendezvous_minutes`` (default: the same) bounds the
+    wait for every rank to arrive. The device follows DeepSpeed's accelerator detection, so
+    ``DS_ACCELERATOR=cpu`` runs on the CPU (gloo) even where a GPU is visible, as DeepSpeed's own launcher does."""
+    global _heartbeat, _store
     import deepspeed
+    import torch
+    import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":
@@ -109,43 +381,66 @@ def init(env: DistEnv) -> torch.device:
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    timeout = timedelta(minutes=timeout_minutes)
+    if not dist.is_initialized():
+        _store = _rendezvous(env, 60 * (timeout_minutes if rendezvous_minutes is None else rendezvous_minutes))
+        _store.set_timeout(timeout)  # the backend's connection set-up waits on the store as long as a collective
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl" and not Version("2.6.0") < Version(torch.__version__) < Version("2.7.1"):  # hang there
+            kwargs["device_id"] = device  # bind the communicator to this GPU: no guessing, no warning
+        dist.init_process_group(backend, store=_store, rank=env.rank, world_size=env.world_size, timeout=timeout,
+                                **kwargs)
+    # DeepSpeed adopts the initialised group (its TorchBackend wraps torch.distributed)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
+    if env.world_size > 1 and _heartbeat is None:
+        _heartbeat = _Heartbeat(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.rank,
+                                env.world_size, timeout.total_seconds())
     return device
 
 
+def explain_failure(exc: BaseException) -> str | None:
+    """After an exception in a multi-rank run: one line naming the rank(s) lost, or saying a collective failed
+    while every rank lives; None when this is not a communication failure (a plain bug: show its traceback)."""
+    import torch.distributed as dist
+
+    if _heartbeat is None:
+        return None
+    lost = _heartbeat.diagnose()
+    if lost:
+        return lost
+    if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
+        return f"a collective failed while every rank is alive ({_first_line(exc)[:200]}); if one rank was busy " \
+               f"longer than trainer.collective_timeout_minutes (a long save or evaluation), raise it"
+    return None
+
+
 def barrier() -> None:
+    import torch
+    import torch.distributed as dist
+
     if dist.is_initialized():  # NCCL: name this rank's GPU, or torch guesses it (and warns on every call)
         nccl = dist.get_backend() == "nccl"
         dist.barrier(device_ids=[torch.cuda.current_device()] if nccl else None)
 
 
 def shutdown() -> None:
-    """Release the process group at a normal exit (NCCL warns of leaked communicators otherwise)."""
+    """At a normal exit (also 75): wait for every rank, then release the process group (NCCL warns of leaked
+    communicators otherwise). The barrier matters under the ``deepspeed`` launcher, which kills the other ranks
+    as soon as one exits non-zero: no rank leaves before all have finished their save, logs and summary."""
+    global _heartbeat
+    import torch.distributed as dist
+
     if dist.is_initialized():
+        barrier()  # heartbeats go on meanwhile: a rank waiting here for a slow rank 0 is not a lost one
+        if _heartbeat is not None:  # a store lost after this barrier is rank 0 leaving, not a fault
+            _heartbeat.stop()
+            _heartbeat = None
         dist.destroy_process_group()
 
 
-def all_reduce(t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
+    import torch.distributed as dist
+
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t, op=op)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
     return t
-
-
-class StopFlag:
-    """SIGUSR1 (SLURM ``--signal=USR1@120``) and SIGTERM set a local flag; ``agreed`` all-reduces it (MAX) so
-    every rank stops at the same step boundary, whichever rank got the signal."""
-
-    def __init__(self) -> None:
-        self.local = False
-        self.signal_name: str | None = None
-        for sig in PREEMPT_SIGNALS:
-            signal.signal(sig, self._handler)
-
-    def _handler(self, signum: int, frame) -> None:  # noqa: ANN001 - signal handler signature
-        self.local = True
-        self.signal_name = signal.Signals(signum).name
-
-    def agreed(self, extra: bool, device: torch.device) -> bool:
-        """True on every rank when any rank got a signal (or ``extra``, e.g. a time limit, is set anywhere)."""
-        t = torch.tensor([1.0 if (self.local or extra) else 0.0], device=device)
-        return bool(all_reduce(t, dist.ReduceOp.MAX).item() > 0)

@@ -188,7 +188,8 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     from pretrain.masking import MaskingConfig
     from pretrain.model import export_hf
 
-    device, run_dir = D.init(env, t.collective_timeout_minutes), Path(cfg.run_dir).resolve()
+    device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes)
+    run_dir = Path(cfg.run_dir).resolve()
     main, ckpt_root = env.is_main, run_dir / "checkpoints"
     resume_tag = None if cfg.resume == "none" else (
         find_checkpoint(ckpt_root) if cfg.resume == "auto" else tag_dir(cfg.resume, "resume"))

@@ -105,6 +105,7 @@ def test_hydra_run_dir_is_not_a_timestamp():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", return_hydra_config=True)
     hydra = OmegaConf.to_container(cfg.hydra, resolve=False)
-    assert hydra["run"]["dir"] == "${run_dir}" and hydra["output_subdir"] is None
+    # Hydra's own dir is the working dir (it writes nothing: no .hydra, logs to stdout); the run dir is ours
+    assert hydra["run"]["dir"] == "." and hydra["output_subdir"] is None
     assert "resume" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]
     assert OmegaConf.to_container(cfg, resolve=False)["run_dir"] == "runs/${run_name}"

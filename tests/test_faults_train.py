@@ -278,3 +278,16 @@ def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_pat
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-5)
 
+
+
+def test_read_only_run_dir_is_one_line(data, tmp_path):
+    mnt = tmp_path / "ro"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        r = _run(mnt / "run", data, "trainer.max_steps=2")
+        errors = _error_lines(r)
+        assert r.returncode == 2 and len(errors) == 1 and "Read-only file system" in errors[0], r.stderr[-2000:]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

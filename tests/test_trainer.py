@@ -19,6 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from data_prep.store import write_shard
+from pretrain import cli
 from pretrain import distributed as D
 from pretrain.config import UserError, preflight
 from pretrain.metrics import truncate_metrics
@@ -131,10 +132,10 @@ def test_bert_schedule_warmup_then_polynomial():
 def test_strip_local_rank(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     argv = ["x.py", "--local_rank=3", "model=tiny"]
-    D.strip_local_rank_arg(argv)
+    cli.strip_local_rank_arg(argv)
     assert argv == ["x.py", "model=tiny"] and os.environ["LOCAL_RANK"] == "3"
     argv = ["x.py", "--local_rank", "1", "a=b"]
-    D.strip_local_rank_arg(argv)
+    cli.strip_local_rank_arg(argv)
     assert argv == ["x.py", "a=b"]
 
 

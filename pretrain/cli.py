@@ -1,0 +1,102 @@
+"""Command line of the entry points: the DeepSpeed launcher's ``--local_rank`` argument, and Hydra overrides
+checked before Hydra runs, so a typo is one ``error:`` line with the close match and exit code 2.
+
+Imports nothing heavy at module level: the entry points call it before torch is imported.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+
+
+def strip_local_rank_arg(argv: list[str] | None = None) -> None:
+    """Remove ``--local_rank=N`` / ``--local_rank N`` (added by the DeepSpeed launcher) from argv, setting
+    LOCAL_RANK from it, so Hydra only sees its own overrides. Runs before ``@hydra.main`` parses argv."""
+    argv = sys.argv if argv is None else argv
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+            del argv[i]
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            del argv[i : i + 2]
+        else:
+            i += 1
+
+
+def _close(word: str, options: list[str], prefix: str = "") -> str:
+    match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"did you mean {prefix}{match[0]}?" if match else f"choose from {', '.join(options)}"
+
+
+def _first_line(text: str) -> str:
+    return next((s.strip() for s in str(text).splitlines() if s.strip()), "").rstrip(".")
+
+
+def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[str] | None = None) -> str | None:
+    """Compose the config as ``@hydra.main`` will, and describe the first bad override in one line (None: fine).
+
+    Hydra reports these itself, but as several lines and exit code 1, before our ``main`` runs; composing first
+    (Hydra's public compose API) lets the entry point print one ``error:`` line and exit 2. Also rejects keys added
+    with ``+``/``++`` that the schema does not know (Hydra accepts them and the run would ignore them); free-form
+    sections (plain dicts such as ``deepspeed.extra``) take any key. Hydra's own flags (--help, --cfg, -m) are
+    left to Hydra."""
+    overrides = (sys.argv if argv is None else argv)[1:]
+    if any(a.startswith("-") for a in overrides):
+        return None
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    parser, parsed = OverridesParser.create(), []
+    for text in overrides:
+        try:
+            parsed += parser.parse_overrides([text])
+        except OverrideParseException as e:
+            return f"{text}: not an override Hydra can parse ({_first_line(e.message)}); write key=value, " \
+                   f"+key=value (new key) or group=option"
+    if any(o.is_sweep_override() for o in parsed):
+        return None  # a --multirun sweep: Hydra checks each job itself
+    with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+        try:
+            cfg = compose(config_name=config_name, overrides=overrides)
+        except MissingConfigException as e:
+            group, _, name = (e.missing_cfg_file or "").rpartition("/")
+            if not e.options:
+                return _first_line(e)
+            return f"{group}={name}: no such {group} config; {_close(name, sorted(e.options))} " \
+                   f"(conf/{group}/*.yaml)"
+        except (HydraException, OmegaConfBaseException) as e:
+            cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+            key = getattr(cause, "full_key", None)
+            parent = getattr(cause, "parent_node", None)
+            if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and key and isinstance(parent, DictConfig):
+                head = key.rpartition(".")[0]
+                hint = _close(str(cause.key), [str(k) for k in parent.keys()], head + "." if head else "")
+                return f"{key}: no such option; {hint} (documented in {docs})"
+            if key and getattr(cause, "msg", None):
+                return f"{key}: {_first_line(cause.msg)}"
+            return "; ".join(s.strip() for s in str(e).splitlines() if s.strip())
+    for o in parsed:  # keys added with + / ++ must exist in the schema, unless their section is a free-form dict
+        key = o.key_or_group
+        if not (o.is_add() or o.is_force_add()) or o.package is not None or key.startswith("hydra"):
+            continue
+        if (config_dir / key.replace(".", "/")).is_dir():
+            continue  # a config group (+experiment=...)
+        head, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, head) if head else cfg
+        schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+        if schema is not None and is_dataclass(schema):
+            known = [f.name for f in fields(schema)]
+            if leaf not in known:
+                hint = _close(leaf, known, head + "." if head else "")
+                return f"{key}: no such option; {hint} (documented in {docs})"
+    return None
