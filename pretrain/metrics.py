@@ -93,8 +93,11 @@ class MetricsLogger:
                                     id=self.wandb_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
                                     tags=list(cfg.logger.tags) or None)
             print(f"W&B ({mode}): run {self.wandb_id}, files in {self.wandb.dir}", flush=True)
-        self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-                        file=sys.stderr, disable=None)
+        # A terminal gets a progress bar; a file (SLURM, nohup, CI) gets one plain line per log record instead.
+        self.plain = not sys.stdout.isatty()
+        self.bar = None if self.plain else tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
+                                                dynamic_ncols=True, file=sys.stderr, disable=None)
+        self.t0, self.start_step, self.max_steps = time.time(), start_step, max_steps
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:
@@ -114,6 +117,29 @@ class MetricsLogger:
                             and not isinstance(v, bool)}, step=record["step"])  # lists/strings stay in the jsonl
         if self.bar is not None and record.get("kind") == "train":
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
+        if self.plain:
+            line = self.plain_line(record)
+            if line:
+                print(line, flush=True)
+
+    def plain_line(self, r: dict[str, Any]) -> str | None:
+        """One line of a log record for a log file: step/total, losses, lr, throughput and ETA for training."""
+        def f(v: Any, spec: str = ".4f") -> str:
+            return "n/a" if v is None else format(v, spec)
+
+        step, kind = r.get("step"), r.get("kind")
+        if kind == "train":
+            done = step - self.start_step
+            eta = (time.time() - self.t0) / done * (self.max_steps - step) if done > 0 else None
+            return (f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}, nsp "
+                    f"{f(r.get('nsp_loss'))})  lr {f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
+                    f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}")
+        if kind == "eval":
+            return (f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')}"
+                    f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}")
+        if kind == "skipped":
+            return f"step {step}: skipped ({r['reason']}), {r['skipped']} so far"
+        return None
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:
@@ -129,6 +155,14 @@ class MetricsLogger:
             if summary:
                 self.wandb.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
             self.wandb.finish()
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "n/a"
+    m, sec = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
 def print_summary(s: dict[str, Any]) -> None:

@@ -223,6 +223,22 @@ def test_preflight_error_is_one_line_exit_2(tmp_path):
     assert not (tmp_path / "r" / "checkpoints").exists()
 
 
+def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
+    """Under SLURM or nohup stdout is a file: no progress bar, one plain line per log step and per evaluation."""
+    log = tmp_path / "out.log"
+    with open(log, "w") as out:
+        r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *SMALL,
+                            "trainer.max_steps=6", "trainer.log_every=2", "trainer.eval_every=6"], stdout=out,
+                           stderr=subprocess.PIPE, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = log.read_text().splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert [line.split()[1] for line in steps] == ["2/6", "4/6", "6/6"]
+    assert all("loss" in line and "seq/s" in line and "tokens/s" in line and "ETA" in line for line in steps)
+    assert any(line.startswith("eval step 6: val MLM loss") for line in lines)
+    assert "train:" not in r.stderr  # no tqdm bar
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 
 def _port() -> int:
