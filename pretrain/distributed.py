@@ -151,6 +151,28 @@ def detect_env() -> DistEnv:
     return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), launcher)
 
 
+def local_world_size() -> int:
+    """Ranks on this node, from the launcher: torchrun, DeepSpeed's launcher, srun; 1 for a plain process."""
+    e = os.environ
+    for key in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        if e.get(key):
+            return max(1, int(e[key].split("(")[0].split(",")[0]))  # SLURM writes "2(x3)" for 2 tasks on 3 nodes
+    return 1
+
+
+def set_threads() -> str:
+    """Intra-op threads of this rank: the cores it may use divided by the ranks on its node, unless the user set
+    OMP_NUM_THREADS. Without this every rank starts one thread per core, and two ranks on two cores ran at a
+    quarter of one rank's speed (22.6 vs 92.3 sequences/s, tiny model); returns the choice, to print."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+    n = max(1, len(os.sched_getaffinity(0)) // local_world_size())
+    torch.set_num_threads(n)
+    return f"{n} (cores / ranks on this node; OMP_NUM_THREADS overrides)"
+
+
 # ---------------------------------------------------------------------------------------------- process group
 
 class RendezvousError(Exception):

@@ -180,6 +180,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     t, t_start = cfg.trainer, time.time()
     stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
     env = D.detect_env()
+    threads = D.set_threads()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     ds_config = build_ds_config(cfg, env.world_size)
     import deepspeed
@@ -211,7 +212,8 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
         print(f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
               f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
-              f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}", flush=True)
+              f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}\nthreads per rank: {threads}",
+              flush=True)
     masking = MaskingConfig(**cfg_dict["data"]["masking"])
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:

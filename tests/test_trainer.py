@@ -239,6 +239,22 @@ def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
     assert "train:" not in r.stderr  # no tqdm bar
 
 
+@pytest.mark.slow
+def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
+    """Two ranks on one node each take half the cores (unless OMP_NUM_THREADS says otherwise)."""
+    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    cores = len(os.sched_getaffinity(0))
+    args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
+    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                        str(_port()), LAUNCH, f"run_dir={tmp_path / 'two'}", *args], capture_output=True, text=True,
+                       env=env, timeout=400, cwd=ROOT)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert f"threads per rank: {max(1, cores // 2)} (cores / ranks on this node" in r.stdout
+    r = subprocess.run([sys.executable, LAUNCH, f"run_dir={tmp_path / 'one'}", *args], capture_output=True,
+                       text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=ROOT)
+    assert r.returncode == 0 and "threads per rank: 1 (OMP_NUM_THREADS)" in r.stdout, r.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 
 def _port() -> int:
