@@ -15,6 +15,7 @@ M number of masked positions in the batch.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import warnings
 from dataclasses import dataclass, fields
@@ -458,6 +459,9 @@ def export_hf(model: BertForPreTraining, tokenizer_dir: str | Path | None, out_d
             v = v[: c.vocab_size]
         sd[k] = v.detach().to("cpu").contiguous().clone()
     save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600 (a temporary file): share it
     hf_config = {**c.to_hf_dict(), "dtype": str(sd["cls.predictions.bias"].dtype).removeprefix("torch.")}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -114,6 +115,9 @@ def test_export_round_trip(tmp_path: Path, nsp: bool) -> None:
     assert cfg["architectures"] == ["BertForPreTraining" if nsp else "BertForMaskedLM"]
     tc = json.loads((out_dir / "tokenizer_config.json").read_text())
     assert tc["tokenizer_class"] == "BertTokenizer" and tc["do_lower_case"] is True
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out_dir / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # readable by others
 
     inputs, labels = _batch()
     hidden, out = _ours(model, inputs, labels)
