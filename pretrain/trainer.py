@@ -73,10 +73,14 @@ def build_model(model_kw: dict[str, Any], init_from: str | None):
         raise UserError(str(e)) from None
     if init_from:
         sd = weights_from(init_from)
-        try:
-            missing, _ = model.load_state_dict(sd, strict=False)
-        except RuntimeError as e:
-            raise UserError(f"trainer.init_from={init_from}: weights do not fit the model ({str(e)[:200]})") from None
+        ours = model.state_dict()
+        bad = [f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in sd.items()
+               if k in ours and v.shape != ours[k].shape]
+        if bad:  # whole names and both shapes, not a cut-off torch message
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise UserError(f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
+                            f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with")
+        missing, _ = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
         if missing:
             print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")

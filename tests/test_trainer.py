@@ -255,6 +255,21 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
     assert r.returncode == 0 and "threads per rank: 1 (OMP_NUM_THREADS)" in r.stdout, r.stderr[-2000:]
 
 
+def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path):
+    from pretrain.model import BertConfig, BertForPreTraining, export_hf
+
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
+    export_hf(BertForPreTraining(BertConfig(vocab_size=len(VOCAB), **small)), data, tmp_path / "hf")
+    r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}",
+                        f"trainer.init_from={tmp_path / 'hf'}", "model.hidden_size=64", "model.num_attention_heads=2",
+                        "model.intermediate_size=64", "model.num_hidden_layers=1"],
+                       capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "bert.embeddings.word_embeddings.weight (72, 32) vs model (72, 64)" in errors[0]
+    assert " more; pick the model config" in errors[0]  # more than ten tensors differ: counted, not cut
+
+
 # ---------------------------------------------------------------------------------------------- real runs
 
 def _port() -> int:
