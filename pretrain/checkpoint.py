@@ -70,6 +70,14 @@ def find_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def checkpoint_step(tag: Path) -> int:
+    """The step of a complete checkpoint, from its ``COMPLETE`` marker (the tag name where the marker is older)."""
+    try:
+        return int(json.loads((tag / "COMPLETE").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return int(tag.name.removeprefix("step").split("_")[0])
+
+
 def tag_dir(path: str, what: str) -> Path:
     p = Path(path)
     if (p / "COMPLETE").is_file():

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pretrain import distributed as D
 from pretrain.checkpoint import (
     TrainState,
+    checkpoint_step,
     find_checkpoint,
     fp32_weights,
     gather,
@@ -165,6 +166,24 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
     return res
 
 
+def print_complete(run_dir: Path, tag: Path, max_steps: int) -> None:
+    """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
+        if (run_dir / "metrics.jsonl").is_file() else []
+    val = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
+    loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
+
+    def f(key: str, spec: str) -> str:
+        return "n/a" if val.get(key) is None else format(val[key], spec)
+
+    hf = run_dir / "hf"
+    print(f"run {run_dir} is complete at step {checkpoint_step(tag)}/{max_steps}: checkpoint {tag}, HF export "
+          f"{hf}; final train loss "
+          f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
+          f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
+          flush=True)
+
+
 def nonfinite_stop(step: int, why: str, ckpt_root: Path, main: bool) -> tuple[str, int]:
     """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
     last = find_checkpoint(ckpt_root)
@@ -184,6 +203,12 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     t, t_start = cfg.trainer, time.time()
     stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
     env = D.detect_env()
+    done = find_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "auto" else None
+    exported = (Path(cfg.run_dir) / "hf" / "model.safetensors").is_file()  # else the resume below exports it
+    if done is not None and checkpoint_step(done) >= t.max_steps and exported:  # the same command again
+        if env.is_main:
+            print_complete(Path(cfg.run_dir).resolve(), done, t.max_steps)
+        return 0
     threads = D.set_threads()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     ds_config = build_ds_config(cfg, env.world_size)

@@ -140,6 +140,7 @@ def test_strip_local_rank(monkeypatch):
 
 
 def test_detect_env_srun(monkeypatch):
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # detect_env writes MASTER_ADDR etc.: keep them in here
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("PATH", "/nonexistent")  # no scontrol: the node list is expanded by hand
@@ -205,7 +206,8 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))}
     # The CPU matrix (gloo, bit-exact resumes) also on a GPU machine: two ranks cannot share one GPU under NCCL,
     # and the GPU matrix lives in test_gpu.py.
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
@@ -268,6 +270,22 @@ def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path)
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "bert.embeddings.word_embeddings.weight (72, 32) vs model (72, 64)" in errors[0]
     assert " more; pick the model config" in errors[0]  # more than ten tensors differ: counted, not cut
+
+
+def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=4",
+            "trainer.eval_every=4", "logger=wandb"]
+    r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
+    metrics = (run / "metrics.jsonl").read_text()
+    r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"is complete at step 4/4: checkpoint {run / 'checkpoints' / 'step00000004'}" in r.stdout
+    assert "val MLM acc" in r.stdout and "n/a" not in r.stdout.split("val MLM acc")[1].split(",")[0]
+    assert sorted((run / "wandb").glob("offline-run-*")) == wandb_runs  # no new W&B run
+    assert (run / "metrics.jsonl").read_text() == metrics
 
 
 # ---------------------------------------------------------------------------------------------- real runs
