@@ -205,6 +205,11 @@ class BertEncoder(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
 
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x  # [B, L, H]
+
 
 class BertPooler(nn.Module):
     def __init__(self, c: BertConfig) -> None:
@@ -221,6 +226,11 @@ class BertModel(nn.Module):
         self.embeddings = BertEmbeddings(c)
         self.encoder = BertEncoder(c)
         self.pooler = BertPooler(c) if c.nsp else None
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Final hidden states [B, L, H]; ``mask`` is the boolean [B, 1, 1, L] attention mask (or None)."""
+        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -322,10 +332,7 @@ class BertForPreTraining(nn.Module):
         mask = None
         if attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
             mask = attention_mask[:, None, None, :].bool()
-        x = self.bert.embeddings(input_ids, token_type_ids)
-        for layer in self.bert.encoder.layer:
-            x = layer(x, mask)
-        return x
+        return self.bert(input_ids, token_type_ids, mask)
 
     def mlm_logits_dense(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits at every position, [B, L, H] -> [B, L, vocab_size] (for HF comparisons and fill-mask)."""
