@@ -10,7 +10,6 @@ array tasks (``num_tasks > 1``) into one data directory.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -21,7 +20,7 @@ from importlib import metadata
 from pathlib import Path
 
 from data_prep.config import PrepareConfig, task_dir
-from data_prep.report import DataPrepError, Report
+from data_prep.report import DISK_ERRNOS, DataPrepError, Report
 from data_prep.store import shard_name
 
 log = logging.getLogger("data_prep")
@@ -98,16 +97,12 @@ def _runner(stage: str):
     return run_shards
 
 
-# Errors of the output disk (full, quota, read-only, not ours): the user's to fix, so one line, not a traceback.
-_DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 def prepare(cfg: PrepareConfig) -> dict:
     """Run the configured stage(s); return the manifest when the shards stage ran, else the stage states."""
     try:
         return _prepare(cfg)
     except OSError as e:
-        if e.errno not in _DISK_ERRORS:
+        if e.errno not in DISK_ERRNOS:
             raise
         where = Path(e.filename) if e.filename else Path(cfg.output_dir)
         free = shutil.disk_usage(cfg.output_dir).free / 2**20 if Path(cfg.output_dir).exists() else 0.0

@@ -6,6 +6,7 @@ and written to ``manifest.json``. With ``strict=True`` the first skip is an erro
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +17,10 @@ log = logging.getLogger("data_prep")
 MAX_WARNINGS = 20
 # The manifest lists at most this many individual skipped items per reason; counts are always exact.
 MAX_LISTED = 1000
+
+
+# Errors of an output disk (full, quota, read-only, not ours): the user's to fix, reported as one line.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 class DataPrepError(Exception):

@@ -25,7 +25,6 @@ Exit codes (each failure is one ``error:`` line on stderr, no traceback):
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 import warnings
@@ -98,7 +97,9 @@ def main(cfg: DictConfig) -> None:
         print("interrupted: the last complete checkpoint is kept; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+        from data_prep.report import DISK_ERRNOS
+
+        if e.errno not in DISK_ERRNOS:
             raise
         print(f"error: {e.filename or cfg.run_dir}: {e.strerror}; free space or fix the permissions (or point "
               "run_dir elsewhere), then rerun the same command", file=sys.stderr, flush=True)

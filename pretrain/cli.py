@@ -35,7 +35,8 @@ def _close(word: str, options: list[str], prefix: str = "") -> str:
     return f"did you mean {prefix}{match[0]}?" if match else f"choose from {', '.join(options)}"
 
 
-def _first_line(text: str) -> str:
+def first_line(text: object) -> str:
+    """The first non-blank line of an error message, without its final full stop."""
     return next((s.strip() for s in str(text).splitlines() if s.strip()), "").rstrip(".")
 
 
@@ -61,7 +62,7 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
         try:
             parsed += parser.parse_overrides([text])
         except OverrideParseException as e:
-            return f"{text}: not an override Hydra can parse ({_first_line(e.message)}); write key=value, " \
+            return f"{text}: not an override Hydra can parse ({first_line(e.message)}); write key=value, " \
                    f"+key=value (new key) or group=option"
     if any(o.is_sweep_override() for o in parsed):
         return None  # a --multirun sweep: Hydra checks each job itself
@@ -71,7 +72,7 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
         except MissingConfigException as e:
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
             if not e.options:
-                return _first_line(e)
+                return first_line(e)
             return f"{group}={name}: no such {group} config; {_close(name, sorted(e.options))} " \
                    f"(conf/{group}/*.yaml)"
         except (HydraException, OmegaConfBaseException) as e:
@@ -83,7 +84,7 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
                 hint = _close(str(cause.key), [str(k) for k in parent.keys()], head + "." if head else "")
                 return f"{key}: no such option; {hint} (documented in {docs})"
             if key and getattr(cause, "msg", None):
-                return f"{key}: {_first_line(cause.msg)}"
+                return f"{key}: {first_line(cause.msg)}"
             return "; ".join(s.strip() for s in str(e).splitlines() if s.strip())
     for o in parsed:  # keys added with + / ++ must exist in the schema, unless their section is a free-form dict
         key = o.key_or_group

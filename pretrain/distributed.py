@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from pretrain.cli import first_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -85,10 +87,6 @@ class StopFlag:
 
         t = torch.tensor([1.0 if (self.local or extra) else 0.0], device=device)
         return bool(all_reduce(t, dist.ReduceOp.MAX).item() > 0)
-
-
-def _first_line(text: object) -> str:
-    return next((s.strip() for s in str(text).splitlines() if s.strip()), "").rstrip(".")
 
 
 # ---------------------------------------------------------------------------------------------- launcher env
@@ -372,7 +370,7 @@ def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
         with _quiet_cpp_stderr():
             return _within(timeout_s + 30, connect)
     except (RuntimeError, OSError, ValueError) as e:  # DistStoreError, DistNetworkError, TimeoutError, socket
-        took, why = time.time() - t0, _first_line(e)
+        took, why = time.time() - t0, first_line(e)
         if master and "clients joined" in why:
             joined = why.split("clients joined")[0].split()[-1]  # "1/2"
             what = f"{joined} ranks joined: start every rank, and give them the same MASTER_ADDR/MASTER_PORT"
@@ -431,7 +429,7 @@ def explain_failure(exc: BaseException) -> str | None:
     if lost:
         return lost
     if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
-        return f"a collective failed while every rank is alive ({_first_line(exc)[:200]}); if one rank was busy " \
+        return f"a collective failed while every rank is alive ({first_line(exc)[:200]}); if one rank was busy " \
                f"longer than trainer.collective_timeout_minutes (a long save or evaluation), raise it"
     return None
 
