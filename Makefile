@@ -19,6 +19,10 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	# DeepSpeed's setup.py imports torch, so it must build against the torch installed above.
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
+	# Every DeepSpeed process on CPU loads a C++ communication op, JIT-compiled on first use (about 2 minutes);
+	# build it now, once, so no rank builds it under a collective timeout or is killed holding its build lock.
+	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+	    || echo "warning: DeepSpeed's CPU communication op did not build (no C++ compiler?): each run will try again"
 	touch $(STAMP)
 
 demo: $(STAMP)

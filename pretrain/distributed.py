@@ -383,6 +383,30 @@ def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
                               f"(trainer.collective_timeout_minutes): {what}") from None
 
 
+STALE_BUILD_LOCK_S = 600  # the CPU comm op builds in about 2 minutes; a lock this old has no builder behind it
+
+
+def check_cpu_comm_build_lock(now: float | None = None) -> None:
+    """Refuse to start, in one line, where DeepSpeed's CPU communication op has a stale build lock.
+
+    Every DeepSpeed process on CPU loads ``deepspeed_shm_comm``, JIT-compiling it on first use under torch's lock
+    file; a process killed during that build leaves the lock, and every later run then waits on it forever,
+    silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pretrain.config import UserError
+
+    try:
+        lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")
+        age = (time.time() if now is None else now) - os.stat(lock).st_mtime
+    except OSError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise UserError(f"{lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's CPU communication op that "
+                        f"was killed; every run would wait on it forever: delete it if no build is running, then "
+                        f"rerun the same command")
+
+
 def init(env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float | None = None) -> torch.device:
     """Start the process group (nccl on GPU, gloo on CPU) through DeepSpeed; return this rank's device.
 
@@ -401,6 +425,7 @@ def init(env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float 
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        check_cpu_comm_build_lock()
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         _store = _rendezvous(env, 60 * (timeout_minutes if rendezvous_minutes is None else rendezvous_minutes))

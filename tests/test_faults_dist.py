@@ -34,7 +34,7 @@ ARGS = [*SMALL, "trainer.max_steps=40", "trainer.log_every=2", "trainer.eval_eve
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
+def data(deepspeed_cpu_comm, tmp_path_factory) -> Path:
     return make_data(tmp_path_factory.mktemp("data") / "bert")
 
 

@@ -8,8 +8,10 @@ when ``FAULT`` is set, so the trainer itself carries no test hooks.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrain import distributed as D
+from pretrain.config import UserError
 from pretrain.data import ResumableDistributedSampler
 from pretrain.trainer import find_checkpoint
 from tests.test_trainer import LAUNCH, ROOT, SMALL, _cmd, _env, make_data
@@ -291,3 +295,29 @@ def test_read_only_run_dir_is_one_line(data, tmp_path):
         assert r.returncode == 2 and len(errors) == 1 and "Read-only file system" in errors[0], r.stderr[-2000:]
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
+    """A process killed while JIT-compiling DeepSpeed's CPU comm op leaves torch's lock file; without a check
+    every later run waits on it forever. An old lock is refused in one line naming it; a fresh one (a build
+    running now) is waited for."""
+    ext = tmp_path / "ext"
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    started = time.monotonic()
+    r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *ARGS,
+                        "trainer.max_steps=2"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    errors = _error_lines(r)
+    assert r.returncode == 2 and len(errors) == 1 and str(lock) in errors[0] and "60 min" in errors[0], r.stderr
+    assert time.monotonic() - started < 60 and lock.exists()  # refused at once; the file is the user's to delete
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
+    D.check_cpu_comm_build_lock(now=old + 60)  # one minute old: a build in progress, not an error
+    with pytest.raises(UserError, match="delete it if no build is running"):
+        D.check_cpu_comm_build_lock(now=old + D.STALE_BUILD_LOCK_S + 1)
+    lock.unlink()
+    D.check_cpu_comm_build_lock()  # no lock: nothing to say
