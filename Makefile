@@ -39,6 +39,7 @@ test-gpu: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: $(STAMP)
 	$(PY) benchmarks/prep_throughput.py

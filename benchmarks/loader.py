@@ -48,8 +48,9 @@ def synthetic(root: Path, seq: int, samples: int, vocab_size: int = 30522, seed:
 
 
 def measure(data: Path, split: str, batch: int, workers: int, whole_word: bool, bucket: bool, seconds: float):
-    loader, sampler = build_dataloader(data, split, batch, num_workers=workers, bucket=bucket,
-                                       masking=MaskingConfig(whole_word=whole_word))
+    loader, sampler = build_dataloader(
+        data, split, batch, num_workers=workers, bucket=bucket, masking=MaskingConfig(whole_word=whole_word)
+    )
     it, warmup = iter(loader), 3 + 2 * workers
     for _ in range(warmup):
         next(it)
@@ -81,13 +82,19 @@ def main() -> None:
     args = parser.parse_args()
     print("| seq | workers | micro batch | whole word | samples/s | samples/s per worker |\n|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
-        sets = [("data", args.data)] if args.data else [
-            (seq, synthetic(Path(tmp) / str(seq), seq, args.samples)) for seq in args.seq]
+        sets = (
+            [("data", args.data)]
+            if args.data
+            else [(seq, synthetic(Path(tmp) / str(seq), seq, args.samples)) for seq in args.seq]
+        )
         for seq, data in sets:
             for workers in args.workers:
                 rate = measure(data, args.split, args.batch, workers, args.whole_word, args.bucket, args.seconds)
-                print(f"| {seq} | {workers} | {args.batch} | {args.whole_word} | {rate:,.0f} | "
-                      f"{rate / max(workers, 1):,.0f} |", flush=True)
+                print(
+                    f"| {seq} | {workers} | {args.batch} | {args.whole_word} | {rate:,.0f} | "
+                    f"{rate / max(workers, 1):,.0f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -95,8 +95,15 @@ def build_corpus(root: Path, target_mb: float, books: list[Path]) -> tuple[list[
 
 def measure(inputs: list[str], out: Path, vocab: Path, workers: int, samples_per_shard: int) -> dict:
     """Run the launcher under a sampler; the wrapper process reports the largest descendant's max RSS."""
-    cmd = [sys.executable, str(LAUNCH), f"inputs=[{','.join(inputs)}]", f"output_dir={out}", f"vocab={vocab}",
-           f"num_workers={workers}", f"samples_per_shard={samples_per_shard}"]
+    cmd = [
+        sys.executable,
+        str(LAUNCH),
+        f"inputs=[{','.join(inputs)}]",
+        f"output_dir={out}",
+        f"vocab={vocab}",
+        f"num_workers={workers}",
+        f"samples_per_shard={samples_per_shard}",
+    ]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
@@ -113,16 +120,32 @@ def measure(inputs: list[str], out: Path, vocab: Path, workers: int, samples_per
     sampler.join()
     if code != 0:
         raise SystemExit(f"{' '.join(cmd)} failed with exit code {code}")
-    return {"seconds": time.perf_counter() - start, "pss": sampler.peak_pss, "anon": sampler.peak_anon,
-            "stages": sampler.stage_anon, "procs": sampler.max_procs,
-            "max_rss": usage.ru_maxrss << 10}  # KiB on Linux: the largest single process of the tree
+    return {
+        "seconds": time.perf_counter() - start,
+        "pss": sampler.peak_pss,
+        "anon": sampler.peak_anon,
+        "stages": sampler.stage_anon,
+        "procs": sampler.max_procs,
+        "max_rss": usage.ru_maxrss << 10,
+    }  # KiB on Linux: the largest single process of the tree
 
 
 def train_vocab(books_dir: Path, root: Path) -> Path:
     out = root / "vocab"
     for stage in ("read", "vocab"):
-        subprocess.run([sys.executable, str(LAUNCH), f"inputs=[books:{books_dir}]", f"output_dir={out}",
-                        "vocab_size=8000", f"stage={stage}"], check=True, capture_output=True, cwd=ROOT)
+        subprocess.run(
+            [
+                sys.executable,
+                str(LAUNCH),
+                f"inputs=[books:{books_dir}]",
+                f"output_dir={out}",
+                "vocab_size=8000",
+                f"stage={stage}",
+            ],
+            check=True,
+            capture_output=True,
+            cwd=ROOT,
+        )
     return out / "vocab.txt"
 
 
@@ -149,18 +172,27 @@ def main() -> int:
             print(f"{mb:.0f} MB done in {r['seconds']:.0f}s", file=sys.stderr, flush=True)
     mib = lambda b: f"{b / 2**20:,.0f}"
     stages = ("read", "vocab", "tokenize", "shards")
-    print(f"workers={args.workers} samples_per_shard={args.samples_per_shard} cpus={os.cpu_count()} "
-          f"load={os.getloadavg()[0]:.1f}")
-    print("| corpus MB | time s | processes | peak PSS MiB | peak anon PSS MiB | max RSS MiB | "
-          + " | ".join(f"{s} anon MiB" for s in stages) + " |")
+    print(
+        f"workers={args.workers} samples_per_shard={args.samples_per_shard} cpus={os.cpu_count()} "
+        f"load={os.getloadavg()[0]:.1f}"
+    )
+    print(
+        "| corpus MB | time s | processes | peak PSS MiB | peak anon PSS MiB | max RSS MiB | "
+        + " | ".join(f"{s} anon MiB" for s in stages)
+        + " |"
+    )
     print("|---" * (6 + len(stages)) + "|")
     for mb, r in rows:
-        print(f"| {mb:.0f} | {r['seconds']:.0f} | {r['procs']} | {mib(r['pss'])} | {mib(r['anon'])} | "
-              f"{mib(r['max_rss'])} | " + " | ".join(mib(r["stages"].get(s, 0)) for s in stages) + " |")
+        print(
+            f"| {mb:.0f} | {r['seconds']:.0f} | {r['procs']} | {mib(r['pss'])} | {mib(r['anon'])} | "
+            f"{mib(r['max_rss'])} | " + " | ".join(mib(r["stages"].get(s, 0)) for s in stages) + " |"
+        )
     growth = rows[-1][1]["anon"] / rows[0][1]["anon"]
     ok = growth < GOAL
-    print(f"anon PSS growth {rows[0][0]:.0f} -> {rows[-1][0]:.0f} MB: {growth:.2f}x (goal < {GOAL}x): "
-          f"{'ok' if ok else 'FAILS'}")
+    print(
+        f"anon PSS growth {rows[0][0]:.0f} -> {rows[-1][0]:.0f} MB: {growth:.2f}x (goal < {GOAL}x): "
+        f"{'ok' if ok else 'FAILS'}"
+    )
     return 0 if ok else 1
 
 

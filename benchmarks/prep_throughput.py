@@ -80,8 +80,12 @@ def main() -> int:
     parser.add_argument("--wiki", action="store_true", help="also the Wikipedia sample (its own rows)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--lowercase", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="read the books N times (N inputs), so fixed start-up costs weigh as on a real corpus")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="read the books N times (N inputs), so fixed start-up costs weigh as on a real corpus",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     books = SHARED / "books"
@@ -110,29 +114,38 @@ def main() -> int:
             run_vocab(cfg, Report())
             vocab = root / "vocab" / "vocab.txt"
         run_vocab(PrepareConfig(output_dir=str(root / "ref"), vocab=str(vocab), lowercase=args.lowercase), Report())
-        rows = ["| corpus | MB raw | what | workers | read s | tokenize s | shards s | total s | MB/s/worker "
-                "| vs reference |", "|---|---|---|---|---|---|---|---|---|---|"]
+        rows = [
+            "| corpus | MB raw | what | workers | read s | tokenize s | shards s | total s | MB/s/worker "
+            "| vs reference |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
         for name, (files, inputs) in corpora.items():
             text = raw_text(files)
             mb = len(text.encode()) / 1e6
             ref = reference(root / "ref", text)
             for kind, rate in ref.items():
-                rows.append(f"| {name} | {mb:.1f} | tokenizers `{kind}` (1 thread) | 1 | | {mb / rate:.2f} | | "
-                            f"{mb / rate:.2f} | {rate:.2f} | 1.00{'' if kind == 'encode_batch' else ' (own)'} |")
+                rows.append(
+                    f"| {name} | {mb:.1f} | tokenizers `{kind}` (1 thread) | 1 | | {mb / rate:.2f} | | "
+                    f"{mb / rate:.2f} | {rate:.2f} | 1.00{'' if kind == 'encode_batch' else ' (own)'} |"
+                )
             per_worker = {}
             for w in args.workers:
                 t = pipeline(inputs, vocab, w, root / name)
                 total = t["read"] + t["tokenize"] + t["shards"]  # vocab (a copy of the given file) is negligible
                 per_worker[w] = mb / total / w
                 tok_only = mb / t["tokenize"] / w
-                rows.append(f"| {name} | {mb:.1f} | pipeline read+tokenize+shards | {w} | {t['read']:.2f} | "
-                            f"{t['tokenize']:.2f} | {t['shards']:.2f} | {total:.2f} | {per_worker[w]:.2f} | "
-                            f"{per_worker[w] / ref['encode_batch']:.2f} (tokenize stage alone: "
-                            f"{tok_only / ref['encode_batch']:.2f}) |")
+                rows.append(
+                    f"| {name} | {mb:.1f} | pipeline read+tokenize+shards | {w} | {t['read']:.2f} | "
+                    f"{t['tokenize']:.2f} | {t['shards']:.2f} | {total:.2f} | {per_worker[w]:.2f} | "
+                    f"{per_worker[w] / ref['encode_batch']:.2f} (tokenize stage alone: "
+                    f"{tok_only / ref['encode_batch']:.2f}) |"
+                )
             if 1 in per_worker and len(per_worker) > 1:
                 w = max(per_worker)
-                print(f"{name}: 1 -> {w} workers: {per_worker[w] * w / per_worker[1]:.2f}x total throughput "
-                      f"(ideal {w}x; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})")
+                print(
+                    f"{name}: 1 -> {w} workers: {per_worker[w] * w / per_worker[1]:.2f}x total throughput "
+                    f"(ideal {w}x; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f})"
+                )
         print("\n".join(rows))
     return 0
 

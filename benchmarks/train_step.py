@@ -26,8 +26,10 @@ sys.path.insert(0, str(ROOT))
 from pretrain.model import BertConfig, BertForPreTraining  # noqa: E402
 
 MODELS = ("tiny", "mini", "small", "bert-base", "bert-large", "roberta-base")
-HEADER = ("| model | seq | batch | device | implementation | ms/step | seq/s | tokens/s | MFU | peak GiB | speed-up |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+HEADER = (
+    "| model | seq | batch | device | implementation | ms/step | seq/s | tokens/s | MFU | peak GiB | speed-up |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|"
+)
 
 
 def make_models(name: str, vocab: int, device: torch.device):
@@ -47,11 +49,12 @@ def make_batch(cfg: BertConfig, batch: int, seq_len: int, device: torch.device, 
     input_ids = torch.randint(5, cfg.vocab_size, (batch, seq_len), generator=g)
     token_type_ids = torch.zeros_like(input_ids)
     if cfg.type_vocab_size > 1:
-        token_type_ids[:, seq_len // 2:] = 1
+        token_type_ids[:, seq_len // 2 :] = 1
     masked = torch.rand(batch, seq_len, generator=g) < 0.15
     labels = torch.where(masked, torch.randint(5, cfg.vocab_size, (batch, seq_len), generator=g), -100)
-    b = dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=torch.ones_like(input_ids),
-             labels=labels)
+    b = dict(
+        input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=torch.ones_like(input_ids), labels=labels
+    )
     if cfg.nsp:
         b["next_sentence_label"] = torch.randint(0, 2, (batch,), generator=g)
     return {k: v.to(device) for k, v in b.items()}
@@ -63,8 +66,9 @@ def state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def timed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device,
-               peak: list[int]) -> float:
+def timed_step(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, device: torch.device, peak: list[int]
+) -> float:
     """Seconds for one step; appends to ``peak`` the step's GPU memory high-water mark above what was allocated
     before it (activations, gradients, workspace), so two models resident side by side do not count each other."""
     if device.type == "cuda":
@@ -83,8 +87,16 @@ def timed_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict, 
     return time.perf_counter() - t0
 
 
-def bench(name: str, seq_len: int, batch_size: int, iters: int, warmup: int, vocab: int, peak_tflops: float,
-          device: torch.device) -> list[str]:
+def bench(
+    name: str,
+    seq_len: int,
+    batch_size: int,
+    iters: int,
+    warmup: int,
+    vocab: int,
+    peak_tflops: float,
+    device: torch.device,
+) -> list[str]:
     cfg, ours, hf = make_models(name, vocab, device)
     batch = make_batch(cfg, batch_size, seq_len, device)
     fused = {"fused": True} if device.type == "cuda" else {}
@@ -108,8 +120,10 @@ def bench(name: str, seq_len: int, batch_size: int, iters: int, warmup: int, voc
         cuda = device.type == "cuda"
         mfu = f"{100 * flops * seq_s * seq_len / (peak_tflops * 1e12):.1f}%" if cuda else "-"
         gib = f"{(max(peaks[k]) + state_bytes(runs[k], opts[k])) / 2**30:.1f}" if cuda else "-"
-        rows.append(f"| {name} | {seq_len} | {batch_size} | {dev} | {k} | {v:.1f} | {seq_s:,.0f} | "
-                    f"{seq_s * seq_len:,.0f} | {mfu} | {gib} | {ref / v:.2f}x |")
+        rows.append(
+            f"| {name} | {seq_len} | {batch_size} | {dev} | {k} | {v:.1f} | {seq_s:,.0f} | "
+            f"{seq_s * seq_len:,.0f} | {mfu} | {gib} | {ref / v:.2f}x |"
+        )
     del runs, opts, ours, hf
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -133,8 +147,11 @@ def main() -> None:
         p.error("--suite needs a CUDA device; on CPU pick one --model/--seq-len/--batch")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    cases = [(m, s, a.batch if s == 128 else max(1, a.batch // 4)) for m in ("bert-base", "bert-large")
-             for s in (128, 512)] if a.suite else [(a.model, a.seq_len, a.batch)]
+    cases = (
+        [(m, s, a.batch if s == 128 else max(1, a.batch // 4)) for m in ("bert-base", "bert-large") for s in (128, 512)]
+        if a.suite
+        else [(a.model, a.seq_len, a.batch)]
+    )
     print(HEADER, flush=True)
     for name, seq_len, bs in cases:
         for row in bench(name, seq_len, bs, a.iters, a.warmup, a.vocab, a.peak_tflops, device):

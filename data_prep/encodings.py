@@ -11,8 +11,12 @@ import io
 from typing import BinaryIO
 
 # Byte-order marks that make a text file's encoding certain (UTF-32 first: its LE mark starts like UTF-16's).
-BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xff\xfe", "utf-16"),
-        (b"\xfe\xff", "utf-16"))
+BOMS = (
+    (b"\xff\xfe\x00\x00", "utf-32"),
+    (b"\x00\x00\xfe\xff", "utf-32"),
+    (b"\xff\xfe", "utf-16"),
+    (b"\xfe\xff", "utf-16"),
+)
 
 
 class EncodingError(ValueError):

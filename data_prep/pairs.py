@@ -52,7 +52,6 @@ class Corpus(Protocol):
     def sentence_tokens(self, s: int) -> np.ndarray: ...
 
 
-
 def open_token_store(path: str) -> Corpus:
     from data_prep.tokenize import TokenStore
 
@@ -349,8 +348,12 @@ def _build_task(task: tuple[int, int, int, int]) -> tuple[int, int, dict, dict]:
         _write_json(record, done)
     entry, dropped = done["entry"], int(done["dropped"])
     index = np.load(split_dir / f"{name}.index.npy", mmap_mode="r")
-    stats = {"is_next": int((index[:, NSP_LABEL] == 0).sum()), "not_next": int((index[:, NSP_LABEL] == 1).sum()),
-             "tokens_in_samples": int(index[:, LENGTH].sum()), "dropped": dropped}
+    stats = {
+        "is_next": int((index[:, NSP_LABEL] == 0).sum()),
+        "not_next": int((index[:, NSP_LABEL] == 1).sum()),
+        "tokens_in_samples": int(index[:, LENGTH].sum()),
+        "dropped": dropped,
+    }
     return split_id, shard, entry, stats
 
 
@@ -419,23 +422,44 @@ def run_shards(cfg: PrepareConfig, report: Report, open_corpus: Callable[[], Cor
         raise DataPrepError(f"max_seq_length={cfg.max_seq_length}: too short for a sample with its special tokens")
     cls_id, sep_id, vocab_size, vocab_sha = _special_ids(out, cfg)
     opener = open_corpus or functools.partial(open_token_store, str(out))
-    p = _Params(opener, str(out), cfg.seed, cfg.max_seq_length, cfg.nsp, cfg.short_seq_prob, cfg.dupe_factor,
-                cfg.validation_fraction, cls_id, sep_id, token_dtype(vocab_size).str)
+    p = _Params(
+        opener,
+        str(out),
+        cfg.seed,
+        cfg.max_seq_length,
+        cfg.nsp,
+        cfg.short_seq_prob,
+        cfg.dupe_factor,
+        cfg.validation_fraction,
+        cls_id,
+        sep_id,
+        token_dtype(vocab_size).str,
+    )
     w = _Worker(p)
     if int(w.doc_tokens.sum()) == 0:
         raise DataPrepError(f"{out}: the token store is empty (no document has any token); nothing to build")
     report.count("documents_without_tokens", int((w.doc_tokens == 0).sum()))
     train, val = w.split
     if len(val) == 0:
-        report.warn(f"validation_fraction={cfg.validation_fraction}: no validation documents "
-                    f"({len(train)} usable document(s)); the validation split is empty")
+        report.warn(
+            f"validation_fraction={cfg.validation_fraction}: no validation documents "
+            f"({len(train)} usable document(s)); the validation split is empty"
+        )
     elif len(val) == 1 and cfg.nsp:
         report.warn("validation split has a single document: it holds IsNext pairs only (NotNext needs two)")
     plans = [plan_shards(w.doc_tokens[docs], cfg) for docs in w.split]
-    fingerprint = {"version": FORMAT_VERSION, "seed": cfg.seed, "max_seq_length": cfg.max_seq_length, "nsp": cfg.nsp,
-                   "short_seq_prob": cfg.short_seq_prob, "dupe_factor": cfg.dupe_factor,
-                   "validation_fraction": cfg.validation_fraction, "samples_per_shard": cfg.samples_per_shard,
-                   "vocab_sha256": vocab_sha, "token_store": _store_identity(w)}
+    fingerprint = {
+        "version": FORMAT_VERSION,
+        "seed": cfg.seed,
+        "max_seq_length": cfg.max_seq_length,
+        "nsp": cfg.nsp,
+        "short_seq_prob": cfg.short_seq_prob,
+        "dupe_factor": cfg.dupe_factor,
+        "validation_fraction": cfg.validation_fraction,
+        "samples_per_shard": cfg.samples_per_shard,
+        "vocab_sha256": vocab_sha,
+        "token_store": _store_identity(w),
+    }
     _check_fingerprint(out, fingerprint)
     tasks = [(s, i, lo, hi) for s, plan in enumerate(plans) for i, (lo, hi) in enumerate(plan)]
     results = _run_tasks(tasks, p, w, cfg.num_workers or os.cpu_count() or 1)
@@ -461,26 +485,38 @@ def _run_tasks(tasks: list, p: _Params, w: _Worker, workers: int) -> list:
     return sorted(results, key=lambda r: (r[0], r[1]))
 
 
-def _summarize(cfg: PrepareConfig, report: Report, results: list, w: _Worker, plans: list, out: Path,
-               fingerprint: dict) -> dict:
+def _summarize(
+    cfg: PrepareConfig, report: Report, results: list, w: _Worker, plans: list, out: Path, fingerprint: dict
+) -> dict:
     splits: dict[str, Any] = {}
     totals = {k: sum(r[3][k] for r in results) for k in ("is_next", "not_next", "tokens_in_samples", "dropped")}
     for s, name in enumerate(SPLITS):
         entries = [r[2] for r in results if r[0] == s]
-        splits[name] = {"samples": sum(e["samples"] for e in entries), "tokens": sum(e["tokens"] for e in entries),
-                        "documents": len(w.split[s]), "samples_per_shard": [e["samples"] for e in entries],
-                        "doc_ranges": [[int(w.split[s][lo]), int(w.split[s][hi - 1])] for lo, hi in plans[s]],
-                        "shards": entries}
+        splits[name] = {
+            "samples": sum(e["samples"] for e in entries),
+            "tokens": sum(e["tokens"] for e in entries),
+            "documents": len(w.split[s]),
+            "samples_per_shard": [e["samples"] for e in entries],
+            "doc_ranges": [[int(w.split[s][lo]), int(w.split[s][hi - 1])] for lo, hi in plans[s]],
+            "shards": entries,
+        }
     if splits["train"]["samples"] == 0:
-        raise DataPrepError(f"{out}: no training sample could be built (BERT pairs need two documents or documents "
-                            "of two or more sentences); add text or use nsp=false")
+        raise DataPrepError(
+            f"{out}: no training sample could be built (BERT pairs need two documents or documents "
+            "of two or more sentences); add text or use nsp=false"
+        )
     samples = {k: v["samples"] for k, v in splits.items()}
     n = sum(samples.values())
     for key, value in [*totals.items(), *((f"samples_{k}", v) for k, v in samples.items())]:
         report.count("chunks_without_pair" if key == "dropped" else key, value)
-    result = {"splits": splits, "samples": samples, "is_next": totals["is_next"], "not_next": totals["not_next"],
-              "tokens_in_samples": totals["tokens_in_samples"],
-              "padding_free_fill": round(totals["tokens_in_samples"] / max(1, n) / cfg.max_seq_length, 4),
-              "mode": "bert" if cfg.nsp else "roberta"}
+    result = {
+        "splits": splits,
+        "samples": samples,
+        "is_next": totals["is_next"],
+        "not_next": totals["not_next"],
+        "tokens_in_samples": totals["tokens_in_samples"],
+        "padding_free_fill": round(totals["tokens_in_samples"] / max(1, n) / cfg.max_seq_length, 4),
+        "mode": "bert" if cfg.nsp else "roberta",
+    }
     _write_json(out / FINGERPRINT_FILE, {"fingerprint": fingerprint, "result": result})
     return result

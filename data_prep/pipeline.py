@@ -41,10 +41,14 @@ def validate(cfg: PrepareConfig) -> None:
         (cfg.samples_per_shard > 0, f"samples_per_shard={cfg.samples_per_shard}: must be positive"),
         (cfg.dupe_factor >= 1, f"dupe_factor={cfg.dupe_factor}: must be at least 1"),
         (cfg.num_workers >= 0, f"num_workers={cfg.num_workers}: use 0 for one per core, or a positive count"),
-        (cfg.num_tasks >= 1 and 0 <= cfg.task_index < cfg.num_tasks,
-         f"task_index={cfg.task_index} num_tasks={cfg.num_tasks}: need 0 <= task_index < num_tasks"),
-        (cfg.text_documents in ("auto", "file", "blank_line"),
-         f"text_documents={cfg.text_documents}: choose auto, file or blank_line"),
+        (
+            cfg.num_tasks >= 1 and 0 <= cfg.task_index < cfg.num_tasks,
+            f"task_index={cfg.task_index} num_tasks={cfg.num_tasks}: need 0 <= task_index < num_tasks",
+        ),
+        (
+            cfg.text_documents in ("auto", "file", "blank_line"),
+            f"text_documents={cfg.text_documents}: choose auto, file or blank_line",
+        ),
         (len(cfg.inputs) > 0 or cfg.stage == "merge", "inputs=[]: give at least one corpus, e.g. inputs=[PATH]"),
     ]
     for ok, message in checks:
@@ -106,9 +110,11 @@ def prepare(cfg: PrepareConfig) -> dict:
             raise
         where = Path(e.filename) if e.filename else Path(cfg.output_dir)
         free = shutil.disk_usage(cfg.output_dir).free / 2**20 if Path(cfg.output_dir).exists() else 0.0
-        raise DataPrepError(f"{where}: {e.strerror} ({free:,.0f} MB free under output_dir={cfg.output_dir}); free "
-                            "space or fix the permissions, then rerun the same command: finished stages and "
-                            "shards are kept, nothing complete was overwritten") from None
+        raise DataPrepError(
+            f"{where}: {e.strerror} ({free:,.0f} MB free under output_dir={cfg.output_dir}); free "
+            "space or fix the permissions, then rerun the same command: finished stages and "
+            "shards are kept, nothing complete was overwritten"
+        ) from None
 
 
 def _prepare(cfg: PrepareConfig) -> dict:

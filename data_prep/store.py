@@ -174,8 +174,9 @@ def _listed(splits: object, split: str, root: Path) -> list[dict]:
     return entries
 
 
-def verify_data(data_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True,
-                threads: int | None = None) -> dict:
+def verify_data(
+    data_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True, threads: int | None = None
+) -> dict:
     """Check the shards of ``data_dir`` against ``manifest`` (``manifest.json``'s content) before training.
 
     Always (cheap: headers and indexes only): both files of every shard present and readable, dtypes and
@@ -228,8 +229,12 @@ def verify_data(data_dir: str | os.PathLike, manifest: dict | None = None, check
                     raise ShardError(f"{path}: sha256 {actual} does not match manifest.json's {expected}: the file "
                                      f"is corrupt; {REDO}")  # fmt: skip
                 hashed += path.stat().st_size
-    return {"shards": shards, "samples": samples, "bytes_hashed": hashed,
-            "seconds": round(time.perf_counter() - start, 3)}
+    return {
+        "shards": shards,
+        "samples": samples,
+        "bytes_hashed": hashed,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
 
 
 class Shard:

@@ -157,13 +157,20 @@ class _PartWriter:
         doc_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.docs]), dtype=np.int64)
         _, n_sentences, n_empty, n_unk = (int(v) for v in self.stats)
         if len(doc_ends) != expected_docs or n_sentences != expected_sentences:
-            raise DataPrepError(f"{jsonl}: lists {expected_docs} documents / {expected_sentences} sentences but the "
-                                f".txt holds {len(doc_ends)} / {n_sentences}; re-run stage=read")
+            raise DataPrepError(
+                f"{jsonl}: lists {expected_docs} documents / {expected_sentences} sentences but the "
+                f".txt holds {len(doc_ends)} / {n_sentences}; re-run stage=read"
+            )
         os.replace(self.tmp, self.base.with_name(self.base.name + ".tokens.bin"))
         _save(self.base.with_name(self.base.name + ".sentences.npy"), sentence_ends)
-        meta = {**self.meta, "documents": len(doc_ends), "sentences": len(sentence_ends),
-                "tokens": int(sentence_ends[-1]) if len(sentence_ends) else 0,
-                "unk_tokens": n_unk, "empty_sentences": n_empty}
+        meta = {
+            **self.meta,
+            "documents": len(doc_ends),
+            "sentences": len(sentence_ends),
+            "tokens": int(sentence_ends[-1]) if len(sentence_ends) else 0,
+            "unk_tokens": n_unk,
+            "empty_sentences": n_empty,
+        }
         tmp = self.base.with_name(self.base.name + ".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
         os.replace(tmp, self.base.with_name(self.base.name + ".json"))
@@ -224,8 +231,12 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     totals = dict.fromkeys(("tokens", "unk_tokens", "sentences", "empty_sentences", "documents"), 0)
     todo, skipped, expected = [], [], {}
     for k, txt, jsonl in parts:
-        meta = {"vocab_sha256": vocab_sha, "vocab_size": tok.get_vocab_size(), "dtype": dtype.name,
-                "source_bytes": txt.stat().st_size}
+        meta = {
+            "vocab_sha256": vocab_sha,
+            "vocab_size": tok.get_vocab_size(),
+            "dtype": dtype.name,
+            "source_bytes": txt.stat().st_size,
+        }
         done = _part_done(tdir, k, meta)
         if done is not None:
             skipped.append(f"part-{k:05d}")
@@ -240,8 +251,13 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     workers = cfg.num_workers or os.cpu_count() or 1
     tasks = chain.from_iterable(_chunks(k, txt, CHUNK_BYTES) for k, txt, _, _ in todo)
     metas = {k: meta for k, _, _, meta in todo}
-    bar = tqdm(total=sum(m["source_bytes"] for m in metas.values()), unit="B", unit_scale=True,
-               desc="tokenize", disable=not todo)
+    bar = tqdm(
+        total=sum(m["source_bytes"] for m in metas.values()),
+        unit="B",
+        unit_scale=True,
+        desc="tokenize",
+        disable=not todo,
+    )
     start, writers = time.perf_counter(), {}
     for k, last, ids, lengths, docs, stats, open_end in _map_ordered(tasks, workers, str(tok_path), dtype.name,
                                                                      unk_id):  # fmt: skip
@@ -257,19 +273,37 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     bar.close()
     write_sentence_offsets(outdir)
 
-    for key, name in (("tokens", "tokens"), ("unk_tokens", "unk_tokens"), ("sentences", "sentences_tokenized"),
-                      ("empty_sentences", "empty_sentences"), ("documents", "documents_tokenized")):
+    for key, name in (
+        ("tokens", "tokens"),
+        ("unk_tokens", "unk_tokens"),
+        ("sentences", "sentences_tokenized"),
+        ("empty_sentences", "empty_sentences"),
+        ("documents", "documents_tokenized"),
+    ):
         report.count(name, totals[key])
     rate = totals["unk_tokens"] / max(totals["tokens"], 1)
     if rate > cfg.unk_warning_rate:
-        report.warn(f"[UNK] is {rate:.2%} of all tokens (over unk_warning_rate={cfg.unk_warning_rate}): the "
-                    f"vocabulary ({vocab_path}) does not fit this corpus; check that lowercase={cfg.lowercase} "
-                    "matches it (cased vs uncased) or train a vocabulary on this corpus (unset vocab)")
+        report.warn(
+            f"[UNK] is {rate:.2%} of all tokens (over unk_warning_rate={cfg.unk_warning_rate}): the "
+            f"vocabulary ({vocab_path}) does not fit this corpus; check that lowercase={cfg.lowercase} "
+            "matches it (cased vs uncased) or train a vocabulary on this corpus (unset vocab)"
+        )
     elapsed = time.perf_counter() - start
-    log.info("tokenize: %d tokens in %d sentences, %.2f%% [UNK], %d empty sentences dropped (%.1fs, %d workers)",
-             totals["tokens"], totals["sentences"], 100 * rate, totals["empty_sentences"], elapsed, workers)
-    return {**{("sentences_tokenized" if key == "sentences" else key): v for key, v in totals.items()},
-            "parts": [f"part-{k:05d}" for k, _, _ in parts], "parts_skipped": skipped, "vocab_sha256": vocab_sha}
+    log.info(
+        "tokenize: %d tokens in %d sentences, %.2f%% [UNK], %d empty sentences dropped (%.1fs, %d workers)",
+        totals["tokens"],
+        totals["sentences"],
+        100 * rate,
+        totals["empty_sentences"],
+        elapsed,
+        workers,
+    )
+    return {
+        **{("sentences_tokenized" if key == "sentences" else key): v for key, v in totals.items()},
+        "parts": [f"part-{k:05d}" for k, _, _ in parts],
+        "parts_skipped": skipped,
+        "vocab_sha256": vocab_sha,
+    }
 
 
 def _map_ordered(tasks: Iterator, workers: int, tokenizer_json: str, dtype: str, unk_id: int) -> Iterator[tuple]:
@@ -305,8 +339,10 @@ def _map_ordered(tasks: Iterator, workers: int, tokenizer_json: str, dtype: str,
             try:  # a worker that cannot start is replaced forever by Pool: fail loudly instead of hanging
                 pool.apply_async(os.getpid).get(timeout=STARTUP_TIMEOUT_S)
             except mp.TimeoutError:
-                raise DataPrepError(f"tokenize: {workers} worker processes did not start within "
-                                    f"{STARTUP_TIMEOUT_S}s (see the errors above); try num_workers=1") from None
+                raise DataPrepError(
+                    f"tokenize: {workers} worker processes did not start within "
+                    f"{STARTUP_TIMEOUT_S}s (see the errors above); try num_workers=1"
+                ) from None
             for result in pool.imap(_encode_chunk, throttled()):
                 window.release()
                 yield result

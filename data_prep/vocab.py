@@ -30,8 +30,13 @@ from .store import sha256_file
 
 log = logging.getLogger("data_prep")
 
-SPECIAL_TOKENS = {"pad_token": "[PAD]", "unk_token": "[UNK]", "cls_token": "[CLS]", "sep_token": "[SEP]",
-                  "mask_token": "[MASK]"}
+SPECIAL_TOKENS = {
+    "pad_token": "[PAD]",
+    "unk_token": "[UNK]",
+    "cls_token": "[CLS]",
+    "sep_token": "[SEP]",
+    "mask_token": "[MASK]",
+}
 SPECIALS = list(SPECIAL_TOKENS.values())  # trained vocabularies get exactly these ids 0..4
 MODEL_MAX_LENGTH = 512  # BERT's position embeddings; samples themselves are cfg.max_seq_length long
 DOCUMENTS_DIR = Path("work") / "documents"
@@ -50,20 +55,22 @@ def document_parts(outdir: str | os.PathLike) -> tuple[list[tuple[int, Path, Pat
         if not jsonl.exists():
             unfinished.append(txt)
             continue
-        done.append((int(stem[len("part-"):]), txt, jsonl))
+        done.append((int(stem[len("part-") :]), txt, jsonl))
     return done, unfinished
-
 
 
 def completed_parts(outdir: Path, report: Report) -> list[tuple[int, Path, Path]]:
     """``document_parts`` for a stage that needs them: unfinished parts warned about, none at all an error."""
     parts, unfinished = document_parts(outdir)
     if unfinished:
-        report.warn(f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]} "
-                    "(no .docs.jsonl); re-run stage=read to complete them")
+        report.warn(
+            f"{len(unfinished)} unfinished read-stage part(s) ignored, e.g. {unfinished[0]} "
+            "(no .docs.jsonl); re-run stage=read to complete them"
+        )
     if not parts:
         raise DataPrepError(f"{outdir / DOCUMENTS_DIR}: no completed document parts; run stage=read first")
     return parts
+
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
@@ -82,7 +89,8 @@ def build_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
     tok.add_special_tokens(SPECIALS)  # never split, skipped by decode(skip_special_tokens=True)
     cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
     )
     return tok
@@ -105,8 +113,11 @@ def _train(files: list[Path], cfg: PrepareConfig) -> dict[str, int]:
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
-        vocab_size=cfg.vocab_size, min_frequency=cfg.min_frequency, special_tokens=SPECIALS,
-        continuing_subword_prefix="##", show_progress=True,
+        vocab_size=cfg.vocab_size,
+        min_frequency=cfg.min_frequency,
+        special_tokens=SPECIALS,
+        continuing_subword_prefix="##",
+        show_progress=True,
     )
     tok.train([str(f) for f in files], trainer)  # streams the files (read line by line in Rust)
     return tok.get_vocab(with_added_tokens=True)
@@ -121,8 +132,12 @@ def _write_vocab_txt(path: Path, vocab: dict[str, int]) -> None:
 
 def _write_tokenizer_files(outdir: Path, tok: Tokenizer, lowercase: bool) -> None:
     config = {
-        "tokenizer_class": "BertTokenizer", "do_lower_case": lowercase, "strip_accents": None,
-        "tokenize_chinese_chars": True, "model_max_length": MODEL_MAX_LENGTH, **SPECIAL_TOKENS,
+        "tokenizer_class": "BertTokenizer",
+        "do_lower_case": lowercase,
+        "strip_accents": None,
+        "tokenize_chinese_chars": True,
+        "model_max_length": MODEL_MAX_LENGTH,
+        **SPECIAL_TOKENS,
     }
     _write_text_atomic(outdir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
     _write_text_atomic(outdir / "special_tokens_map.json", json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
@@ -148,12 +163,19 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
         parts = completed_parts(outdir, report)
         files = [txt for _, txt, _ in parts]
         # Reuse a vocabulary trained on the same parts with the same settings (training is not deterministic).
-        key = {"vocab_size": cfg.vocab_size, "min_frequency": cfg.min_frequency, "lowercase": cfg.lowercase,
-               "parts": [[f.name, f.stat().st_size] for f in files]}
+        key = {
+            "vocab_size": cfg.vocab_size,
+            "min_frequency": cfg.min_frequency,
+            "lowercase": cfg.lowercase,
+            "parts": [[f.name, f.stat().st_size] for f in files],
+        }
         marker = outdir / "work" / "vocab.json"
         previous = json.loads(marker.read_text()) if marker.exists() else {}
-        if (vocab_path.exists() and previous.get("key") == key
-                and previous.get("vocab_sha256") == sha256_file(vocab_path)):
+        if (
+            vocab_path.exists()
+            and previous.get("key") == key
+            and previous.get("vocab_sha256") == sha256_file(vocab_path)
+        ):
             log.info("vocab: reusing %s (trained on the same parts with the same settings)", vocab_path)
             vocab = _read_vocab(vocab_path)
         else:
@@ -171,8 +193,12 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
         "special_tokens": {t: vocab[t] for t in SPECIALS},
         "trained": trained,
     }
-    log.info("vocab: %d tokens, sha256 %s…, %s", result["vocab_size"], result["vocab_sha256"][:12],
-             "trained" if trained else f"from {cfg.vocab}")
+    log.info(
+        "vocab: %d tokens, sha256 %s…, %s",
+        result["vocab_size"],
+        result["vocab_sha256"][:12],
+        "trained" if trained else f"from {cfg.vocab}",
+    )
     return result
 
 

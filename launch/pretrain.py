@@ -70,8 +70,10 @@ def main(cfg: DictConfig) -> None:
             o.startswith("trainer.phase=") for o in overrides
         ):
             # trainer.phase only labels a recipe; without this a "phase 1" run would quietly be the 40-step smoke run
-            raise UserError("trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
-                            "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)")
+            raise UserError(
+                "trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
+                "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)"
+            )
         try:
             cfg_dict = OmegaConf.to_container(cfg, resolve=True)
         except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
@@ -101,8 +103,12 @@ def main(cfg: DictConfig) -> None:
 
         if e.errno not in DISK_ERRNOS:
             raise
-        print(f"error: {e.filename or cfg.run_dir}: {e.strerror}; free space or fix the permissions (or point "
-              "run_dir elsewhere), then rerun the same command", file=sys.stderr, flush=True)
+        print(
+            f"error: {e.filename or cfg.run_dir}: {e.strerror}; free space or fix the permissions (or point "
+            "run_dir elsewhere), then rerun the same command",
+            file=sys.stderr,
+            flush=True,
+        )
         sys.exit(2)
     except Exception as e:
         lost = D.explain_failure(e)  # None: not a communication failure, a bug: Hydra prints the traceback

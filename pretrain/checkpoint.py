@@ -46,8 +46,12 @@ class TrainState:
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
 
 
 def _set_rng_state(s: dict[str, Any]) -> None:
@@ -115,10 +119,16 @@ def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
 def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
     """``client_state`` of a checkpoint. Per-rank entries (log window, sampler, RNG) are gathered from every rank:
     DeepSpeed writes the client state from one rank (ZeRO 0-2) and every rank reads that copy back."""
-    return {"format": CHECKPOINT_FORMAT, **asdict(state), "window": gather(state.window),
-            "sampler": gather(sampler.state_dict()),
-            "rng": gather(_rng_state()), "world_size": dist.get_world_size(), "config": cfg_dict,
-            "wandb_id": wandb_id}
+    return {
+        "format": CHECKPOINT_FORMAT,
+        **asdict(state),
+        "window": gather(state.window),
+        "sampler": gather(sampler.state_dict()),
+        "rng": gather(_rng_state()),
+        "world_size": dist.get_world_size(),
+        "config": cfg_dict,
+        "wandb_id": wandb_id,
+    }
 
 
 def _commit_file(path: Path, text: str) -> None:
@@ -150,10 +160,17 @@ def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
             shutil.rmtree(root / tag, ignore_errors=True)  # never leave a half-written tag behind
         prev = find_checkpoint(root)
         # torch reports a full disk as "unexpected pos ..." or "file write failed": say what it means
-        why = f": the disk is full ({free:,.0f} MB free)" if free < 64 or "No space" in (error or "") else \
-            f" ({error})" if error else " (on another rank)"
-        raise UserError(f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
-                        f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}")
+        why = (
+            f": the disk is full ({free:,.0f} MB free)"
+            if free < 64 or "No space" in (error or "")
+            else f" ({error})"
+            if error
+            else " (on another rank)"
+        )
+        raise UserError(
+            f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
+            f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}"
+        )
     D.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
         meta = {"step": client["step"], "world_size": dist.get_world_size(), "time": time.time()}
@@ -183,9 +200,15 @@ def universal_tag(tag: Path, stage: int, world_size: int, is_main: bool) -> Path
 
         tmp = out.with_name(out.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        args = argparse.Namespace(input_folder=str(tag), output_folder=str(tmp), num_extract_workers=1,
-                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=True)  # our model declares no TP/PP layout: plain DP
+        args = argparse.Namespace(
+            input_folder=str(tag),
+            output_folder=str(tmp),
+            num_extract_workers=1,
+            num_merge_workers=1,
+            keep_temp_folder=False,
+            strict=True,
+            inject_missing_state=True,
+        )  # our model declares no TP/PP layout: plain DP
         print(f"resume: {saved} rank(s) -> {world_size}: converting {tag.name} to a universal checkpoint", flush=True)
         with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter
             ds_to_universal(args)
@@ -216,4 +239,3 @@ def restore(engine: Any, tag: Path, sampler: Any, load_tag: Path | None = None) 
     if same_world:  # per-rank loss sums of the open log window
         state.window = dict(client["window"][rank])
     return state, client
-

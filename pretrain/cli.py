@@ -62,8 +62,10 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
         try:
             parsed += parser.parse_overrides([text])
         except OverrideParseException as e:
-            return f"{text}: not an override Hydra can parse ({first_line(e.message)}); write key=value, " \
-                   f"+key=value (new key) or group=option"
+            return (
+                f"{text}: not an override Hydra can parse ({first_line(e.message)}); write key=value, "
+                f"+key=value (new key) or group=option"
+            )
     if any(o.is_sweep_override() for o in parsed):
         return None  # a --multirun sweep: Hydra checks each job itself
     with initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
@@ -73,8 +75,7 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
             group, _, name = (e.missing_cfg_file or "").rpartition("/")
             if not e.options:
                 return first_line(e)
-            return f"{group}={name}: no such {group} config; {_close(name, sorted(e.options))} " \
-                   f"(conf/{group}/*.yaml)"
+            return f"{group}={name}: no such {group} config; {_close(name, sorted(e.options))} (conf/{group}/*.yaml)"
         except (HydraException, OmegaConfBaseException) as e:
             cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
             key = getattr(cause, "full_key", None)

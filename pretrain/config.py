@@ -205,7 +205,8 @@ def gradient_accumulation_steps(cfg: Any, world_size: int) -> int:
     if t.micro_batch_size < 1 or t.global_batch_size % per_step:
         raise UserError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by trainer.micro_batch_size="
-            f"{t.micro_batch_size} x world size {world_size}; change either so it divides")
+            f"{t.micro_batch_size} x world size {world_size}; change either so it divides"
+        )
     return t.global_batch_size // per_step
 
 
@@ -238,10 +239,17 @@ def build_ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
         "gradient_clipping": float(cfg.optim.max_grad_norm),
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": t.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": t.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "zero_optimization": OmegaConf.to_container(ds.zero_optimization, resolve=True)
-        if OmegaConf.is_config(ds.zero_optimization) else copy.deepcopy(dict(ds.zero_optimization)),
+        if OmegaConf.is_config(ds.zero_optimization)
+        else copy.deepcopy(dict(ds.zero_optimization)),
         # Client optimizers (PyTorch AdamW, our LAMB) are fine under ZeRO and with offload.
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
@@ -259,15 +267,20 @@ def build_ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
         for d in _diff(raw, out):
             warnings.warn(f"{path}: {d} - the DeepSpeed JSON wins", stacklevel=2)
         _merge(out, raw)
-        if out["train_batch_size"] != out["train_micro_batch_size_per_gpu"] * out["gradient_accumulation_steps"] \
-                * world_size:
-            raise UserError(f"{path}: train_batch_size != micro batch x gradient_accumulation_steps x world size "
-                            f"{world_size}; fix the JSON or drop those keys")
+        if (
+            out["train_batch_size"]
+            != out["train_micro_batch_size_per_gpu"] * out["gradient_accumulation_steps"] * world_size
+        ):
+            raise UserError(
+                f"{path}: train_batch_size != micro batch x gradient_accumulation_steps x world size "
+                f"{world_size}; fix the JSON or drop those keys"
+            )
     return out
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Pre-flight: every check that can fail runs before the process group, the model or the data loader exist.
+
 
 @dataclass
 class DataInfo:
@@ -314,8 +327,9 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
         import numpy as np
 
         nsp = bool(np.load(_shards(d / "train")[0], mmap_mode="r")[0, 3] >= 0)
-    return DataInfo(manifest, int(vocab_size), bool(nsp), manifest.get("max_seq_length"),
-                    bool(_shards(d / "validation")), verified)
+    return DataInfo(
+        manifest, int(vocab_size), bool(nsp), manifest.get("max_seq_length"), bool(_shards(d / "validation")), verified
+    )
 
 
 def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
@@ -335,21 +349,30 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
     if model.get("vocab_size") is None:
         model["vocab_size"] = info.vocab_size
     elif model["vocab_size"] != info.vocab_size:
-        raise UserError(f"model.vocab_size={model['vocab_size']} but {cfg.data.dir}/vocab.txt has {info.vocab_size} "
-                        "tokens; set model.vocab_size=null to take it from the data")
+        raise UserError(
+            f"model.vocab_size={model['vocab_size']} but {cfg.data.dir}/vocab.txt has {info.vocab_size} "
+            "tokens; set model.vocab_size=null to take it from the data"
+        )
     max_pos = model.get("max_position_embeddings", 512)
     if info.max_seq_length is not None and info.max_seq_length > max_pos:
-        raise UserError(f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
-                        f"model.max_position_embeddings={max_pos}; use a model with more positions")
+        raise UserError(
+            f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
+            f"model.max_position_embeddings={max_pos}; use a model with more positions"
+        )
     if info.max_seq_length is not None and info.max_seq_length > cfg.trainer.max_seq_length:
-        raise UserError(f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
-                        f"trainer.max_seq_length={cfg.trainer.max_seq_length} (phase {cfg.trainer.phase}); "
-                        "point data.dir at matching shards or raise trainer.max_seq_length")
+        raise UserError(
+            f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
+            f"trainer.max_seq_length={cfg.trainer.max_seq_length} (phase {cfg.trainer.phase}); "
+            "point data.dir at matching shards or raise trainer.max_seq_length"
+        )
     nsp = model.get("nsp", True)
     if nsp and not info.nsp:
-        raise UserError(f"model.nsp=true but {cfg.data.dir} holds RoBERTa-mode shards (no sentence pairs); "
-                        "set model.nsp=false or prepare the data with nsp=true")
+        raise UserError(
+            f"model.nsp=true but {cfg.data.dir} holds RoBERTa-mode shards (no sentence pairs); "
+            "set model.nsp=false or prepare the data with nsp=true"
+        )
     if not nsp and info.nsp:
-        warnings.warn(f"{cfg.data.dir} holds BERT sentence pairs but model.nsp=false: NSP labels are ignored",
-                      stacklevel=2)
+        warnings.warn(
+            f"{cfg.data.dir} holds BERT sentence pairs but model.nsp=false: NSP labels are ignored", stacklevel=2
+        )
     return info, model

@@ -104,8 +104,14 @@ class ShardDataset(Dataset):
         return [
             {"input_ids": tokens[s][o : o + n], "a_len": a, "nsp_label": y, "index": i, "epoch": e}
             for s, o, n, a, y, i, e in zip(
-                shard.tolist(), rows[:, OFFSET].tolist(), rows[:, LENGTH].tolist(), rows[:, A_LEN].tolist(),
-                rows[:, NSP_LABEL].tolist(), indices.tolist(), epochs, strict=True,
+                shard.tolist(),
+                rows[:, OFFSET].tolist(),
+                rows[:, LENGTH].tolist(),
+                rows[:, A_LEN].tolist(),
+                rows[:, NSP_LABEL].tolist(),
+                indices.tolist(),
+                epochs,
+                strict=True,
             )
         ]
 
@@ -129,15 +135,29 @@ class ResumableDistributedSampler(Sampler[BatchIndex]):
     ``advance`` / ``state_dict`` / ``load_state_dict`` / ``set_epoch``.
     """
 
-    def __init__(self, num_samples: int, micro_batch_size: int, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, drop_last: bool = True,
-                 lengths: np.ndarray | None = None, bucket_window: int = 100):
+    def __init__(
+        self,
+        num_samples: int,
+        micro_batch_size: int,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        lengths: np.ndarray | None = None,
+        bucket_window: int = 100,
+    ):
         if micro_batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need micro_batch_size >= 1 and 0 <= rank < world_size, got "
-                             f"micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}")
+            raise ValueError(
+                f"need micro_batch_size >= 1 and 0 <= rank < world_size, got "
+                f"micro_batch_size={micro_batch_size}, rank={rank}, world_size={world_size}"
+            )
         if drop_last and num_samples < micro_batch_size * world_size:
-            raise ValueError(f"micro_batch_size={micro_batch_size} x world_size={world_size} is larger than the "
-                             f"dataset ({num_samples} samples): lower micro_batch_size or add data")
+            raise ValueError(
+                f"micro_batch_size={micro_batch_size} x world_size={world_size} is larger than the "
+                f"dataset ({num_samples} samples): lower micro_batch_size or add data"
+            )
         if num_samples < world_size:
             raise ValueError(f"dataset has {num_samples} samples, fewer than world_size={world_size}")
         if lengths is not None and len(lengths) != num_samples:
@@ -198,28 +218,48 @@ class ResumableDistributedSampler(Sampler[BatchIndex]):
             self.epoch, self.batches_consumed = epoch, 0
 
     def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "batches_consumed": self.batches_consumed,
-                "global_batch_size": self.micro_batch_size * self.world_size, "num_samples": self.num_samples}
+        return {
+            "epoch": self.epoch,
+            "batches_consumed": self.batches_consumed,
+            "global_batch_size": self.micro_batch_size * self.world_size,
+            "num_samples": self.num_samples,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Resume at ``state``. With another global batch size (world size or micro batch changed) the position
         is carried over in samples, rounded up to whole batches (exact without bucketing when it divides)."""
         if "num_samples" in state and int(state["num_samples"]) != self.num_samples:
-            raise ValueError(f"sampler state is for {state['num_samples']} samples but the data has "
-                             f"{self.num_samples}: resume with the same data directory")
+            raise ValueError(
+                f"sampler state is for {state['num_samples']} samples but the data has "
+                f"{self.num_samples}: resume with the same data directory"
+            )
         self.epoch, self.batches_consumed = int(state["epoch"]), int(state["batches_consumed"])
         old, new = int(state.get("global_batch_size", 0)), self.micro_batch_size * self.world_size
         if old and old != new:
             self.batches_consumed = -(-self.batches_consumed * old // new)
-            warnings.warn(f"sampler: global batch size {old} -> {new}; resuming at batch {self.batches_consumed} "
-                          f"of epoch {self.epoch}", stacklevel=2)
+            warnings.warn(
+                f"sampler: global batch size {old} -> {new}; resuming at batch {self.batches_consumed} "
+                f"of epoch {self.epoch}",
+                stacklevel=2,
+            )
 
 
-def build_dataloader(data_dir: str | os.PathLike, split: str, micro_batch_size: int, *, rank: int = 0,
-                     world_size: int = 1, seed: int = 0, num_workers: int = 0, masking: MaskingConfig | None = None,
-                     bucket: bool = False, shuffle: bool = True, drop_last: bool = True,
-                     static_masks: bool | None = None, bucket_window: int = 100,
-                     ) -> tuple[DataLoader, ResumableDistributedSampler]:
+def build_dataloader(
+    data_dir: str | os.PathLike,
+    split: str,
+    micro_batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    num_workers: int = 0,
+    masking: MaskingConfig | None = None,
+    bucket: bool = False,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    static_masks: bool | None = None,
+    bucket_window: int = 100,
+) -> tuple[DataLoader, ResumableDistributedSampler]:
     """DataLoader of masked micro-batches for this rank, and its sampler (for ``advance``/state/epochs).
 
     Validation: ``shuffle=False, drop_last=False``; masks are then static (epoch 0) unless ``static_masks``
@@ -231,10 +271,24 @@ def build_dataloader(data_dir: str | os.PathLike, split: str, micro_batch_size: 
         masking = replace(masking, static=True)
     dataset = ShardDataset(data_dir, split)
     sampler = ResumableDistributedSampler(
-        len(dataset), micro_batch_size, rank=rank, world_size=world_size, seed=seed, shuffle=shuffle,
-        drop_last=drop_last, lengths=dataset.lengths() if bucket else None, bucket_window=bucket_window)
+        len(dataset),
+        micro_batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        shuffle=shuffle,
+        drop_last=drop_last,
+        lengths=dataset.lengths() if bucket else None,
+        bucket_window=bucket_window,
+    )
     collator = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed)
     # No worker_init_fn and no loader generator: nothing in a worker is random; every draw is a hash.
-    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=num_workers,
-                        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
     return loader, sampler

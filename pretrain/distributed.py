@@ -91,6 +91,7 @@ class StopFlag:
 
 # ---------------------------------------------------------------------------------------------- launcher env
 
+
 @dataclass
 class DistEnv:
     rank: int
@@ -111,8 +112,9 @@ def _free_port() -> int:
 
 def _first_slurm_host(nodelist: str) -> str:
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()
         if out:
             return out[0]
     except (OSError, subprocess.SubprocessError):
@@ -173,6 +175,7 @@ def set_threads() -> str:
 
 # ---------------------------------------------------------------------------------------------- process group
 
+
 class RendezvousError(Exception):
     """Not every rank joined the rendezvous in time (one never started, or MASTER_ADDR/MASTER_PORT is wrong)."""
 
@@ -227,8 +230,9 @@ class _Heartbeat:
     def _client(self) -> Any:
         import torch.distributed as dist
 
-        store = dist.TCPStore(self.host, self.port, is_master=False, timeout=timedelta(seconds=self.call_s),
-                              wait_for_workers=False)
+        store = dist.TCPStore(
+            self.host, self.port, is_master=False, timeout=timedelta(seconds=self.call_s), wait_for_workers=False
+        )
         return dist.PrefixStore("pretrain/heartbeat", store)
 
     def _beat(self) -> None:
@@ -257,8 +261,10 @@ class _Heartbeat:
                 down, verdict = time.monotonic() - self.last_ok, None
                 if down > self.timeout_s:
                     who = "torchrun's agent" if _agent_store() else "rank 0"
-                    verdict = f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} has not " \
-                              f"answered for {down:.0f} s: it was killed or frozen, or its node died)"
+                    verdict = (
+                        f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} has not "
+                        f"answered for {down:.0f} s: it was killed or frozen, or its node died)"
+                    )
             if verdict and not self.stopped.is_set():
                 if self.rank == 0:
                     self.store.set("abort", verdict)
@@ -283,23 +289,30 @@ class _Heartbeat:
             time.sleep(2.5 * self.interval + 0.5)
             second = {r: store.get(k) for r, k in enumerate(keys) if store.check([k])}
             now = time.time()
-            lost = [(r, now - float(second[r].split()[1]) if r in second else float("nan"))
-                    for r in range(self.world_size) if r != self.rank and second.get(r, b"") == first.get(r, b"")]
+            lost = [
+                (r, now - float(second[r].split()[1]) if r in second else float("nan"))
+                for r in range(self.world_size)
+                if r != self.rank and second.get(r, b"") == first.get(r, b"")
+            ]
             return _lost_message(lost) if lost else None
 
         try:
             return _within(2.5 * self.interval + 0.5 + 3 * self.call_s, sample)
         except Exception:
             who = "torchrun's agent" if _agent_store() else "rank 0"
-            return f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} does not answer: it " \
-                   f"was killed or frozen, or its node died)"
+            return (
+                f"lost {who} (the rendezvous store it hosts at {self.host}:{self.port} does not answer: it "
+                f"was killed or frozen, or its node died)"
+            )
 
 
 def _lost_message(lost: list[tuple[int, float]]) -> str:
     ranks, age = ", ".join(str(r) for r, _ in lost), max(a for _, a in lost)
     since = f"no heartbeat for {age:.0f} s" if age == age else "no heartbeat at all"
-    return f"lost rank{'s' if len(lost) > 1 else ''} {ranks} ({since}; it crashed, was killed or frozen, or its " \
-           f"node died: see its own output)"
+    return (
+        f"lost rank{'s' if len(lost) > 1 else ''} {ranks} ({since}; it crashed, was killed or frozen, or its "
+        f"node died: see its own output)"
+    )
 
 
 _exit_lock = threading.Lock()
@@ -359,9 +372,15 @@ def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
         while True:  # clients: short attempts, as a client's own connect loop overruns its timeout up to 2.5x
             left = t0 + timeout_s - time.time()
             try:
-                return dist.TCPStore(host, port, world_size=None if agent else env.world_size, is_master=master,
-                                     timeout=timedelta(seconds=timeout_s if master else max(1.0, min(5.0, left))),
-                                     wait_for_workers=not agent, multi_tenant=True)
+                return dist.TCPStore(
+                    host,
+                    port,
+                    world_size=None if agent else env.world_size,
+                    is_master=master,
+                    timeout=timedelta(seconds=timeout_s if master else max(1.0, min(5.0, left))),
+                    wait_for_workers=not agent,
+                    multi_tenant=True,
+                )
             except (RuntimeError, OSError):
                 if master or time.time() - t0 >= timeout_s:
                     raise
@@ -377,10 +396,13 @@ def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
         elif master:
             what = f"rank 0 cannot serve it ({why}): free the port or choose another MASTER_PORT"
         else:
-            what = f"rank {env.rank} cannot reach rank 0 there ({why}): is rank 0 running, and are " \
-                   f"MASTER_ADDR/MASTER_PORT its address?"
-        raise RendezvousError(f"rendezvous at {host}:{port} failed after {took:.0f} s "
-                              f"(trainer.collective_timeout_minutes): {what}") from None
+            what = (
+                f"rank {env.rank} cannot reach rank 0 there ({why}): is rank 0 running, and are "
+                f"MASTER_ADDR/MASTER_PORT its address?"
+            )
+        raise RendezvousError(
+            f"rendezvous at {host}:{port} failed after {took:.0f} s (trainer.collective_timeout_minutes): {what}"
+        ) from None
 
 
 STALE_BUILD_LOCK_S = 600  # the CPU comm op builds in about 2 minutes; a lock this old has no builder behind it
@@ -402,9 +424,11 @@ def check_cpu_comm_build_lock(now: float | None = None) -> None:
     except OSError:
         return
     if age > STALE_BUILD_LOCK_S:
-        raise UserError(f"{lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's CPU communication op that "
-                        f"was killed; every run would wait on it forever: delete it if no build is running, then "
-                        f"rerun the same command")
+        raise UserError(
+            f"{lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's CPU communication op that "
+            f"was killed; every run would wait on it forever: delete it if no build is running, then "
+            f"rerun the same command"
+        )
 
 
 def init(env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float | None = None) -> torch.device:
@@ -433,13 +457,15 @@ def init(env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float 
         kwargs: dict[str, Any] = {}
         if backend == "nccl" and not Version("2.6.0") < Version(torch.__version__) < Version("2.7.1"):  # hang there
             kwargs["device_id"] = device  # bind the communicator to this GPU: no guessing, no warning
-        dist.init_process_group(backend, store=_store, rank=env.rank, world_size=env.world_size, timeout=timeout,
-                                **kwargs)
+        dist.init_process_group(
+            backend, store=_store, rank=env.rank, world_size=env.world_size, timeout=timeout, **kwargs
+        )
     # DeepSpeed adopts the initialised group (its TorchBackend wraps torch.distributed)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     if env.world_size > 1 and _heartbeat is None:
-        _heartbeat = _Heartbeat(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.rank,
-                                env.world_size, timeout.total_seconds())
+        _heartbeat = _Heartbeat(
+            os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.rank, env.world_size, timeout.total_seconds()
+        )
     return device
 
 
@@ -454,8 +480,10 @@ def explain_failure(exc: BaseException) -> str | None:
     if lost:
         return lost
     if isinstance(exc, dist.DistError) or "gloo" in str(exc).lower() or "nccl" in str(exc).lower():
-        return f"a collective failed while every rank is alive ({first_line(exc)[:200]}); if one rank was busy " \
-               f"longer than trainer.collective_timeout_minutes (a long save or evaluation), raise it"
+        return (
+            f"a collective failed while every rank is alive ({first_line(exc)[:200]}); if one rank was busy "
+            f"longer than trainer.collective_timeout_minutes (a long save or evaluation), raise it"
+        )
     return None
 
 

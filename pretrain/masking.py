@@ -155,8 +155,9 @@ class MaskingCollator:
         """Per-position hash offsets ``(4 * pos + stream) * golden`` (uint64) for a batch width, cached."""
         key = (width, stream)
         if key not in self._offset_cache:
-            self._offset_cache[key] = np.array([((4 * p + stream) * _GOLDEN) & _U64 for p in range(width)],
-                                               dtype=np.uint64)
+            self._offset_cache[key] = np.array(
+                [((4 * p + stream) * _GOLDEN) & _U64 for p in range(width)], dtype=np.uint64
+            )
         return self._offset_cache[key]
 
     def mask(self, ids: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -22,8 +22,17 @@ import torch
 from tqdm.auto import tqdm
 
 # Dense bf16/fp16 peak TFLOP/s per device, for the MFU estimate when trainer.peak_tflops is not set.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0,
-               "L4": 121.0, "V100": 125.0, "T4": 65.0}
+PEAK_TFLOPS = {
+    "H200": 989.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "A10G": 125.0,
+    "A10": 125.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "V100": 125.0,
+    "T4": 65.0,
+}
 
 
 def peak_tflops(configured: float | None, device: torch.device) -> float | None:
@@ -73,8 +82,16 @@ def truncate_metrics(path: Path, step: int) -> None:
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
-    def __init__(self, cfg: Any, run_dir: Path, is_main: bool, wandb_id: str | None, config: dict,
-                 start_step: int, max_steps: int) -> None:
+    def __init__(
+        self,
+        cfg: Any,
+        run_dir: Path,
+        is_main: bool,
+        wandb_id: str | None,
+        config: dict,
+        start_step: int,
+        max_steps: int,
+    ) -> None:
         self.is_main, self.run_dir = is_main, run_dir
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
@@ -89,14 +106,33 @@ class MetricsLogger:
 
             mode = wandb_mode(cfg.logger.mode)
             self.wandb_id = wandb_id or secrets.token_hex(4)  # not the global RNG: resumes stay exact
-            self.wandb = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, name=cfg.run_name,
-                                    id=self.wandb_id, resume="allow", dir=str(run_dir), mode=mode, config=config,
-                                    tags=list(cfg.logger.tags) or None)
+            self.wandb = wandb.init(
+                project=cfg.logger.project,
+                entity=cfg.logger.entity,
+                name=cfg.run_name,
+                id=self.wandb_id,
+                resume="allow",
+                dir=str(run_dir),
+                mode=mode,
+                config=config,
+                tags=list(cfg.logger.tags) or None,
+            )
             print(f"W&B ({mode}): run {self.wandb_id}, files in {self.wandb.dir}", flush=True)
         # A terminal gets a progress bar; a file (SLURM, nohup, CI) gets one plain line per log record instead.
         self.plain = not sys.stdout.isatty()
-        self.bar = None if self.plain else tqdm(total=max_steps, initial=start_step, desc="train", unit="step",
-                                                dynamic_ncols=True, file=sys.stderr, disable=None)
+        self.bar = (
+            None
+            if self.plain
+            else tqdm(
+                total=max_steps,
+                initial=start_step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=None,
+            )
+        )
         self.t0, self.start_step, self.max_steps = time.time(), start_step, max_steps
 
     def log(self, record: dict[str, Any]) -> None:
@@ -110,11 +146,19 @@ class MetricsLogger:
         except OSError as e:  # a full or vanished disk: one line, not a traceback from deep in the loop
             from pretrain.config import UserError
 
-            raise UserError(f"{self.path}: cannot write metrics ({e.strerror}); free space or point run_dir "
-                            "elsewhere, then rerun to resume from the last complete checkpoint") from None
+            raise UserError(
+                f"{self.path}: cannot write metrics ({e.strerror}); free space or point run_dir "
+                "elsewhere, then rerun to resume from the last complete checkpoint"
+            ) from None
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
-                            and not isinstance(v, bool)}, step=record["step"])  # lists/strings stay in the jsonl
+            self.wandb.log(
+                {
+                    k: v
+                    for k, v in record.items()
+                    if k not in ("step", "time") and isinstance(v, (int, float)) and not isinstance(v, bool)
+                },
+                step=record["step"],
+            )  # lists/strings stay in the jsonl
         if self.bar is not None and record.get("kind") == "train":
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}", refresh=False)
         if self.plain:
@@ -124,6 +168,7 @@ class MetricsLogger:
 
     def plain_line(self, r: dict[str, Any]) -> str | None:
         """One line of a log record for a log file: step/total, losses, lr, throughput and ETA for training."""
+
         def f(v: Any, spec: str = ".4f") -> str:
             return "n/a" if v is None else format(v, spec)
 
@@ -131,12 +176,16 @@ class MetricsLogger:
         if kind == "train":
             done = step - self.start_step
             eta = (time.time() - self.t0) / done * (self.max_steps - step) if done > 0 else None
-            return (f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}, nsp "
-                    f"{f(r.get('nsp_loss'))})  lr {f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
-                    f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}")
+            return (
+                f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}, nsp "
+                f"{f(r.get('nsp_loss'))})  lr {f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
+                f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}"
+            )
         if kind == "eval":
-            return (f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')}"
-                    f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}")
+            return (
+                f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')}"
+                f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}"
+            )
         if kind == "skipped":
             return f"step {step}: skipped ({r['reason']}), {r['skipped']} so far"
         return None
@@ -167,6 +216,7 @@ def _duration(seconds: float | None) -> str:
 
 def print_summary(s: dict[str, Any]) -> None:
     """One screen: what ran, how fast, how good, where everything is."""
+
     def fmt(v: Any, spec: str = ".4f") -> str:
         return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 

@@ -29,8 +29,12 @@ from torch import nn
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (Hugging Face convention)
 # Plain functions / partials, not lambdas, so a whole model still pickles.
-_ACTS = {"gelu": F.gelu, "gelu_new": partial(F.gelu, approximate="tanh"),
-         "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+_ACTS = {
+    "gelu": F.gelu,
+    "gelu_new": partial(F.gelu, approximate="tanh"),
+    "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+}
 
 
 @dataclass
@@ -71,8 +75,10 @@ class BertConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}; pick sizes that divide")
+            raise ValueError(
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}; pick sizes that divide"
+            )
         if self.hidden_act not in _ACTS:
             raise ValueError(f"hidden_act={self.hidden_act!r}: use one of {sorted(_ACTS)}")
         if self.pad_vocab_size_multiple < 1:
@@ -227,8 +233,9 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(c)
         self.pooler = BertPooler(c) if c.nsp else None
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         """Final hidden states [B, L, H]; ``mask`` is the boolean [B, 1, 1, L] attention mask (or None)."""
         return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
 
@@ -255,7 +262,7 @@ class BertLMPredictionHead(nn.Module):
         self.decoder.bias = self.bias  # tied, as in Hugging Face: both names appear in the state dict
         # -inf on padding rows: they get zero probability and zero gradient. Not saved (derived from the config).
         vocab_mask = torch.zeros(c.padded_vocab_size)
-        vocab_mask[c.vocab_size:] = float("-inf")
+        vocab_mask[c.vocab_size :] = float("-inf")
         self.register_buffer("vocab_mask", vocab_mask, persistent=False)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -298,7 +305,7 @@ class BertForPreTraining(nn.Module):
             if m.padding_idx is not None:
                 m.weight[m.padding_idx].zero_()
             if m is self.bert.embeddings.word_embeddings:
-                m.weight[self.config.vocab_size:].zero_()  # padding rows: never used, never predicted
+                m.weight[self.config.vocab_size :].zero_()  # padding rows: never used, never predicted
         elif isinstance(m, nn.LayerNorm):
             m.weight.fill_(1.0)
             m.bias.zero_()
@@ -323,12 +330,18 @@ class BertForPreTraining(nn.Module):
         n = self.num_parameters() - (1.0 - mlm_fraction) * head
         return 6.0 * n + 12.0 * c.num_hidden_layers * c.hidden_size * seq_len
 
-    def encode(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-               attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Token ids [B, L] -> final hidden states [B, L, H]; attention_mask [B, L] is 1 (or True) for real tokens."""
         if input_ids.size(1) > self.config.max_position_embeddings:
-            raise ValueError(f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
-                             f"{self.config.max_position_embeddings}")
+            raise ValueError(
+                f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
         mask = None
         if attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
             mask = attention_mask[:, None, None, :].bool()
@@ -338,9 +351,14 @@ class BertForPreTraining(nn.Module):
         """MLM logits at every position, [B, L, H] -> [B, L, vocab_size] (for HF comparisons and fill-mask)."""
         return self.cls.predictions(hidden)[..., : self.config.vocab_size]
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                next_sentence_label: torch.Tensor | None = None) -> PretrainingOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        next_sentence_label: torch.Tensor | None = None,
+    ) -> PretrainingOutput:
         """labels [B, L]: target ids, -100 where nothing is predicted. next_sentence_label [B]: 0 = IsNext."""
         hidden = self.encode(input_ids, token_type_ids, attention_mask)  # [B, L, H]
         nsp_logits = nsp_loss = None
@@ -392,8 +410,10 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF key variants -> ours: ``BertModel`` (no ``bert.`` prefix), TF-era gamma/beta, buffers, tied copies."""
     if not any(k.startswith(("bert.", "cls.")) for k in sd):
         sd = {f"bert.{k}": v for k, v in sd.items()}
-    sd = {k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
-          for k, v in sd.items()}
+    sd = {
+        k.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias"): v
+        for k, v in sd.items()
+    }
     if "cls.predictions.decoder.bias" in sd:  # tied to cls.predictions.bias; older checkpoints save only this one
         sd.setdefault("cls.predictions.bias", sd["cls.predictions.decoder.bias"])
         del sd["cls.predictions.decoder.bias"]
@@ -431,7 +451,7 @@ def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
         for k in set(own) & set(sd):
             src, dst = sd[k], own[k]
             if k in _VOCAB_KEYS and len(src) == config.vocab_size:
-                dst[config.vocab_size:].zero_()  # vocab padding rows
+                dst[config.vocab_size :].zero_()  # vocab padding rows
                 dst = dst[: config.vocab_size]
             if src.shape != dst.shape:
                 raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, config.json implies {tuple(dst.shape)}")
@@ -477,18 +497,27 @@ def export_hf(model: BertForPreTraining, tokenizer_dir: str | Path | None, out_d
             if (tdir / name).is_file():
                 shutil.copy2(tdir / name, out / name)
         if not (tdir / "tokenizer_config.json").is_file():
-            lower = _lowercase_from_tokenizer_json(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() \
-                else True
-            tc = {"tokenizer_class": "BertTokenizer", "do_lower_case": lower,
-                  "model_max_length": c.max_position_embeddings, "unk_token": "[UNK]", "sep_token": "[SEP]",
-                  "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+            lower = (
+                _lowercase_from_tokenizer_json(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() else True
+            )
+            tc = {
+                "tokenizer_class": "BertTokenizer",
+                "do_lower_case": lower,
+                "model_max_length": c.max_position_embeddings,
+                "unk_token": "[UNK]",
+                "sep_token": "[SEP]",
+                "pad_token": "[PAD]",
+                "cls_token": "[CLS]",
+                "mask_token": "[MASK]",
+            }
             (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     return out
 
 
 @torch.no_grad()
-def fill_mask(model: BertForPreTraining, tokenizer: Any, text: str, top_k: int = 5,
-              mask_token: str = "[MASK]") -> list[list[tuple[str, float]]]:
+def fill_mask(
+    model: BertForPreTraining, tokenizer: Any, text: str, top_k: int = 5, mask_token: str = "[MASK]"
+) -> list[list[tuple[str, float]]]:
     """Top-k (token, probability) for each ``[MASK]`` in ``text``; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
     mask_id = tokenizer.token_to_id(mask_token)
     if mask_id is None:
@@ -507,4 +536,3 @@ def fill_mask(model: BertForPreTraining, tokenizer: Any, text: str, top_k: int =
         probs, top = logits[pos].softmax(-1).topk(min(top_k, logits.size(-1)))
         out.append([(tokenizer.id_to_token(int(t)), float(p)) for p, t in zip(probs, top, strict=True)])
     return out
-

@@ -46,8 +46,15 @@ class Lamb(torch.optim.Optimizer):
     biases, or a parameter without gradient), and applies to every parameter, decayed or not, as in NVIDIA's BERT.
     """
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True):
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+    ):
         if lr < 0 or eps < 0 or not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
             raise ValueError(f"invalid LAMB hyper-parameters lr={lr} betas={betas} eps={eps}")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, bias_correction=bias_correction)
@@ -113,8 +120,12 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
     if o.name == "lamb":
         apex = _apex_lamb() if on_cuda and impl in ("auto", "apex") else None
         if apex is not None:
-            return apex(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay), None, groups, \
-                "LAMB: apex FusedLAMB"
+            return (
+                apex(groups, lr=o.lr, betas=betas, eps=o.eps, weight_decay=o.weight_decay),
+                None,
+                groups,
+                "LAMB: apex FusedLAMB",
+            )
         if impl == "apex":
             raise ValueError("optim.implementation=apex but apex (with CUDA extensions) is not importable")
         if on_cuda and impl in ("auto", "deepspeed"):
@@ -123,21 +134,28 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
                 return None, {"type": "Lamb", "params": ds_params}, groups, "LAMB: DeepSpeed FusedLamb"
             if impl == "deepspeed":
                 raise ValueError(f"optim.implementation=deepspeed but DeepSpeed's FusedLamb op does not build: {error}")
-            warnings.warn(f"DeepSpeed's FusedLamb op does not build here ({error}): pure PyTorch LAMB instead",
-                          stacklevel=2)
+            warnings.warn(
+                f"DeepSpeed's FusedLamb op does not build here ({error}): pure PyTorch LAMB instead", stacklevel=2
+            )
         label = "pure PyTorch" if impl == "torch" or on_cuda else "pure PyTorch (CPU fallback)"
         if cfg.deepspeed.zero_optimization.get("stage", 0) > 0 or cfg.trainer.precision != "fp32":
-            warnings.warn("LAMB under ZeRO or bf16/fp16 sees flattened partitions: its trust ratio is per partition, "
-                          "not per layer (use deepspeed=zero0 with fp32, or a GPU with DeepSpeed/apex LAMB)",
-                          stacklevel=2)
+            warnings.warn(
+                "LAMB under ZeRO or bf16/fp16 sees flattened partitions: its trust ratio is per partition, "
+                "not per layer (use deepspeed=zero0 with fp32, or a GPU with DeepSpeed/apex LAMB)",
+                stacklevel=2,
+            )
         return Lamb(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, f"LAMB: {label}"
     offload = cfg.deepspeed.zero_optimization.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
     if on_cuda and (offload or impl == "deepspeed"):  # DeepSpeed builds CPU Adam (offload) or its fused Adam
         desc = "AdamW: DeepSpeed CPU Adam (ZeRO offload)" if offload else "AdamW: DeepSpeed fused Adam"
         return None, {"type": "AdamW", "params": ds_params}, groups, desc
     if on_cuda:
-        return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True), None, groups, \
-            "AdamW: PyTorch fused (CUDA)"
+        return (
+            torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps, fused=True),
+            None,
+            groups,
+            "AdamW: PyTorch fused (CUDA)",
+        )
     return torch.optim.AdamW(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, "AdamW: PyTorch"
 
 

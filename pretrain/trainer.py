@@ -75,12 +75,17 @@ def build_model(model_kw: dict[str, Any], init_from: str | None):
     if init_from:
         sd = weights_from(init_from)
         ours = model.state_dict()
-        bad = [f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}" for k, v in sd.items()
-               if k in ours and v.shape != ours[k].shape]
+        bad = [
+            f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+            for k, v in sd.items()
+            if k in ours and v.shape != ours[k].shape
+        ]
         if bad:  # whole names and both shapes, not a cut-off torch message
             more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise UserError(f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
-                            f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with")
+            raise UserError(
+                f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
+                f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with"
+            )
         missing, _ = model.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
         if missing:
@@ -92,8 +97,14 @@ def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(engine: Any, next_batch: Any, accum: int, device: torch.device, grad_norm: bool = False,
-               skip_nonfinite: bool = False) -> tuple[torch.Tensor, bool]:
+def train_step(
+    engine: Any,
+    next_batch: Any,
+    accum: int,
+    device: torch.device,
+    grad_norm: bool = False,
+    skip_nonfinite: bool = False,
+) -> tuple[torch.Tensor, bool]:
     """One optimizer step: ``accum`` micro-batches through ``engine.backward``/``engine.step`` (DeepSpeed scales
     the loss and steps the optimizer at the boundary). Returns float64 [loss, mlm, nsp, tokens, padded tokens,
     grad norm, step loss summed over ranks] and whether any rank saw a non-finite loss (agreed before the last
@@ -168,8 +179,11 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
 
 def print_complete(run_dir: Path, tag: Path, max_steps: int) -> None:
     """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()] \
-        if (run_dir / "metrics.jsonl").is_file() else []
+    records = (
+        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
     val = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
     loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
 
@@ -177,18 +191,22 @@ def print_complete(run_dir: Path, tag: Path, max_steps: int) -> None:
         return "n/a" if val.get(key) is None else format(val[key], spec)
 
     hf = run_dir / "hf"
-    print(f"run {run_dir} is complete at step {checkpoint_step(tag)}/{max_steps}: checkpoint {tag}, HF export "
-          f"{hf}; final train loss "
-          f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
-          f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
-          flush=True)
+    print(
+        f"run {run_dir} is complete at step {checkpoint_step(tag)}/{max_steps}: checkpoint {tag}, HF export "
+        f"{hf}; final train loss "
+        f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
+        f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
+        flush=True,
+    )
 
 
 def nonfinite_stop(step: int, why: str, ckpt_root: Path, main: bool) -> tuple[str, int]:
     """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
     last = find_checkpoint(ckpt_root)
-    msg = (f"non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good checkpoint is "
-           f"{last or 'none (no checkpoint yet)'}: look at the data and learning rate, then rerun to resume from it")
+    msg = (
+        f"non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good checkpoint is "
+        f"{last or 'none (no checkpoint yet)'}: look at the data and learning rate, then rerun to resume from it"
+    )
     if main:
         print(f"error: {msg}", file=sys.stderr, flush=True)
     return f"stopped: non-finite loss at step {step}", NONFINITE_EXIT_CODE
@@ -221,12 +239,17 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes)
     run_dir = Path(cfg.run_dir).resolve()
     main, ckpt_root = env.is_main, run_dir / "checkpoints"
-    resume_tag = None if cfg.resume == "none" else (
-        find_checkpoint(ckpt_root) if cfg.resume == "auto" else tag_dir(cfg.resume, "resume"))
+    resume_tag = (
+        None
+        if cfg.resume == "none"
+        else (find_checkpoint(ckpt_root) if cfg.resume == "auto" else tag_dir(cfg.resume, "resume"))
+    )
     partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
     if cfg.resume == "auto" and resume_tag is None and partial:  # never silently start over a killed run
-        raise UserError(f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
-                        "while saving?); pass resume=none to start afresh, or restore a complete one")
+        raise UserError(
+            f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
+            "while saving?); pass resume=none to start afresh, or restore a complete one"
+        )
     if t.deterministic:  # cuBLAS needs a fixed workspace for reproducible GEMMs; read at its first use, after this
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -239,25 +262,51 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        print(f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
-              f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
-              f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}\nthreads per rank: {threads}",
-              flush=True)
+        print(
+            f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
+            f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
+            f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}\nthreads per rank: {threads}",
+            flush=True,
+        )
     masking = MaskingConfig(**cfg_dict["data"]["masking"])
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:
-        loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, masking=masking,
-                                           bucket=cfg.data.bucket, shuffle=True, drop_last=True, **common)
-        val_loader = build_dataloader(cfg.data.dir, "validation", t.micro_batch_size, masking=masking,
-                                      shuffle=False, drop_last=False, **common)[0] if info.has_validation else None
+        loader, sampler = build_dataloader(
+            cfg.data.dir,
+            "train",
+            t.micro_batch_size,
+            masking=masking,
+            bucket=cfg.data.bucket,
+            shuffle=True,
+            drop_last=True,
+            **common,
+        )
+        val_loader = (
+            build_dataloader(
+                cfg.data.dir,
+                "validation",
+                t.micro_batch_size,
+                masking=masking,
+                shuffle=False,
+                drop_last=False,
+                **common,
+            )[0]
+            if info.has_validation
+            else None
+        )
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
     stage = ds_config["zero_optimization"].get("stage", 0)
     load_tag = universal_tag(resume_tag, stage, env.world_size, main) if resume_tag is not None else None
     if load_tag is not None:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
-                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model,
+        optimizer=client_opt,
+        model_parameters=groups,
+        lr_scheduler=scheduler_factory(cfg),
+        config=ds_config,
+    )
     accum = engine.gradient_accumulation_steps()
     state, wandb_id = TrainState(), None
     if resume_tag is not None:
@@ -311,11 +360,23 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         b = t.micro_batch_size
         mine = [i for e, k in positions for i in sampler.rank_order(e)[k * b : (k + 1) * b].tolist()]
         samples = sorted(i for ids in gather(mine) for i in ids)
-        logger.log({"kind": "spike", "step": step, "loss": loss, "running_mean": mean, "epoch": state.epoch,
-                    "samples": samples})
+        logger.log(
+            {
+                "kind": "spike",
+                "step": step,
+                "loss": loss,
+                "running_mean": mean,
+                "epoch": state.epoch,
+                "samples": samples,
+            }
+        )
         if main:
-            print(f"loss spike at step {step}: {loss:.4f} vs running mean {mean:.4f}; samples {samples[:8]}"
-                  f"{' ...' if len(samples) > 8 else ''} (all in metrics.jsonl)", flush=True)
+            print(
+                f"loss spike at step {step}: {loss:.4f} vs running mean {mean:.4f}; samples {samples[:8]}"
+                f"{' ...' if len(samples) > 8 else ''} (all in metrics.jsonl)",
+                flush=True,
+            )
+
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
         positions.clear()
@@ -325,18 +386,32 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         steps_window += 1
         window_stats += stats[3:5]
         if nonfinite and engine.was_step_applied() and not skip_nonfinite:
-            status, code = nonfinite_stop(state.step, "this ZeRO stage and precision cannot skip the update, so "
-                                          "the weights after it are discarded", ckpt_root, main)
+            status, code = nonfinite_stop(
+                state.step,
+                "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded",
+                ckpt_root,
+                main,
+            )
             break
         if nonfinite or not engine.was_step_applied():  # skipped: weights and optimizer state unchanged
             state.skipped += 1
             state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
-            logger.log({"kind": "skipped", "step": state.step, "skipped": state.skipped,
-                        "reason": "non-finite loss" if nonfinite else "fp16 overflow",
-                        "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0))})
+            logger.log(
+                {
+                    "kind": "skipped",
+                    "step": state.step,
+                    "skipped": state.skipped,
+                    "reason": "non-finite loss" if nonfinite else "fp16 overflow",
+                    "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
+                }
+            )
             if nonfinite and state.nonfinite_streak >= max(1, t.max_nonfinite_steps):
-                status, code = nonfinite_stop(state.step, f"{state.nonfinite_streak} step(s) in a row "
-                                              "(trainer.max_nonfinite_steps)", ckpt_root, main)
+                status, code = nonfinite_stop(
+                    state.step,
+                    f"{state.nonfinite_streak} step(s) in a row (trainer.max_nonfinite_steps)",
+                    ckpt_root,
+                    main,
+                )
                 break
         else:
             state.nonfinite_streak = 0
@@ -351,21 +426,29 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         state.sequences += t.global_batch_size
         logger.advance()
         if log_now:
-            sums = D.all_reduce(torch.tensor([w["loss"], w["mlm"], w["nsp"], w["micro"]], dtype=torch.float64,
-                                             device=device)).tolist()
+            sums = D.all_reduce(
+                torch.tensor([w["loss"], w["mlm"], w["nsp"], w["micro"]], dtype=torch.float64, device=device)
+            ).tolist()
             toks = D.all_reduce(window_stats.clone()).tolist()
             state.tokens += int(toks[0])
             job_tokens += int(toks[0])
             dt = max(time.time() - t_window, 1e-9)
-            rec = {"kind": "train", "step": state.step, "epoch": state.epoch, "loss": sums[0] / max(sums[3], 1),
-                   "mlm_loss": sums[1] / max(sums[3], 1), "nsp_loss": sums[2] / max(sums[3], 1)
-                   if info.nsp and model.config.nsp
-                   else None, "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": float(stats[5]) if own_norm else _scalar(engine.get_global_grad_norm()),
-                   "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
-                   "sequences_per_s": steps_window * t.global_batch_size / dt, "tokens_per_s": toks[0] / dt,
-                   "mfu": flops * toks[1] / dt / (peak * 1e12 * env.world_size) if peak else None,
-                   "memory_gb": memory_gb(device), "tokens": state.tokens}
+            rec = {
+                "kind": "train",
+                "step": state.step,
+                "epoch": state.epoch,
+                "loss": sums[0] / max(sums[3], 1),
+                "mlm_loss": sums[1] / max(sums[3], 1),
+                "nsp_loss": sums[2] / max(sums[3], 1) if info.nsp and model.config.nsp else None,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(stats[5]) if own_norm else _scalar(engine.get_global_grad_norm()),
+                "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
+                "sequences_per_s": steps_window * t.global_batch_size / dt,
+                "tokens_per_s": toks[0] / dt,
+                "mfu": flops * toks[1] / dt / (peak * 1e12 * env.world_size) if peak else None,
+                "memory_gb": memory_gb(device),
+                "tokens": state.tokens,
+            }
             if sums[3]:  # a window of skipped steps only has no loss to report
                 logger.log(rec)
                 last_rec = rec
@@ -378,8 +461,12 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         over_time = t.max_time_minutes is not None and (time.time() - t_start) / 60 > t.max_time_minutes
         preempted = stop.agreed(over_time, device)
         stopping = t.stop_at_step is not None and state.step >= t.stop_at_step and state.step < t.max_steps
-        if (t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.max_steps \
-                or preempted or stopping:
+        if (
+            (t.checkpoint_every and state.step % t.checkpoint_every == 0)
+            or state.step == t.max_steps
+            or preempted
+            or stopping
+        ):
             last_ckpt = save(engine, ckpt_root, state_dict(state, sampler, cfg_dict, logger.wandb_id), t.keep_last)
         if preempted:
             reason = stop.signal_name or ("time limit" if over_time else "signal on another rank")
@@ -407,14 +494,28 @@ def train(cfg: Any, cfg_dict: dict) -> int:
             export_hf(export, cfg.data.dir, hf_dir)
         D.barrier()
     seconds, loop_s = time.time() - t_start, max(time.time() - t_loop, 1e-9)
-    summary = {"run_name": cfg.run_name, "status": status, "step": state.step, "max_steps": t.max_steps,
-               "sequences": state.sequences, "tokens": state.tokens, "seconds": seconds,
-               "sequences_per_s": job_steps * t.global_batch_size / loop_s,
-               "tokens_per_s": job_tokens / loop_s, "mfu": last_rec.get("mfu"), "train_loss": last_rec.get("loss"),
-               "optimizer": opt_desc, "zero_stage": engine.zero_optimization_stage(),
-               "precision": t.precision, "world_size": env.world_size, "run_dir": str(run_dir),
-               "checkpoint": str(last_ckpt) if last_ckpt else None, "hf_dir": str(hf_dir) if hf_dir else None,
-               "wandb_dir": logger.wandb.dir if logger.wandb is not None else None, **last_val}
+    summary = {
+        "run_name": cfg.run_name,
+        "status": status,
+        "step": state.step,
+        "max_steps": t.max_steps,
+        "sequences": state.sequences,
+        "tokens": state.tokens,
+        "seconds": seconds,
+        "sequences_per_s": job_steps * t.global_batch_size / loop_s,
+        "tokens_per_s": job_tokens / loop_s,
+        "mfu": last_rec.get("mfu"),
+        "train_loss": last_rec.get("loss"),
+        "optimizer": opt_desc,
+        "zero_stage": engine.zero_optimization_stage(),
+        "precision": t.precision,
+        "world_size": env.world_size,
+        "run_dir": str(run_dir),
+        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "hf_dir": str(hf_dir) if hf_dir else None,
+        "wandb_dir": logger.wandb.dir if logger.wandb is not None else None,
+        **last_val,
+    }
     logger.close(summary)
     if main:
         print_summary(summary)

@@ -26,4 +26,3 @@ def deepspeed_cpu_comm() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     ShareMemCommBuilder().load(verbose=False)
-

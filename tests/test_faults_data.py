@@ -30,8 +30,14 @@ def with_checksums(out: Path) -> dict:
         for index in sorted((out / split).glob("*.index.npy")):
             name = index.name[: -len(".index.npy")]
             tokens = index.with_name(f"{name}.tokens.npy")
-            shards.append({"name": name, "samples": len(np.load(index)), "tokens": len(np.load(tokens)),
-                           "sha256": {"tokens": sha256_file(tokens), "index": sha256_file(index)}})
+            shards.append(
+                {
+                    "name": name,
+                    "samples": len(np.load(index)),
+                    "tokens": len(np.load(tokens)),
+                    "sha256": {"tokens": sha256_file(tokens), "index": sha256_file(index)},
+                }
+            )
         splits[split] = {"samples": sum(s["samples"] for s in shards), "shards": shards}
     manifest["splits"] = splits
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -73,9 +79,12 @@ def add_unlisted(d: Path) -> Path:
     return d / "train" / "shard-00007.index.npy"
 
 
-FAULTS = {"flipped": (flip_tokens, "sha256"), "truncated": (truncate_index, "where its header implies"),
-          "deleted": (delete_shard, "listed in manifest.json but missing"),
-          "unlisted": (add_unlisted, "not listed in manifest.json")}
+FAULTS = {
+    "flipped": (flip_tokens, "sha256"),
+    "truncated": (truncate_index, "where its header implies"),
+    "deleted": (delete_shard, "listed in manifest.json but missing"),
+    "unlisted": (add_unlisted, "not listed in manifest.json"),
+}
 
 
 def pretrain(d: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:

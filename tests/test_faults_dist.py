@@ -28,9 +28,19 @@ LAUNCH = str(ROOT / "launch" / "pretrain.py")
 PREPARE = str(ROOT / "launch" / "prepare_data.py")
 TIMEOUT_S = 18  # trainer.collective_timeout_minutes=0.3
 # 40 steps (~2 s of training here): room to inject a fault between the step-10 checkpoint and the end.
-ARGS = [*SMALL, "trainer.max_steps=40", "trainer.log_every=2", "trainer.eval_every=0", "trainer.eval_batches=2",
-        "trainer.checkpoint_every=10", "trainer.global_batch_size=16", "trainer.micro_batch_size=4", "optim.lr=5e-3",
-        "scheduler.warmup_steps=1", f"trainer.collective_timeout_minutes={TIMEOUT_S / 60}"]
+ARGS = [
+    *SMALL,
+    "trainer.max_steps=40",
+    "trainer.log_every=2",
+    "trainer.eval_every=0",
+    "trainer.eval_batches=2",
+    "trainer.checkpoint_every=10",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=4",
+    "optim.lr=5e-3",
+    "scheduler.warmup_steps=1",
+    f"trainer.collective_timeout_minutes={TIMEOUT_S / 60}",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +49,14 @@ def data(deepspeed_cpu_comm, tmp_path_factory) -> Path:
 
 
 def _launch(run_dir: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS, *extra],
-                          capture_output=True, text=True, env=_env(), timeout=400, cwd=ROOT)
+    return subprocess.run(
+        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS, *extra],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=400,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +79,23 @@ def _resumes_exactly(run_dir: Path, data: Path, reference: dict[str, torch.Tenso
 
 
 def _rank(rank: int, port: int, run_dir: Path, data: Path, log: Path, addr: str = "127.0.0.1") -> subprocess.Popen:
-    env = {**_env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": addr,
-           "MASTER_PORT": str(port)}
+    env = {
+        **_env(),
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": "2",
+        "MASTER_ADDR": addr,
+        "MASTER_PORT": str(port),
+    }
     with log.open("w") as out:
-        return subprocess.Popen([sys.executable, LAUNCH, f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
-                                stdout=out, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+        return subprocess.Popen(
+            [sys.executable, LAUNCH, f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            cwd=ROOT,
+        )
 
 
 def _wait(cond, timeout: float, what: str) -> None:
@@ -83,11 +111,14 @@ def _errors(text: str) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------- lost ranks
 
+
 @pytest.mark.faults
 @pytest.mark.slow
-@pytest.mark.parametrize(("sig", "victim"), [(signal.SIGKILL, 1), (signal.SIGSTOP, 1), (signal.SIGKILL, 0),
-                                             (signal.SIGSTOP, 0)],
-                         ids=["killed-rank1", "frozen-rank1", "killed-rank0", "frozen-rank0"])
+@pytest.mark.parametrize(
+    ("sig", "victim"),
+    [(signal.SIGKILL, 1), (signal.SIGSTOP, 1), (signal.SIGKILL, 0), (signal.SIGSTOP, 0)],
+    ids=["killed-rank1", "frozen-rank1", "killed-rank0", "frozen-rank0"],
+)
 def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig, victim):
     """A rank killed (its connections break: seen at once) or frozen (seen when its heartbeat, or for rank 0 the
     store it hosts, has been silent for the collective timeout): the survivor exits 69 with one line naming the
@@ -95,8 +126,11 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
     run_dir, port, survivor = tmp_path / "run", _port(), 1 - victim
     ranks = [_rank(r, port, run_dir, data, tmp_path / f"rank{r}.log") for r in (0, 1)]
     try:
-        _wait(lambda: find_checkpoint(run_dir / "checkpoints") is not None or ranks[survivor].poll() is not None,
-              300, "the step-10 checkpoint")
+        _wait(
+            lambda: find_checkpoint(run_dir / "checkpoints") is not None or ranks[survivor].poll() is not None,
+            300,
+            "the step-10 checkpoint",
+        )
         assert ranks[survivor].poll() is None, (tmp_path / f"rank{survivor}.log").read_text()[-3000:]
         os.kill(ranks[victim].pid, sig)
         t0 = time.time()
@@ -148,11 +182,13 @@ def test_rank_that_never_joins_is_named(data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- preemption
 
+
 def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     def find() -> list[int]:
         try:
-            return sorted(p for p in _children(launcher.pid)
-                          if "--local_rank=" in Path(f"/proc/{p}/cmdline").read_text())
+            return sorted(
+                p for p in _children(launcher.pid) if "--local_rank=" in Path(f"/proc/{p}/cmdline").read_text()
+            )
         except (FileNotFoundError, ProcessLookupError):
             return []
 
@@ -174,8 +210,14 @@ def test_sigusr1_during_startup_checkpoints_first_step(data, reference, tmp_path
     """SIGUSR1 to both ranks as soon as they catch it, before torch is even imported: today's default action
     would kill them. They train one step, checkpoint it, exit 75; the same command resumes to the reference."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen([*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    launcher = subprocess.Popen(
+        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     try:
         pids = _rank_pids(launcher)
         assert len(pids) == 2, launcher.communicate(timeout=60)[0][-3000:]
@@ -201,14 +243,23 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
     ranks checkpoint the same step and exit 75 (none killed by a signal nor by the launcher mid-save), and the
     checkpoint resumes to the reference weights."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen([*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    launcher = subprocess.Popen(
+        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     ckpts, during_save = run_dir / "checkpoints", 0
     try:
         pids = _rank_pids(launcher)
         metrics = run_dir / "metrics.jsonl"
-        _wait(lambda: metrics.exists() and '"train"' in metrics.read_text() or launcher.poll() is not None, 300,
-              "the first steps")
+        _wait(
+            lambda: metrics.exists() and '"train"' in metrics.read_text() or launcher.poll() is not None,
+            300,
+            "the first steps",
+        )
         os.kill(pids[1], signal.SIGTERM)
         while launcher.poll() is None:
             saving = ckpts.is_dir() and any(not (p / "COMPLETE").exists() for p in ckpts.glob("step*"))
@@ -232,6 +283,7 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- user mistakes
+
 
 @pytest.fixture(scope="module")
 def roberta(tmp_path_factory) -> Path:
@@ -261,8 +313,9 @@ def test_user_mistake_is_one_line_exit_2(case, data, roberta, tmp_path):
     script, overrides, words = MISTAKES[case]
     args = [o.format(tmp=tmp_path, data=data, roberta=roberta) for o in overrides]
     extra = ["--local_rank=0", f"run_dir={tmp_path / 'run'}"] if script == LAUNCH else [f"output_dir={tmp_path}/o"]
-    r = subprocess.run([sys.executable, script, *extra, *args], capture_output=True, text=True, env=_env(),
-                       timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, script, *extra, *args], capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT
+    )
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     errors = _errors(r.stderr)
     assert len(errors) == 1 and "Traceback" not in r.stderr and "HYDRA_FULL_ERROR" not in r.stderr, r.stderr

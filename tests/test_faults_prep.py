@@ -161,9 +161,11 @@ HUGE_LINE = 50_000_000
 # and sentences, a tokenize chunk): 150 + 7 x 50 = 500 MB. The code before this test peaked at 1.9 GB (a list of
 # every word of the line, BlingFire and the tokenizer on the whole line at once).
 PEAK_RSS_BOUND = 512 << 20
-WRAPPER = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
-           "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); "
-           "sys.exit(r.returncode)")  # a fresh process whose only child is the launcher: its peak alone
+WRAPPER = (
+    "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, file=sys.stderr); "
+    "sys.exit(r.returncode)"
+)  # a fresh process whose only child is the launcher: its peak alone
 
 
 def hostile_inputs(root: Path, wiki: Path) -> list[str]:
@@ -194,8 +196,18 @@ def test_hostile_inputs_complete_in_bounded_memory_and_counts_add_up(vocab, shar
 
     inputs = hostile_inputs(tmp_path / "in", shared_data / "wikipedia" / "enwiki-sample-pages-articles.xml.bz2")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", WRAPPER, sys.executable, LAUNCH, f"inputs=[{','.join(inputs)}]", f"output_dir={out}",
-           f"vocab={vocab}", "num_workers=2", "strict=false"]
+    cmd = [
+        sys.executable,
+        "-c",
+        WRAPPER,
+        sys.executable,
+        LAUNCH,
+        f"inputs=[{','.join(inputs)}]",
+        f"output_dir={out}",
+        f"vocab={vocab}",
+        "num_workers=2",
+        "strict=false",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600)
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr[-3000:]
     peak = int(r.stderr.strip().splitlines()[-1])
@@ -206,8 +218,13 @@ def test_hostile_inputs_complete_in_bounded_memory_and_counts_add_up(vocab, shar
     assert c["documents_read"] == c["documents_written"] + c["documents_skipped"]
     assert c["documents_skipped"] == sum(n for k, n in skipped.items() if k.startswith("document: "))
     assert c["files_skipped"] == sum(n for k, n in skipped.items() if k.startswith("file: "))
-    assert skipped == {"file: not valid UTF-8": 2, "file: empty file": 2, "document: bad JSON": 1,
-                       "file: truncated or corrupt compressed stream": 1, "document: no text after cleaning": 2}
+    assert skipped == {
+        "file: not valid UTF-8": 2,
+        "file: empty file": 2,
+        "document: bad JSON": 1,
+        "file: truncated or corrupt compressed stream": 1,
+        "document: no text after cleaning": 2,
+    }
     named = " ".join(item for v in m["skipped"].values() for item in v["items"])
     assert all(name in named for name in ("latin1.txt", "binary.txt", "empty.txt", "blank.txt", "enwiki-cut"))
     assert c["documents_text"] == 2 and c["documents_jsonl"] == 2 and c["documents_wiki"] > 5  # utf16 + huge

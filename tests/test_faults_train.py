@@ -30,7 +30,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 # FAULT="scale:STEP=FACTOR,...": multiply the loss of the STEP-th training forward by FACTOR (inf, nan, 100).
 # FAULT="kill:WHERE@STEP": SIGKILL this process inside the save of STEP, WHERE = engine (before DeepSpeed writes),
 # commit (shards written, before the COMPLETE marker), retention (marker written, before latest/pruning).
-SITECUSTOMIZE = '''
+SITECUSTOMIZE = """
 import os
 spec = os.environ.get("FAULT", "")
 if spec.startswith("scale:"):
@@ -77,10 +77,18 @@ elif spec.startswith("kill:"):
                 die()
         return orig_commit(path, text)
     t.save, c._commit_file = save, commit
-'''
+"""
 
-ARGS = [*SMALL, "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.log_every=1",
-        "trainer.eval_every=0", "optim.lr=5e-3", "scheduler.warmup_steps=1", "deepspeed=zero0"]
+ARGS = [
+    *SMALL,
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=4",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "optim.lr=5e-3",
+    "scheduler.warmup_steps=1",
+    "deepspeed=zero0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,13 +103,20 @@ def inject_dir(tmp_path_factory) -> Path:
     return d
 
 
-def _run(run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None,
-         timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(
+    run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     env = _env()
     if fault:
         env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
-    return subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run_dir}", *ARGS, *overrides],
-                          capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run_dir}", *ARGS, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        cwd=ROOT,
+    )
 
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
@@ -121,8 +136,9 @@ def test_nonfinite_step_skipped_and_spike_logged(data, inject_dir, tmp_path):
     """fp32, ZeRO-0: an inf loss at step 3 skips that step (weights untouched, counted, logged); a 100x loss at
     step 14 is logged as a spike with exactly the samples of that batch, and training goes on."""
     run = tmp_path / "run"
-    r = _run(run, data, "trainer.max_steps=16", "trainer.checkpoint_every=0", fault="scale:3=inf,14=100",
-             inject=inject_dir)
+    r = _run(
+        run, data, "trainer.max_steps=16", "trainer.checkpoint_every=0", fault="scale:3=inf,14=100", inject=inject_dir
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     skipped = _records(run, "skipped")
     assert [(s["step"], s["reason"], s["skipped"]) for s in skipped] == [(3, "non-finite loss", 1)]
@@ -141,8 +157,15 @@ def test_nonfinite_step_skipped_and_spike_logged(data, inject_dir, tmp_path):
 
 def test_nonfinite_streak_stops_with_last_good_checkpoint(data, inject_dir, tmp_path):
     run = tmp_path / "run"
-    r = _run(run, data, "trainer.max_steps=12", "trainer.checkpoint_every=2", "trainer.max_nonfinite_steps=3",
-             fault="scale:5=nan,6=inf,7=inf", inject=inject_dir)
+    r = _run(
+        run,
+        data,
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=2",
+        "trainer.max_nonfinite_steps=3",
+        fault="scale:5=nan,6=inf,7=inf",
+        inject=inject_dir,
+    )
     assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
     errors = _error_lines(r)
     assert len(errors) == 1 and "non-finite loss at step 7" in errors[0], r.stderr[-2000:]
@@ -160,8 +183,16 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(data, inject_dir, tmp_
 def test_bf16_zero2_nonfinite_step_skipped_by_deepspeed(data, inject_dir, tmp_path):
     """bf16 under ZeRO-2: DeepSpeed's overflow check skips the step; the run counts it and finishes."""
     run = tmp_path / "run"
-    r = _run(run, data, "deepspeed=zero2", "trainer.precision=bf16", "trainer.max_steps=6",
-             "trainer.checkpoint_every=0", fault="scale:2=inf", inject=inject_dir)
+    r = _run(
+        run,
+        data,
+        "deepspeed=zero2",
+        "trainer.precision=bf16",
+        "trainer.max_steps=6",
+        "trainer.checkpoint_every=0",
+        fault="scale:2=inf",
+        inject=inject_dir,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [(s["step"], s["reason"]) for s in _records(run, "skipped")] == [(2, "non-finite loss")]
     assert all(torch.isfinite(v).all() for v in _weights(run).values())
@@ -196,8 +227,7 @@ def test_killed_inside_save_resumes_from_complete_checkpoint(data, inject_dir, r
 
 def test_no_complete_checkpoint_refuses_to_start_fresh(data, inject_dir, tmp_path):
     run = tmp_path / "run"
-    r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2", fault="kill:engine@2",
-             inject=inject_dir)
+    r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2", fault="kill:engine@2", inject=inject_dir)
     assert r.returncode == -9
     r = _run(run, data, "trainer.max_steps=4", "trainer.checkpoint_every=2")
     errors = _error_lines(r)
@@ -211,13 +241,14 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
     half-written checkpoint, and the complete one still loads."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
+    if (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     try:
         run = mnt / "run"
-        r = _run(run, data, "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.keep_last=8",
-                 "logger=none")
+        r = _run(run, data, "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.keep_last=8", "logger=none")
         errors = _error_lines(r)
         assert r.returncode == 2 and len(errors) == 1, (r.stdout + r.stderr)[-3000:]
         assert ("could not be written" in errors[0] and "MB free" in errors[0]) or "cannot write metrics" in errors[0]
@@ -229,9 +260,20 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-RESIZE = [*SMALL, "model.hidden_dropout_prob=0", "model.attention_probs_dropout_prob=0", "deepspeed=zero2",
-          "trainer.max_steps=12", "trainer.log_every=1", "trainer.eval_every=0", "trainer.checkpoint_every=4",
-          "trainer.global_batch_size=16", "trainer.micro_batch_size=1", "optim.lr=5e-3", "scheduler.warmup_steps=1"]
+RESIZE = [
+    *SMALL,
+    "model.hidden_dropout_prob=0",
+    "model.attention_probs_dropout_prob=0",
+    "deepspeed=zero2",
+    "trainer.max_steps=12",
+    "trainer.log_every=1",
+    "trainer.eval_every=0",
+    "trainer.checkpoint_every=4",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=1",
+    "optim.lr=5e-3",
+    "scheduler.warmup_steps=1",
+]
 # Micro-batches of one sample: a step's gradient is then the mean over its samples whatever the number of ranks
 # (with more samples per micro-batch, each micro-batch's mean loss weights its tokens differently).
 
@@ -241,8 +283,14 @@ def _run_ranks(ranks: int, run_dir: Path, data: Path, *overrides: str, fault: st
     if fault:
         env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
     launcher = _cmd("deepspeed") if ranks == 2 else [sys.executable, LAUNCH]
-    return subprocess.run([*launcher, f"data.dir={data}", f"run_dir={run_dir}", *RESIZE, *overrides],
-                          capture_output=True, text=True, env=env, timeout=400, cwd=ROOT)
+    return subprocess.run(
+        [*launcher, f"data.dir={data}", f"run_dir={run_dir}", *RESIZE, *overrides],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=ROOT,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -269,8 +317,9 @@ def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_pat
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert f"{before} rank(s) -> {after}: converting step00000004 to a universal checkpoint" in r.stdout
     assert "resumed from" in r.stdout and "at step 4" in r.stdout
-    seen_after = [tuple(x) for f in tmp_path.glob("ids.*") for line in f.read_text().splitlines()
-                  for x in json.loads(line)]
+    seen_after = [
+        tuple(x) for f in tmp_path.glob("ids.*") for line in f.read_text().splitlines() for x in json.loads(line)
+    ]
     order = ResumableDistributedSampler(96, 1, world_size=2, seed=1234).global_order(0)
     assert sorted(seen_before) == sorted((0, int(i)) for i in order[:64])  # steps 1-4
     assert sorted(x for x in seen_after if x[0] == 0) == sorted((0, int(i)) for i in order[64:])  # steps 5-6
@@ -281,7 +330,6 @@ def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_pat
     ref, got = _weights(resize_reference), _weights(run)
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-5)
-
 
 
 def test_read_only_run_dir_is_one_line(data, tmp_path):
@@ -309,8 +357,14 @@ def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
     os.utime(lock, (old, old))
     env = {**_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
     started = time.monotonic()
-    r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *ARGS,
-                        "trainer.max_steps=2"], capture_output=True, text=True, env=env, timeout=120, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *ARGS, "trainer.max_steps=2"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
     errors = _error_lines(r)
     assert r.returncode == 2 and len(errors) == 1 and str(lock) in errors[0] and "60 min" in errors[0], r.stderr
     assert time.monotonic() - started < 60 and lock.exists()  # refused at once; the file is the user's to delete

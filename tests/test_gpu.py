@@ -24,8 +24,9 @@ pytestmark = [
 
 def test_bf16_autocast_matches_fp32():
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=512)
+    cfg = BertConfig(
+        vocab_size=1000, hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512
+    )
     model = BertForPreTraining(cfg).eval()
     ids = torch.randint(5, 1000, (4, 64))
     mask = torch.ones_like(ids)
@@ -48,14 +49,28 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize(("deepspeed", "optim", "precision"),
-                         [("zero2", "lamb", "bf16"), ("zero1", "adamw", "fp16"), ("zero3", "adamw", "bf16")])
+@pytest.mark.parametrize(
+    ("deepspeed", "optim", "precision"),
+    [("zero2", "lamb", "bf16"), ("zero1", "adamw", "fp16"), ("zero3", "adamw", "bf16")],
+)
 def test_trainer_on_gpu(data_dir: Path, tmp_path: Path, deepspeed: str, optim: str, precision: str):
     run = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"data.dir={data_dir}", f"run_dir={run}",
-         f"deepspeed={deepspeed}", f"optim={optim}", f"trainer.precision={precision}", "trainer.max_steps=60"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+        [
+            sys.executable,
+            str(ROOT / "launch" / "pretrain.py"),
+            f"data.dir={data_dir}",
+            f"run_dir={run}",
+            f"deepspeed={deepspeed}",
+            f"optim={optim}",
+            f"trainer.precision={precision}",
+            "trainer.max_steps=60",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     if optim == "lamb":
@@ -69,13 +84,27 @@ def test_trainer_on_gpu(data_dir: Path, tmp_path: Path, deepspeed: str, optim: s
 def test_fp16_resume_keeps_loss_scale(data_dir: Path, tmp_path: Path):
     """fp16 with dynamic loss scaling, stopped and resumed: the loss scale continues where it was (no overflow
     burst from a reset scale after the resume) and the skipped-step log matches an uninterrupted run."""
-    args = [f"data.dir={data_dir}", "deepspeed=zero1", "optim=adamw", "trainer.precision=fp16", "trainer.max_steps=40",
-            "trainer.log_every=1", "trainer.checkpoint_every=20", "trainer.eval_every=0", "trainer.deterministic=true"]
+    args = [
+        f"data.dir={data_dir}",
+        "deepspeed=zero1",
+        "optim=adamw",
+        "trainer.precision=fp16",
+        "trainer.max_steps=40",
+        "trainer.log_every=1",
+        "trainer.checkpoint_every=20",
+        "trainer.eval_every=0",
+        "trainer.deterministic=true",
+    ]
 
     def run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), f"run_dir={run_dir}", *args,
-                               *extra], capture_output=True, text=True, cwd=ROOT, timeout=600,
-                              env={**os.environ, "WANDB_MODE": "offline"})
+        return subprocess.run(
+            [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"run_dir={run_dir}", *args, *extra],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=600,
+            env={**os.environ, "WANDB_MODE": "offline"},
+        )
 
     def scales(run_dir: Path) -> dict[int, float]:
         records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -35,8 +35,9 @@ def test_bert_mode(out: Path, capsys: pytest.CaptureFixture) -> None:
     a, b, c = enc(out, "the dog runs ."), enc(out, "a cat sleeps ."), enc(out, "the cat")
     samples = [[2, *a, 3, *b, 3], [2, *c, 3, *a, 3]]
     tokens = np.array([t for s in samples for t in s], np.uint16)
-    index = np.array([[0, len(samples[0]), len(a) + 2, 0, 4, 4],
-                      [len(samples[0]), len(samples[1]), len(c) + 2, 1, 7, 2]], np.int64)
+    index = np.array(
+        [[0, len(samples[0]), len(a) + 2, 0, 4, 4], [len(samples[0]), len(samples[1]), len(c) + 2, 1, 7, 2]], np.int64
+    )
     write_shard(out / "train", "shard-00000", tokens, index)
     assert main([str(out), "--n", "5"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -62,8 +63,9 @@ def test_roberta_mode(out: Path, capsys: pytest.CaptureFixture) -> None:
 
 def test_errors_exit_2_without_traceback(out: Path, tmp_path: Path) -> None:
     for args in ([str(tmp_path / "missing")], [str(out), "--split", "nosuch"]):
-        proc = subprocess.run([sys.executable, "-m", "data_prep.inspect", *args], cwd=ROOT, capture_output=True,
-                              text=True, timeout=60)
+        proc = subprocess.run(
+            [sys.executable, "-m", "data_prep.inspect", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
         assert ("missing" in proc.stderr) or ("nosuch" in proc.stderr)

@@ -18,8 +18,14 @@ VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range
 CLS, SEP = 2, 3
 
 
-def write_data(root: Path, sizes: tuple[int, ...] = (37, 50, 23), split: str = "train", nsp: bool = True,
-               max_len: int = 64, seed: int = 0) -> Path:
+def write_data(
+    root: Path,
+    sizes: tuple[int, ...] = (37, 50, 23),
+    split: str = "train",
+    nsp: bool = True,
+    max_len: int = 64,
+    seed: int = 0,
+) -> Path:
     """Shards of [CLS] A [SEP] B [SEP] samples whose first real token encodes the global sample index."""
     rng = np.random.default_rng(seed)
     (root / split).mkdir(parents=True, exist_ok=True)
@@ -54,8 +60,10 @@ def all_indices(sampler: ResumableDistributedSampler) -> list[int]:
 @pytest.mark.parametrize("drop_last", [True, False])
 def test_ranks_disjoint_and_covering(world_size: int, drop_last: bool) -> None:
     n, b = 110, 4
-    samplers = [ResumableDistributedSampler(n, b, rank=r, world_size=world_size, seed=3, drop_last=drop_last)
-                for r in range(world_size)]
+    samplers = [
+        ResumableDistributedSampler(n, b, rank=r, world_size=world_size, seed=3, drop_last=drop_last)
+        for r in range(world_size)
+    ]
     per_rank = [all_indices(s) for s in samplers]
     flat = [i for part in per_rank for i in part]
     assert len(flat) == len(set(flat))
@@ -140,8 +148,9 @@ def test_state_other_world_size_and_data(data: Path) -> None:
 
 
 def padding_fraction(batches: list[dict]) -> float:
-    return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(b["attention_mask"].numel()
-                                                                            for b in batches)
+    return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(
+        b["attention_mask"].numel() for b in batches
+    )
 
 
 def test_bucketing_less_padding_and_covers(tmp_path: Path) -> None:
@@ -151,14 +160,26 @@ def test_bucketing_less_padding_and_covers(tmp_path: Path) -> None:
     buck_loader, buck_sampler = build_dataloader(root, "train", 16, bucket=True, **kw)
     plain, bucketed = collect(plain_loader, plain_sampler), collect(buck_loader, buck_sampler)
     assert padding_fraction(bucketed) < 0.5 * padding_fraction(plain)
-    assert sorted(all_indices(ResumableDistributedSampler(
-        640, 16, seed=1, drop_last=False, lengths=ShardDataset(root).lengths(), bucket_window=10))) == list(range(640))
+    assert sorted(
+        all_indices(
+            ResumableDistributedSampler(
+                640, 16, seed=1, drop_last=False, lengths=ShardDataset(root).lengths(), bucket_window=10
+            )
+        )
+    ) == list(range(640))
     assert all(b["input_ids"].shape[1] % 8 == 0 for b in bucketed)
     # Deterministic, and ranks at the same step get similar lengths.
     again_loader, again_sampler = build_dataloader(root, "train", 16, bucket=True, **kw)
     assert_same(collect(again_loader, again_sampler), bucketed)
-    widths = [[b["attention_mask"].sum(1).max().item() for b in collect(*build_dataloader(
-        root, "train", 8, rank=r, world_size=2, bucket=True, seed=1, bucket_window=10))] for r in range(2)]
+    widths = [
+        [
+            b["attention_mask"].sum(1).max().item()
+            for b in collect(
+                *build_dataloader(root, "train", 8, rank=r, world_size=2, bucket=True, seed=1, bucket_window=10)
+            )
+        ]
+        for r in range(2)
+    ]
     assert np.corrcoef(widths[0], widths[1])[0, 1] > 0.9
 
 
@@ -180,8 +201,9 @@ def test_batch_contents(data: Path) -> None:
 
 def test_validation_loader_static_and_roberta(tmp_path: Path) -> None:
     root = write_data(tmp_path, sizes=(21,), split="validation", nsp=False)
-    loaders = [build_dataloader(root, "validation", 8, rank=r, world_size=2, shuffle=False, drop_last=False)
-               for r in range(2)]
+    loaders = [
+        build_dataloader(root, "validation", 8, rank=r, world_size=2, shuffle=False, drop_last=False) for r in range(2)
+    ]
     first = [collect(loader, sampler) for loader, sampler in loaders]
     assert [len(x) for x in first] == [2, 2]  # 11 and 10 samples
     assert "next_sentence_label" not in first[0][0]
@@ -239,22 +261,37 @@ def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
         from data_prep.config import PrepareConfig
         from data_prep.pipeline import prepare
 
-        prepare(PrepareConfig(inputs=[str(p) for p in books], output_dir=str(root), vocab_size=2000,
-                              max_seq_length=64, num_workers=1))
+        prepare(
+            PrepareConfig(
+                inputs=[str(p) for p in books], output_dir=str(root), vocab_size=2000, max_seq_length=64, num_workers=1
+            )
+        )
     except ImportError:  # the data-prep pipeline is not complete yet: make shards here
         make_book_shards(books, root)
     vocab_size = len((root / "vocab.txt").read_text(encoding="utf-8").splitlines())
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(vocab_size=vocab_size, hidden_size=128, num_hidden_layers=2,
-                                          num_attention_heads=2, intermediate_size=512,
-                                          max_position_embeddings=64))
+    model = BertForPreTraining(
+        BertConfig(
+            vocab_size=vocab_size,
+            hidden_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=512,
+            max_position_embeddings=64,
+        )
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader, sampler = build_dataloader(root, "train", 16, seed=0)
     losses: list[float] = []
     while len(losses) < 150:  # ~1 s a step on a shared 2-core CPU
         for batch in loader:
-            loss = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
-                         labels=batch["labels"], next_sentence_label=batch.get("next_sentence_label")).loss
+            loss = model(
+                batch["input_ids"],
+                batch["token_type_ids"],
+                batch["attention_mask"],
+                labels=batch["labels"],
+                next_sentence_label=batch.get("next_sentence_label"),
+            ).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -22,8 +22,13 @@ def make_sample(rng: np.random.Generator, index: int, epoch: int = 0, nsp: bool 
     a_len = int(rng.integers(3, n - 2))
     ids[0], ids[a_len - 1], ids[-1] = CLS, SEP, SEP
     ids[1] = FIRST_REAL + 1  # a word head right after [CLS]
-    return {"input_ids": ids.astype(np.uint16), "a_len": a_len, "nsp_label": int(index % 2) if nsp else -1,
-            "index": index, "epoch": epoch}
+    return {
+        "input_ids": ids.astype(np.uint16),
+        "a_len": a_len,
+        "nsp_label": int(index % 2) if nsp else -1,
+        "index": index,
+        "epoch": epoch,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +89,7 @@ def test_whole_word(samples: list[dict]) -> None:
     selected = eligible = words_split = 0
     for batch, group in collate_all(collator, samples[:6000]):
         orig, sel = originals(batch, group).numpy(), (batch["labels"] != IGNORE_INDEX).numpy()
-        cont = (orig >= FIRST_CONT)
+        cont = orig >= FIRST_CONT
         special = (orig == PAD) | (orig == CLS) | (orig == SEP)
         # A continuation whose predecessor is a real token must share its predecessor's selection.
         follows_word = cont[:, 1:] & ~special[:, :-1]

@@ -17,8 +17,14 @@ from pretrain.model import BertConfig, BertForPreTraining, export_hf, fill_mask,
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 1001  # not a multiple of 8: load_hf pads it to 1008 rows
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-             max_position_embeddings=64)
+SMALL = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=128,
+    max_position_embeddings=64,
+)
 
 
 def _hf_model(cls_name: str, seed: int = 0):
@@ -41,8 +47,11 @@ def _batch(seed: int = 1):
     input_ids[1, -5:] = 0
     token_type_ids = torch.zeros(B, L, dtype=torch.long)
     token_type_ids[:, 8:] = 1
-    labels = torch.where((torch.rand(B, L, generator=g) < 0.3) & attention_mask.bool(),
-                         torch.randint(0, VOCAB, (B, L), generator=g), torch.full((B, L), -100))
+    labels = torch.where(
+        (torch.rand(B, L, generator=g) < 0.3) & attention_mask.bool(),
+        torch.randint(0, VOCAB, (B, L), generator=g),
+        torch.full((B, L), -100),
+    )
     labels[0, 0] = 7  # at least one masked position
     return dict(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask), labels
 
@@ -94,8 +103,9 @@ def _tokenizer_dir(path: Path) -> Path:
     tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-                                                       special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     path.mkdir()
     tok.save(str(path / "tokenizer.json"))
@@ -135,8 +145,16 @@ def test_export_round_trip(tmp_path: Path, nsp: bool) -> None:
         assert not info["missing_keys"] and not info["mismatched_keys"], info
         # BertForMaskedLM has no pooler / NSP head, so on an NSP export those (and only those) are unexpected,
         # exactly as when it loads bert-base-uncased.
-        head_only = {"bert.pooler.dense.weight", "bert.pooler.dense.bias", "cls.seq_relationship.weight",
-                     "cls.seq_relationship.bias"} if nsp and cls_name == "AutoModelForMaskedLM" else set()
+        head_only = (
+            {
+                "bert.pooler.dense.weight",
+                "bert.pooler.dense.bias",
+                "cls.seq_relationship.weight",
+                "cls.seq_relationship.bias",
+            }
+            if nsp and cls_name == "AutoModelForMaskedLM"
+            else set()
+        )
         assert set(info["unexpected_keys"]) == head_only, info
         ref = _theirs(hf.eval(), inputs)
         logits = ref.logits if cls_name == "AutoModelForMaskedLM" else ref.prediction_logits
@@ -229,11 +247,16 @@ def test_bert_base_parameter_count_and_flops() -> None:
 
 def test_init_statistics() -> None:
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(vocab_size=1003, hidden_size=256, num_hidden_layers=2,
-                                          num_attention_heads=4, intermediate_size=1024))
+    model = BertForPreTraining(
+        BertConfig(vocab_size=1003, hidden_size=256, num_hidden_layers=2, num_attention_heads=4, intermediate_size=1024)
+    )
     layer = model.bert.encoder.layer[1]
-    for w in (layer.intermediate.dense.weight, layer.attention.self.key.weight, model.cls.seq_relationship.weight,
-              model.bert.embeddings.position_embeddings.weight):
+    for w in (
+        layer.intermediate.dense.weight,
+        layer.attention.self.key.weight,
+        model.cls.seq_relationship.weight,
+        model.bert.embeddings.position_embeddings.weight,
+    ):
         assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
     emb = model.bert.embeddings.word_embeddings.weight
     assert emb[0].abs().max() == 0 and emb[1003:].abs().max() == 0  # [PAD] row and vocab padding rows
@@ -245,9 +268,17 @@ def test_init_statistics() -> None:
             assert torch.all(p == 1), name
 
 
-@pytest.mark.parametrize("name,shape", [("tiny", (2, 128, 2, 512)), ("mini", (4, 256, 4, 1024)),
-                                        ("small", (4, 512, 8, 2048)), ("bert-base", (12, 768, 12, 3072)),
-                                        ("bert-large", (24, 1024, 16, 4096)), ("roberta-base", (12, 768, 12, 3072))])
+@pytest.mark.parametrize(
+    "name,shape",
+    [
+        ("tiny", (2, 128, 2, 512)),
+        ("mini", (4, 256, 4, 1024)),
+        ("small", (4, 512, 8, 2048)),
+        ("bert-base", (12, 768, 12, 3072)),
+        ("bert-large", (24, 1024, 16, 4096)),
+        ("roberta-base", (12, 768, 12, 3072)),
+    ],
+)
 def test_model_yamls_load_into_config(name: str, shape: tuple[int, int, int, int]) -> None:
     raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
     assert raw["vocab_size"] is None  # filled in from the shards' vocabulary

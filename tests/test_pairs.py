@@ -73,8 +73,17 @@ def write_vocab(out: Path, size: int) -> None:
 
 def build(out: Path, corpus: MemCorpus, **kw) -> tuple[dict, Report]:
     write_vocab(out, max(corpus.vocab_size, 200))
-    cfg = PrepareConfig(output_dir=str(out), **{"max_seq_length": 64, "samples_per_shard": 200, "num_workers": 1,
-                                                "validation_fraction": 0.05, "seed": 3, **kw})
+    cfg = PrepareConfig(
+        output_dir=str(out),
+        **{
+            "max_seq_length": 64,
+            "samples_per_shard": 200,
+            "num_workers": 1,
+            "validation_fraction": 0.05,
+            "seed": 3,
+            **kw,
+        },
+    )
     report = Report()
     return run_shards(cfg, report, open_corpus=corpus), report
 
@@ -176,8 +185,9 @@ def test_interrupted_run_is_finished_by_rerun_and_config_change_clears_shards(be
     assert (out / "train" / "shard-00000.index.npy").stat().st_mtime_ns == mtime  # complete shards were kept
     fewer, _ = build(out, corpus, samples_per_shard=1000)
     names = sorted(p.name for p in (out / "train").iterdir())
-    expected = sorted(f"{e['name']}{x}" for e in fewer["splits"]["train"]["shards"] for x in (".tokens.npy",
-                                                                                             ".index.npy"))
+    expected = sorted(
+        f"{e['name']}{x}" for e in fewer["splits"]["train"]["shards"] for x in (".tokens.npy", ".index.npy")
+    )
     assert names == expected and len(fewer["splits"]["train"]["shards"]) < len(first["splits"]["train"]["shards"])
     assert json.loads((out / "shards.json").read_text())["fingerprint"]["samples_per_shard"] == 1000
     assert fewer["samples"]["train"] == len(SplitReader(out, "train"))
@@ -249,11 +259,14 @@ def real_store(tmp_path_factory):
     docs_dir = out / "work" / "documents"
     docs_dir.mkdir(parents=True)
     for k in range(2):
-        docs = [[" ".join(rng.choice(words, size=rng.integers(3, 15))) + "." for _ in range(rng.integers(3, 25))]
-                for _ in range(40)]
+        docs = [
+            [" ".join(rng.choice(words, size=rng.integers(3, 15))) + "." for _ in range(rng.integers(3, 25))]
+            for _ in range(40)
+        ]
         (docs_dir / f"part-{k:05d}.txt").write_text("".join("\n".join(d) + "\n\n" for d in docs))
-        (docs_dir / f"part-{k:05d}.docs.jsonl").write_text("".join(json.dumps({"sentences": len(d)}) + "\n"
-                                                                   for d in docs))
+        (docs_dir / f"part-{k:05d}.docs.jsonl").write_text(
+            "".join(json.dumps({"sentences": len(d)}) + "\n" for d in docs)
+        )
     cfg = PrepareConfig(output_dir=str(out), vocab_size=120, num_workers=1)
     run_vocab(cfg, Report())
     tokenize.run_tokenize(cfg, Report())
@@ -265,8 +278,9 @@ def test_real_token_store(real_store, nsp):
     out, store = real_store
     vocab = (out / "vocab.txt").read_text().split("\n")
     cls_id, sep_id = vocab.index("[CLS]"), vocab.index("[SEP]")
-    cfg = PrepareConfig(output_dir=str(out), max_seq_length=48, samples_per_shard=100, num_workers=2, nsp=nsp,
-                        validation_fraction=0.1)
+    cfg = PrepareConfig(
+        output_dir=str(out), max_seq_length=48, samples_per_shard=100, num_workers=2, nsp=nsp, validation_fraction=0.1
+    )
     result = run_shards(cfg, Report())  # opens TokenStore(task_dir) in each worker
     assert len(result["splits"]["train"]["shards"]) > 1 and result["samples"]["validation"] > 0
     counts = np.zeros(len(vocab), np.int64)

@@ -29,8 +29,15 @@ def shared_out(shared_data, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shared_out")
     books, wiki = shared_data / "books", shared_data / "wikipedia" / "enwiki-sample-pages-articles.xml.bz2"
     proc = run_launcher(
-        f"inputs=[{wiki},{books}]", f"output_dir={out}", "vocab_size=8000", "max_seq_length=128",
-        "nsp=true", "seed=7", "num_workers=2", "strict=false", "samples_per_shard=5000",
+        f"inputs=[{wiki},{books}]",
+        f"output_dir={out}",
+        "vocab_size=8000",
+        "max_seq_length=128",
+        "nsp=true",
+        "seed=7",
+        "num_workers=2",
+        "strict=false",
+        "samples_per_shard=5000",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "samples" in proc.stdout  # the summary
@@ -65,8 +72,10 @@ def test_shards_hold_valid_pairs(shared_out: Path):
         s = reader[int(i)]
         assert len(s.input_ids) <= 128
         assert s.input_ids[0] == cls_id and s.input_ids[-1] == sep_id
-        assert np.flatnonzero(s.input_ids == sep_id).tolist() == [int(np.argmax(s.token_type_ids)) - 1,
-                                                                  len(s.input_ids) - 1]
+        assert np.flatnonzero(s.input_ids == sep_id).tolist() == [
+            int(np.argmax(s.token_type_ids)) - 1,
+            len(s.input_ids) - 1,
+        ]
         labels.append(s.nsp_label)
     assert abs(np.mean(labels) - 0.5) < 0.03
 
@@ -112,15 +121,22 @@ def test_array_tasks_then_merge(tmp_path: Path):
     corpus.mkdir()
     _make_corpus(corpus, 4)
     vocab_dir = tmp_path / "vocab"
-    common = [f"inputs=[{corpus}]", "vocab_size=200", "max_seq_length=64", "text_documents=blank_line",
-              "num_workers=1", "samples_per_shard=50"]
+    common = [
+        f"inputs=[{corpus}]",
+        "vocab_size=200",
+        "max_seq_length=64",
+        "text_documents=blank_line",
+        "num_workers=1",
+        "samples_per_shard=50",
+    ]
     for stage in ("read", "vocab"):
         proc = run_launcher(*common, f"output_dir={vocab_dir}", f"stage={stage}")
         assert proc.returncode == 0, proc.stderr[-2000:]
     out = tmp_path / "out"
     for task in range(2):
-        proc = run_launcher(*common, f"output_dir={out}", f"vocab={vocab_dir / 'vocab.txt'}",
-                            f"task_index={task}", "num_tasks=2")
+        proc = run_launcher(
+            *common, f"output_dir={out}", f"vocab={vocab_dir / 'vocab.txt'}", f"task_index={task}", "num_tasks=2"
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
     proc = run_launcher(f"output_dir={out}", "stage=merge", "num_tasks=2")
     assert proc.returncode == 0, proc.stderr[-2000:]

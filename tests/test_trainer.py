@@ -28,11 +28,24 @@ from pretrain.trainer import find_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = str(ROOT / "launch" / "pretrain.py")
-SMALL = ["model.hidden_size=32", "model.num_attention_heads=2", "model.intermediate_size=64",
-         "model.num_hidden_layers=1"]
-COMMON = [*SMALL, "trainer.max_steps=12", "trainer.log_every=2", "trainer.eval_every=6", "trainer.eval_batches=2",
-          "trainer.checkpoint_every=6", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
-          "optim.lr=5e-3", "scheduler.warmup_steps=1"]
+SMALL = [
+    "model.hidden_size=32",
+    "model.num_attention_heads=2",
+    "model.intermediate_size=64",
+    "model.num_hidden_layers=1",
+]
+COMMON = [
+    *SMALL,
+    "trainer.max_steps=12",
+    "trainer.log_every=2",
+    "trainer.eval_every=6",
+    "trainer.eval_batches=2",
+    "trainer.checkpoint_every=6",
+    "trainer.global_batch_size=16",
+    "trainer.micro_batch_size=4",
+    "optim.lr=5e-3",
+    "scheduler.warmup_steps=1",
+]
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)] + [f"##s{i}" for i in range(8)]
 
 
@@ -70,6 +83,7 @@ def _cfg(*overrides: str):
 
 
 # ---------------------------------------------------------------------------------------------- units
+
 
 def test_param_groups_exclude_bias_and_layernorm():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Linear(4, 2, bias=False))
@@ -180,6 +194,7 @@ def test_truncate_metrics_and_find_checkpoint(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- pre-flight
 
+
 def test_preflight_fills_vocab_and_checks(data, tmp_path):
     info, model = preflight(_cfg(f"data.dir={data}"), 1)
     assert model["vocab_size"] == len(VOCAB) and info.nsp
@@ -206,19 +221,34 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    }
     # The CPU matrix (gloo, bit-exact resumes) also on a GPU machine: two ranks cannot share one GPU under NCCL,
     # and the GPU matrix lives in test_gpu.py.
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-               HYDRA_FULL_ERROR="0", TOKENIZERS_PARALLELISM="false", DS_ACCELERATOR="cpu")
+    env.update(
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=str(ROOT),
+        HYDRA_FULL_ERROR="0",
+        TOKENIZERS_PARALLELISM="false",
+        DS_ACCELERATOR="cpu",
+    )
     return env
 
 
 def test_preflight_error_is_one_line_exit_2(tmp_path):
     roberta = make_data(tmp_path / "roberta", nsp=False)
-    r = subprocess.run([sys.executable, LAUNCH, "--local_rank=0", f"data.dir={roberta}", f"run_dir={tmp_path / 'r'}"],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+    r = subprocess.run(
+        [sys.executable, LAUNCH, "--local_rank=0", f"data.dir={roberta}", f"run_dir={tmp_path / 'r'}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "RoBERTa-mode shards" in errors[0] and "Traceback" not in r.stderr
@@ -229,9 +259,24 @@ def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
     """Under SLURM or nohup stdout is a file: no progress bar, one plain line per log step and per evaluation."""
     log = tmp_path / "out.log"
     with open(log, "w") as out:
-        r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *SMALL,
-                            "trainer.max_steps=6", "trainer.log_every=2", "trainer.eval_every=6"], stdout=out,
-                           stderr=subprocess.PIPE, text=True, env=_env(), timeout=300, cwd=ROOT)
+        r = subprocess.run(
+            [
+                sys.executable,
+                LAUNCH,
+                f"data.dir={data}",
+                f"run_dir={tmp_path / 'run'}",
+                *SMALL,
+                "trainer.max_steps=6",
+                "trainer.log_every=2",
+                "trainer.eval_every=6",
+            ],
+            stdout=out,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+            timeout=300,
+            cwd=ROOT,
+        )
     assert r.returncode == 0, r.stderr[-2000:]
     lines = log.read_text().splitlines()
     steps = [line for line in lines if line.startswith("step ")]
@@ -247,13 +292,33 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
     env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
     cores = len(os.sched_getaffinity(0))
     args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
-    r = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                        str(_port()), LAUNCH, f"run_dir={tmp_path / 'two'}", *args], capture_output=True, text=True,
-                       env=env, timeout=400, cwd=ROOT)
+    r = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "deepspeed"),
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_port()),
+            LAUNCH,
+            f"run_dir={tmp_path / 'two'}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+        cwd=ROOT,
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert f"threads per rank: {max(1, cores // 2)} (cores / ranks on this node" in r.stdout
-    r = subprocess.run([sys.executable, LAUNCH, f"run_dir={tmp_path / 'one'}", *args], capture_output=True,
-                       text=True, env={**env, "OMP_NUM_THREADS": "1"}, timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, LAUNCH, f"run_dir={tmp_path / 'one'}", *args],
+        capture_output=True,
+        text=True,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+        cwd=ROOT,
+    )
     assert r.returncode == 0 and "threads per rank: 1 (OMP_NUM_THREADS)" in r.stdout, r.stderr[-2000:]
 
 
@@ -262,10 +327,24 @@ def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path)
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
     export_hf(BertForPreTraining(BertConfig(vocab_size=len(VOCAB), **small)), data, tmp_path / "hf")
-    r = subprocess.run([sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}",
-                        f"trainer.init_from={tmp_path / 'hf'}", "model.hidden_size=64", "model.num_attention_heads=2",
-                        "model.intermediate_size=64", "model.num_hidden_layers=1"],
-                       capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    r = subprocess.run(
+        [
+            sys.executable,
+            LAUNCH,
+            f"data.dir={data}",
+            f"run_dir={tmp_path / 'run'}",
+            f"trainer.init_from={tmp_path / 'hf'}",
+            "model.hidden_size=64",
+            "model.num_attention_heads=2",
+            "model.intermediate_size=64",
+            "model.num_hidden_layers=1",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=300,
+        cwd=ROOT,
+    )
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "bert.embeddings.word_embeddings.weight (72, 32) vs model (72, 64)" in errors[0]
@@ -274,8 +353,16 @@ def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path)
 
 def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
     run = tmp_path / "run"
-    args = [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=4",
-            "trainer.eval_every=4", "logger=wandb"]
+    args = [
+        sys.executable,
+        LAUNCH,
+        f"data.dir={data}",
+        f"run_dir={run}",
+        *SMALL,
+        "trainer.max_steps=4",
+        "trainer.eval_every=4",
+        "logger=wandb",
+    ]
     r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
@@ -290,6 +377,7 @@ def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
 
 # ---------------------------------------------------------------------------------------------- real runs
 
+
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -300,13 +388,27 @@ def _cmd(launcher: str) -> list[str]:
     if launcher == "deepspeed":
         ds = str(Path(sys.executable).parent / "deepspeed")
         return [ds, "--num_gpus", "2", "--master_port", str(_port()), LAUNCH]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
-            LAUNCH]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_port()),
+        LAUNCH,
+    ]
 
 
 def _launch(run_dir: Path, *overrides: str, launcher: str = "deepspeed", timeout: int = 400):
-    r = subprocess.run([*_cmd(launcher), f"run_dir={run_dir}", *overrides], capture_output=True, text=True,
-                       env=_env(), timeout=timeout, cwd=ROOT)
+    r = subprocess.run(
+        [*_cmd(launcher), f"run_dir={run_dir}", *overrides],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=timeout,
+        cwd=ROOT,
+    )
     return r
 
 
@@ -385,8 +487,14 @@ def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
     reference = zero_run(2)
     run_dir = tmp_path / "chain"
     args = [f"data.dir={data}", "deepspeed=zero2", *COMMON, "logger=wandb"]
-    proc = subprocess.Popen([*_cmd("deepspeed"), f"run_dir={run_dir}", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [*_cmd("deepspeed"), f"run_dir={run_dir}", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_env(),
+        cwd=ROOT,
+    )
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -422,9 +530,22 @@ def test_torchrun_phase2_loads_weights_only(zero_run, data, tmp_path):
     at 0."""
     phase1 = zero_run(0)
     run_dir = tmp_path / "phase2"
-    r = _launch(run_dir, f"data.dir={data}", "trainer=phase2", f"trainer.init_from={phase1}", *SMALL,
-                "trainer.max_steps=4", "trainer.log_every=2", "trainer.eval_every=0", "trainer.global_batch_size=8",
-                "trainer.micro_batch_size=4", "trainer.precision=fp32", "optim=lamb", "optim.lr=0", launcher="torchrun")
+    r = _launch(
+        run_dir,
+        f"data.dir={data}",
+        "trainer=phase2",
+        f"trainer.init_from={phase1}",
+        *SMALL,
+        "trainer.max_steps=4",
+        "trainer.log_every=2",
+        "trainer.eval_every=0",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "trainer.precision=fp32",
+        "optim=lamb",
+        "optim.lr=0",
+        launcher="torchrun",
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
     assert "optimizer: LAMB: pure PyTorch (CPU fallback)" in r.stdout
     assert "torchrun" in r.stdout and "optimizer, schedule and step start afresh" in r.stdout

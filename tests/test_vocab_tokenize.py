@@ -16,8 +16,10 @@ from data_prep.store import sha256_file
 from data_prep.tokenize import TokenStore, run_tokenize
 from data_prep.vocab import SPECIALS, load_tokenizer, run_vocab
 
-WORDS = ("The quick brown Fox jumps over the lazy dog near the Riverbank . Café owners in Zürich sell "
-         "coffee , tea and cakes every morning while children play football outside the old school").split()
+WORDS = (
+    "The quick brown Fox jumps over the lazy dog near the Riverbank . Café owners in Zürich sell "
+    "coffee , tea and cakes every morning while children play football outside the old school"
+).split()
 
 
 def write_parts(out: Path, docs_per_part: list[list[list[str]]]) -> None:
@@ -26,15 +28,23 @@ def write_parts(out: Path, docs_per_part: list[list[list[str]]]) -> None:
     d.mkdir(parents=True, exist_ok=True)
     for k, docs in enumerate(docs_per_part):
         (d / f"part-{k:05d}.txt").write_text("".join("".join(s + "\n" for s in doc) + "\n" for doc in docs))
-        (d / f"part-{k:05d}.docs.jsonl").write_text("".join(
-            json.dumps({"source": "t", "id": str(i), "sentences": len(doc), "chars": sum(map(len, doc))}) + "\n"
-            for i, doc in enumerate(docs)))
+        (d / f"part-{k:05d}.docs.jsonl").write_text(
+            "".join(
+                json.dumps({"source": "t", "id": str(i), "sentences": len(doc), "chars": sum(map(len, doc))}) + "\n"
+                for i, doc in enumerate(docs)
+            )
+        )
 
 
 def corpus(n_parts: int = 3, n_docs: int = 12, seed: int = 0) -> list[list[list[str]]]:
     rng = np.random.default_rng(seed)
-    return [[[" ".join(rng.choice(WORDS, size=rng.integers(3, 25))) for _ in range(rng.integers(1, 8))]
-             for _ in range(n_docs)] for _ in range(n_parts)]
+    return [
+        [
+            [" ".join(rng.choice(WORDS, size=rng.integers(3, 25))) for _ in range(rng.integers(1, 8))]
+            for _ in range(n_docs)
+        ]
+        for _ in range(n_parts)
+    ]
 
 
 def cfg_for(out: Path, **kw) -> PrepareConfig:
@@ -51,8 +61,11 @@ def trained(tmp_path: Path) -> Path:
 def small_vocab(path: Path, specials_first: bool = False) -> Path:
     words = sorted({w.lower() for w in WORDS} | set("abcdefghijklmnopqrstuvwxyz.,"))
     pieces = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-    tokens = (SPECIALS + words + pieces) if specials_first else (["[PAD]"] + words[:5] + ["[UNK]", "[CLS]", "[SEP]",
-                                                                   "[MASK]"] + words[5:] + pieces)
+    tokens = (
+        (SPECIALS + words + pieces)
+        if specials_first
+        else (["[PAD]"] + words[:5] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words[5:] + pieces)
+    )
     path.write_text("".join(t + "\n" for t in tokens))
     return path
 
@@ -132,8 +145,12 @@ def test_token_store_matches_encode(trained: Path) -> None:
     assert store.dtype == np.uint16 and out["parts"] == ["part-00000", "part-00001", "part-00002"]
     # a range spanning two parts still reads correctly
     a, b = store.sentence_offsets[store.doc_offsets[11]], store.sentence_offsets[store.doc_offsets[13]]
-    assert store.tokens(int(a), int(b)).tolist() == np.concatenate(
-        [store.sentence_tokens(i) for i in range(store.doc_offsets[11], store.doc_offsets[13])]).tolist()
+    assert (
+        store.tokens(int(a), int(b)).tolist()
+        == np.concatenate(
+            [store.sentence_tokens(i) for i in range(store.doc_offsets[11], store.doc_offsets[13])]
+        ).tolist()
+    )
 
 
 def test_workers_give_identical_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
