@@ -1,9 +1,18 @@
 """Shards stage: token ids to training samples (BERT sentence pairs or RoBERTa full-sentence packing).
 
-Documents are split into train/validation by a seeded permutation, each split is cut into shards of contiguous
-documents, and every shard is built from its own random streams, seeded by ``(seed, split, shard, dupe pass)``
-only: the output is byte-identical whatever ``num_workers``. BERT mode follows Google's
-``create_instances_from_document`` (random NotNext segments come from the whole split, not the shard).
+Documents are split into train/validation by a seeded permutation (``split_documents``); where whole documents
+cannot come within a point of ``validation_fraction`` (a corpus of few long documents: 2 books of 13 held out are
+10% to 33% of it), the last ``validation_fraction`` of every document's sentences is held out instead
+(``tail_cuts``), so no sentence is in both splits. A split is a list of units, ``(document, first sentence, end
+sentence)``: whole documents, or their heads (train) and tails (validation). Each split is cut into shards of
+contiguous units, and every shard is built from its own random streams, seeded by ``(seed, split, shard, dupe
+pass)`` only: the output is byte-identical whatever ``num_workers``. BERT mode follows Google's
+``create_instances_from_document`` (random NotNext segments come from the whole split, not the shard), except that
+the target length is drawn for every chunk rather than once per document: on a corpus of books a short target drawn
+once shortens a whole book (and its one-sentence chunks are all NotNext), so NotNext stays near 50% and short
+targets near ``short_seq_prob`` only with a draw per chunk. The manifest counts, per split, NotNext pairs, samples
+whose target was drawn short (``short_target``) and samples shorter than ``max_seq_length / 2`` tokens
+(``short_rows``, specials included).
 ``shards.json`` fingerprints the settings that decide the shards: a re-run with the same fingerprint only builds
 the shards that are missing (an interrupted run is finished), a changed one clears the stale shards first. Each
 finished shard leaves a record (``work/shards/SPLIT-NAME.json``: manifest entry and counts), so a re-run reports
@@ -16,6 +25,7 @@ import array
 import functools
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import random
@@ -33,10 +43,14 @@ from data_prep.procs import die_with_parent
 from data_prep.report import DataPrepError, Report
 from data_prep.store import LENGTH, NSP_LABEL, sha256_file, shard_complete, shard_name, token_dtype, write_shard
 
+log = logging.getLogger("data_prep")
+
 SPLITS = ("train", "validation")
 FINGERPRINT_FILE = "shards.json"
 RECORDS_DIR = Path("work") / "shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: target length drawn per chunk, document tails as validation, short-target counts
+# Whole documents are held out while their share of the tokens is this close to validation_fraction (a point).
+HOLDOUT_TOLERANCE = 0.01
 
 
 class Corpus(Protocol):
@@ -97,7 +111,7 @@ class _Params:
 
 
 class _Worker:
-    """A corpus opened in this process, with the document split (recomputed: it is cheap and deterministic)."""
+    """A corpus opened in this process, with the split into units (recomputed: it is cheap and deterministic)."""
 
     def __init__(self, p: _Params, corpus: Corpus | None = None):
         self.p, self.c = p, corpus if corpus is not None else p.opener()
@@ -105,15 +119,13 @@ class _Worker:
         self.docs = _Bounds(self.c.doc_offsets, nd)
         ns = int(self.docs.span(nd, nd)[0]) if nd else 0
         self.sents = _Bounds(self.c.sentence_offsets, ns)
-        self.doc_tokens = np.diff(self.sents.take(self.docs.span(0, nd))) if nd else np.zeros(0, np.int64)
-        self.split = split_documents(self.doc_tokens, p.validation_fraction, p.seed)
-        self.cls = np.array([p.cls_id], dtype=p.dtype)
-        self.sep = np.array([p.sep_id], dtype=p.dtype)
+        doc_bounds = self.docs.span(0, nd) if nd else np.zeros(1, np.int64)
+        self.doc_tokens = np.diff(self.sents.take(doc_bounds)) if nd else np.zeros(0, np.int64)
+        self.units, self.holdout = split_units(
+            doc_bounds, self.sents, self.doc_tokens, p.validation_fraction, p.seed, p.max_seq_length
+        )
+        self.unit_tokens = [self.sents.take(u[:, 2]) - self.sents.take(u[:, 1]) for u in self.units]
         self._range = getattr(self.c, "sentences_tokens", None)
-
-    def doc_lengths(self, d: int) -> tuple[int, np.ndarray]:
-        b = self.docs.span(d, d + 1)
-        return int(b[0]), np.diff(self.sents.span(int(b[0]), int(b[1])))
 
     def tokens(self, lo: int, hi: int) -> np.ndarray:
         if self._range is not None:
@@ -134,6 +146,67 @@ def split_documents(doc_tokens: np.ndarray, fraction: float, seed: int) -> tuple
     n_val = 0 if n < 2 or fraction <= 0 else min(n - 1, max(floor, round(fraction * n)))
     perm = np.random.default_rng([seed, 0x5917]).permutation(n)
     return np.sort(usable[perm[n_val:]]), np.sort(usable[perm[:n_val]])
+
+
+def tail_cuts(doc_bounds: np.ndarray, sents: _Bounds, fraction: float, min_tail: float = 0.0) -> np.ndarray:
+    """First sentence of each document's validation tail (its end sentence where it has none).
+
+    A tail is the last ``fraction`` of the document's tokens, rounded to the nearest sentence boundary; the
+    rounding error is carried to the next document, so the tails add up to ``fraction`` of the corpus within
+    about half a sentence even when each document's share is under a sentence. A share under ``min_tail``
+    tokens is carried over too (no tail of a sentence or two that would only make one-sentence NotNext chunks).
+    A document keeps at least its first sentence for training. Plain Python floats in corpus order: the same
+    cuts in every process.
+    """
+    cuts = np.array(doc_bounds[1:], dtype=np.int64)
+    carry = 0.0
+    for d in range(len(cuts)):
+        s0, s1 = int(doc_bounds[d]), int(doc_bounds[d + 1])
+        if s1 == s0:
+            continue
+        b = sents.span(s0, s1)
+        end = int(b[-1])
+        want = fraction * (end - int(b[0])) + carry
+        if s1 - s0 >= 2 and want >= min_tail:
+            pos = end - want  # the cut's token offset: b[k - 1] < pos <= b[k]
+            k = min(max(int(np.searchsorted(b, pos)), 1), s1 - s0)
+            if k > 1 and pos - b[k - 1] < b[k] - pos:
+                k -= 1
+            cuts[d] = s0 + k
+        carry = want - (end - int(b[cuts[d] - s0]))
+    return cuts
+
+
+def split_units(
+    doc_bounds: np.ndarray, sents: _Bounds, doc_tokens: np.ndarray, fraction: float, seed: int, seq_length: int
+) -> tuple[list[np.ndarray], str]:
+    """The (train, validation) units, each ``int64 [n, 3]`` rows ``(document, first sentence, end sentence)`` in
+    corpus order, and how validation was held out: ``"documents"`` or ``"document_tails"``.
+
+    Whole documents (``split_documents``) while their share of the tokens is within ``HOLDOUT_TOLERANCE`` of
+    ``fraction``; else every document's tail (``tail_cuts``: tails of at least two samples of ``seq_length``
+    tokens, or a quarter of the validation tokens on a small corpus) goes to validation and its head to train,
+    when that comes closer to ``fraction`` and holds any text. Units without tokens are left out.
+    """
+    train, val = split_documents(doc_tokens, fraction, seed)
+
+    def whole(docs: np.ndarray) -> np.ndarray:
+        return np.stack([docs, doc_bounds[docs], doc_bounds[docs + 1]], axis=1).astype(np.int64).reshape(-1, 3)
+
+    units, total = [whole(train), whole(val)], int(doc_tokens.sum())
+    if fraction <= 0 or total == 0:
+        return units, "documents"
+    miss = abs(int(doc_tokens[val].sum()) / total - fraction)
+    if miss <= HOLDOUT_TOLERANCE:
+        return units, "documents"
+    docs = np.arange(len(doc_tokens), dtype=np.int64)
+    cuts = tail_cuts(doc_bounds, sents, fraction, min(2 * seq_length, fraction * total / 4))
+    starts, ends = doc_bounds[:-1].astype(np.int64), doc_bounds[1:]
+    head_tokens, tail_tokens = sents.take(cuts) - sents.take(starts), sents.take(ends) - sents.take(cuts)
+    if tail_tokens.sum() == 0 or abs(int(tail_tokens.sum()) / total - fraction) >= miss:
+        return units, "documents"
+    heads, tails = np.stack([docs, starts, cuts], axis=1), np.stack([docs, cuts, ends], axis=1)
+    return [heads[head_tokens > 0], tails[tail_tokens > 0]], "document_tails"
 
 
 def plan_shards(doc_tokens: np.ndarray, cfg: PrepareConfig) -> list[tuple[int, int]]:
@@ -185,7 +258,7 @@ class _Builder:
     end, cost ~1.4 kB a sample (160 MB for a 113k-sample shard, in every worker at once)."""
 
     def __init__(self, w: _Worker, capacity: int = 1 << 16):
-        self.w, self.offset, self.dropped = w, 0, 0
+        self.w, self.offset, self.dropped, self.short = w, 0, 0, 0
         self.tokens = np.empty(max(capacity, 1 << 10), np.dtype(w.p.dtype))
         self.rows = array.array("q")
 
@@ -218,14 +291,23 @@ class _Builder:
         return self.tokens[: self.offset], index[np.random.default_rng(list(key)).permutation(len(index))]
 
 
-def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, d: int, pool: np.ndarray) -> None:
-    """``create_instances_from_document`` for document ``d``; ``pool``: the split's documents."""
-    m = w.p.max_seq_length - 3
-    s0, lens = w.doc_lengths(d)
+def _target(rng: random.Random, m: int, short_seq_prob: float) -> tuple[bool, int]:
+    """(drawn short, target length) as the original draws it: ``short_seq_prob`` a length in [2, m], else m."""
+    if rng.random() < short_seq_prob:
+        return True, rng.randint(2, m)
+    return False, m
+
+
+def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, units: np.ndarray, u: int) -> None:
+    """``create_instances_from_document`` for unit ``u`` of ``units`` (the split's units, the NotNext pool), with
+    a target length drawn for every chunk."""
+    m, p = w.p.max_seq_length - 3, w.p.short_seq_prob
+    d, s0, s1 = (int(x) for x in units[u])
+    lens = np.diff(w.sents.span(s0, s1))
     nz = np.flatnonzero(lens)
     ids, ls = (nz + s0).tolist(), lens[nz].tolist()
-    n = len(ids)
-    target = rng.randint(2, m) if rng.random() < w.p.short_seq_prob else m
+    n, n_units = len(ids), len(units)
+    short, target = _target(rng, m, p)
     start = i = cur = 0
     while i < n:
         cur += ls[i]
@@ -234,16 +316,15 @@ def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, d: int, pool: np.ndar
             a_end = rng.randint(1, k - 1) if k >= 2 else 1
             la = sum(ls[start : start + a_end])
             a = (ids[start], ids[start + a_end - 1] + 1)
-            if (k == 1 or rng.random() < 0.5) and len(pool) > 1:
+            if (k == 1 or rng.random() < 0.5) and n_units > 1:
                 for _ in range(10):  # as the original: retry to avoid the same document
-                    r = rng.randrange(len(pool))
-                    if int(pool[r]) != d:
+                    r = rng.randrange(n_units)
+                    if int(units[r, 0]) != d:
                         break
                 else:
-                    r = (r + 1) % len(pool)  # deterministic fallback: NotNext never pairs a document with itself
-                db = int(pool[r])
-                r0, r1 = (int(x) for x in w.docs.span(db, db + 1))
-                bounds = w.sents.span(r0, r1)  # token boundaries of db's sentences
+                    r = (r + 1) % n_units  # deterministic fallback: a split holds a document in one unit at most
+                db, r0, r1 = (int(x) for x in units[r])
+                bounds = w.sents.span(r0, r1)  # token boundaries of the unit's sentences (never outside its split)
                 j0 = rng.randrange(r1 - r0)
                 if bounds[j0 + 1] == bounds[j0]:  # an empty sentence: start at a random non-empty one instead
                     nz = np.flatnonzero(np.diff(bounds))
@@ -257,18 +338,21 @@ def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, d: int, pool: np.ndar
             elif k == 1:  # a one-document split cannot give NotNext pairs, and one sentence no IsNext pair
                 b.dropped += 1
                 start, cur, i = i + 1, 0, i + 1
+                short, target = _target(rng, m, p)
                 continue
             else:
                 bl, bh, lb, db, label = ids[start + a_end], ids[i] + 1, sum(ls[start + a_end : i + 1]), d, 0
             fa, ba, fb, bb = _trim(la, lb, m, rng)
             assert la - fa - ba >= 1 and lb - fb - bb >= 1
             b.add([(a[0], a[1], fa, ba), None, (bl, bh, fb, bb)], la - fa - ba + 2, label, d, db)
+            b.short += short
             start, cur = i + 1, 0
+            short, target = _target(rng, m, p)  # per chunk, not per document: see the module docstring
         i += 1
 
 
-def _roberta_docs(w: _Worker, b: _Builder, docs: np.ndarray) -> None:
-    """FULL-SENTENCES packing: whole sentences back to back, a [SEP] between documents."""
+def _roberta_docs(w: _Worker, b: _Builder, units: np.ndarray) -> None:
+    """FULL-SENTENCES packing: whole sentences back to back, a [SEP] between units (documents)."""
     cap = w.p.max_seq_length - 2
     parts: list = []
     used, first = 0, -1
@@ -279,8 +363,8 @@ def _roberta_docs(w: _Worker, b: _Builder, docs: np.ndarray) -> None:
             b.add(parts, -1, -1, first, -1)
         parts, used, first = [], 0, -1
 
-    for d in docs.tolist():
-        s0, lens = w.doc_lengths(d)
+    for d, s0, s1 in units.tolist():
+        lens = np.diff(w.sents.span(s0, s1))
         new_doc = True
         for s in (np.flatnonzero(lens) + s0).tolist():
             ln = int(lens[s - s0])
@@ -321,6 +405,7 @@ def _finished(split_dir: Path, name: str, record: Path) -> dict | None:
     entry = done.get("entry", {})
     sha = {key: sha256_file(split_dir / f"{name}.{key}.npy") for key in ("tokens", "index")}
     ok = entry.get("samples") == len(index) and entry.get("tokens") == len(tokens) and entry.get("sha256") == sha
+    ok = ok and isinstance(done.get("short_target"), int)
     return done if ok else None
 
 
@@ -331,28 +416,30 @@ def _build_task(task: tuple[int, int, int, int]) -> tuple[int, int, dict, dict]:
     record = _record_path(w.p.out, SPLITS[split_id], name)
     done = _finished(split_dir, name, record)
     if done is None:  # (re)build: the same seeds give the same bytes, so a rebuilt shard equals the lost one
-        pool = w.split[split_id]
+        units = w.units[split_id]
         # Room for the shard's own tokens per pass plus half (NotNext segments come from other documents; 1.16x
         # on books): seldom grown, and np.empty's pages that are never written cost no memory.
-        b = _Builder(w, int(w.doc_tokens[pool[lo:hi]].sum()) * (w.p.dupe_factor if w.p.nsp else 1) * 3 // 2)
+        b = _Builder(w, int(w.unit_tokens[split_id][lo:hi].sum()) * (w.p.dupe_factor if w.p.nsp else 1) * 3 // 2)
         if w.p.nsp:
             for dupe in range(w.p.dupe_factor):
                 rng = _rng(w.p.seed, split_id, shard, dupe)
-                for d in pool[lo:hi].tolist():
-                    _bert_doc(w, b, rng, d, pool)
+                for u in range(lo, hi):
+                    _bert_doc(w, b, rng, units, u)
         else:
-            _roberta_docs(w, b, pool[lo:hi])
+            _roberta_docs(w, b, units[lo:hi])
         entry = write_shard(split_dir, name, *b.finish((w.p.seed, split_id, shard, 1 << 20)))
-        done = {"entry": entry, "dropped": b.dropped}  # dropped chunks are known only while building
+        done = {"entry": entry, "dropped": b.dropped, "short_target": b.short}  # known only while building
         record.parent.mkdir(parents=True, exist_ok=True)
         _write_json(record, done)
-    entry, dropped = done["entry"], int(done["dropped"])
+    entry = done["entry"]
     index = np.load(split_dir / f"{name}.index.npy", mmap_mode="r")
     stats = {
         "is_next": int((index[:, NSP_LABEL] == 0).sum()),
         "not_next": int((index[:, NSP_LABEL] == 1).sum()),
         "tokens_in_samples": int(index[:, LENGTH].sum()),
-        "dropped": dropped,
+        "dropped": int(done["dropped"]),
+        "short_target": int(done["short_target"]),
+        "short_rows": int((index[:, LENGTH] * 2 < w.p.max_seq_length).sum()),
     }
     return split_id, shard, entry, stats
 
@@ -439,7 +526,17 @@ def run_shards(cfg: PrepareConfig, report: Report, open_corpus: Callable[[], Cor
     if int(w.doc_tokens.sum()) == 0:
         raise DataPrepError(f"{out}: the token store is empty (no document has any token); nothing to build")
     report.count("documents_without_tokens", int((w.doc_tokens == 0).sum()))
-    train, val = w.split
+    train, val = w.units
+    if w.holdout == "document_tails":
+        log.info(
+            "shards: whole documents cannot hold out validation_fraction=%s within a point (%d usable "
+            "documents); validation is the last %s of every document's sentences (%d tails, %.2f%% of the tokens)",
+            cfg.validation_fraction,
+            int((w.doc_tokens > 0).sum()),
+            cfg.validation_fraction,
+            len(val),
+            100 * w.unit_tokens[1].sum() / max(1, int(w.doc_tokens.sum())),
+        )
     if len(val) == 0:
         report.warn(
             f"validation_fraction={cfg.validation_fraction}: no validation documents "
@@ -447,7 +544,7 @@ def run_shards(cfg: PrepareConfig, report: Report, open_corpus: Callable[[], Cor
         )
     elif len(val) == 1 and cfg.nsp:
         report.warn("validation split has a single document: it holds IsNext pairs only (NotNext needs two)")
-    plans = [plan_shards(w.doc_tokens[docs], cfg) for docs in w.split]
+    plans = [plan_shards(tokens, cfg) for tokens in w.unit_tokens]
     fingerprint = {
         "version": FORMAT_VERSION,
         "seed": cfg.seed,
@@ -485,19 +582,38 @@ def _run_tasks(tasks: list, p: _Params, w: _Worker, workers: int) -> list:
     return sorted(results, key=lambda r: (r[0], r[1]))
 
 
+STAT_KEYS = ("is_next", "not_next", "short_target", "short_rows")
+
+
+def split_figures(counts: dict, samples: int) -> dict:
+    """A split's counts of ``STAT_KEYS`` (those present) with their fractions of its samples: ``not_next_fraction``
+    (NotNext pairs), ``short_target_fraction`` (target length drawn short, probability ``short_seq_prob``),
+    ``short_rows_fraction`` (samples under ``max_seq_length / 2`` tokens, specials included)."""
+    out = dict(counts)
+    for key in ("not_next", "short_target", "short_rows"):
+        if key in counts:
+            out[f"{key}_fraction"] = round(counts[key] / max(1, samples), 4)
+    return out
+
+
 def _summarize(
     cfg: PrepareConfig, report: Report, results: list, w: _Worker, plans: list, out: Path, fingerprint: dict
 ) -> dict:
     splits: dict[str, Any] = {}
     totals = {k: sum(r[3][k] for r in results) for k in ("is_next", "not_next", "tokens_in_samples", "dropped")}
+    n_all = sum(r[2]["samples"] for r in results)
     for s, name in enumerate(SPLITS):
         entries = [r[2] for r in results if r[0] == s]
+        n = sum(e["samples"] for e in entries)
+        counts = {k: sum(r[3][k] for r in results if r[0] == s) for k in STAT_KEYS if cfg.nsp or k == "short_rows"}
         splits[name] = {
-            "samples": sum(e["samples"] for e in entries),
+            "samples": n,
             "tokens": sum(e["tokens"] for e in entries),
-            "documents": len(w.split[s]),
+            "documents": len(w.units[s]),  # units: whole documents, or heads and tails of documents
+            "sample_fraction": round(n / max(1, n_all), 6),
+            **split_figures(counts, n),
             "samples_per_shard": [e["samples"] for e in entries],
-            "doc_ranges": [[int(w.split[s][lo]), int(w.split[s][hi - 1])] for lo, hi in plans[s]],
+            "doc_ranges": [[int(w.units[s][lo, 0]), int(w.units[s][hi - 1, 0])] for lo, hi in plans[s]],
             "shards": entries,
         }
     if splits["train"]["samples"] == 0:
@@ -517,6 +633,7 @@ def _summarize(
         "tokens_in_samples": totals["tokens_in_samples"],
         "padding_free_fill": round(totals["tokens_in_samples"] / max(1, n) / cfg.max_seq_length, 4),
         "mode": "bert" if cfg.nsp else "roberta",
+        "holdout": w.holdout,
     }
     _write_json(out / FINGERPRINT_FILE, {"fingerprint": fingerprint, "result": result})
     return result

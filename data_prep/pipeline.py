@@ -182,6 +182,7 @@ def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
         "skipped": report.to_dict()["skipped"],
         "warnings": report.warnings,
         "splits": splits,
+        "holdout": shards.get("holdout", "documents"),
         "stage_seconds": seconds,
         "throughput_mchars_per_s": round(text_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
         "versions": _versions(),
@@ -202,12 +203,17 @@ def merge(cfg: PrepareConfig) -> dict:
         for key in ("vocab_sha256", "max_seq_length", "nsp"):
             if m[key] != first[key]:
                 raise DataPrepError(f"task {i}: {key}={m[key]} differs from task 0 ({first[key]}); rerun them alike")
+    from data_prep.pairs import STAT_KEYS, split_figures
+
     report = Report()
     splits: dict[str, dict] = {}
+    stats: dict[str, dict] = {}  # per split, the counts every task recorded (fractions are recomputed from them)
     for i, m in enumerate(manifests):
         report.merge(Report.from_dict({"counts": m["counts"], "skipped": m["skipped"], "warnings": m["warnings"]}))
         for split, info in m["splits"].items():
             merged = splits.setdefault(split, {"samples": 0, "tokens": 0, "shards": []})
+            counts, prev = {k: info[k] for k in STAT_KEYS if k in info}, stats.get(split)
+            stats[split] = counts if prev is None else {k: prev[k] + counts[k] for k in prev if k in counts}
             (root / split).mkdir(parents=True, exist_ok=True)
             for entry in info["shards"]:
                 new = shard_name(len(merged["shards"]))
@@ -222,6 +228,11 @@ def merge(cfg: PrepareConfig) -> dict:
                 merged["shards"].append({**entry, "name": new, "task": i, "task_shard": entry["name"]})
                 merged["samples"] += entry["samples"]
                 merged["tokens"] += entry["tokens"]
+    n_all = sum(m["samples"] for m in splits.values())
+    for split, merged in splits.items():  # the tasks' counts summed, fractions recomputed; shards stay last
+        shards = merged.pop("shards")
+        merged["sample_fraction"] = round(merged["samples"] / max(1, n_all), 6)
+        merged.update(split_figures(stats[split], merged["samples"]), shards=shards)
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         src = root / "tasks" / "task-00000" / name
         if src.exists():
@@ -233,6 +244,7 @@ def merge(cfg: PrepareConfig) -> dict:
         "skipped": report.to_dict()["skipped"],
         "warnings": report.warnings,
         "splits": splits,
+        "holdout": "/".join(sorted({m.get("holdout", "documents") for m in manifests})),
         "tasks": [{"task": i, "manifest": f"tasks/task-{i:05d}/manifest.json"} for i in range(cfg.num_tasks)],
         "stage_seconds": {"merged_tasks": [m.get("stage_seconds") for m in manifests]},
     }
@@ -250,10 +262,24 @@ def print_summary(manifest: dict, out: Path) -> None:
         f"  documents {c.get('documents_read', 0):,}  sentences {c.get('sentences', 0):,}  "
         f"tokens {c.get('tokens', 0):,}  text {c.get('characters', 0) / 1e6:,.1f} M characters",
     ]
+    half = manifest["max_seq_length"] / 2
     for split, info in splits.items():
-        lines.append(f"  {split:<10} {info['samples']:>10,} samples  {len(info['shards']):>4} shards")
+        line = f"  {split:<10} {info['samples']:>10,} samples  {len(info['shards']):>4} shards"
+        if "sample_fraction" in info:
+            line += f"  {info['sample_fraction']:6.1%} of samples"
+        if "not_next_fraction" in info:
+            line += f"  NotNext {info['not_next_fraction']:.1%}  short targets {info['short_target_fraction']:.1%}"
+        if "short_rows_fraction" in info:
+            line += f"  under {half:g} tokens {info['short_rows_fraction']:.1%}"
+        if split == "validation" and manifest.get("holdout") == "document_tails":
+            line += "  (tails of documents)"
+        lines.append(line)
     if manifest["nsp"]:
         lines.append(f"  IsNext {c.get('is_next', 0):,}  NotNext {c.get('not_next', 0):,}")
+    if c.get("special_token_literals"):
+        prefix = "special_token_literals_"
+        by = ", ".join(f"{k.removeprefix(prefix)} x{v:,}" for k, v in c.items() if k.startswith(prefix))
+        lines.append(f"  special-token strings in the text, encoded as text: {c['special_token_literals']:,} ({by})")
     skipped = manifest["skipped"]
     if skipped:
         lines.append("  skipped: " + "; ".join(f"{k} x{v['count']}" for k, v in skipped.items()))

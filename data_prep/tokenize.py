@@ -17,6 +17,12 @@ token offset of every sentence) is written with ``sentence_offsets.json`` (the p
 ``TokenStore`` memory-maps it, so the shards stage's processes share one page-cache copy instead of each building
 an 8-bytes-a-sentence array (1.4 GB each for a 20 GB corpus). It is deleted when the stage starts.
 
+Corpus text is encoded as text: ``tokenizer.json`` keeps ``[CLS]``, ``[SEP]``, ``[MASK]``, ``[PAD]`` and ``[UNK]``
+as added special tokens (so a prompt's ``[MASK]`` is the mask for fill-mask), which ``tokenizers`` matches in the
+raw text before normalization; the corpus is encoded without them (``corpus_tokenizer``), as Google's BERT
+tokenizer does: a literal ``[SEP]`` in a book is ``[``, ``sep``, ``]`` (uncased), never a separator. Such literals
+are counted (``special_token_literals``, and per token ``special_token_literals_[SEP]``...).
+
 Sentences that tokenize to nothing are dropped (counted as ``empty_sentences``); documents are all kept, so
 document ``d`` of the store is line ``d`` of the ``docs.jsonl`` files (a document may have zero sentences).
 
@@ -47,7 +53,7 @@ from .config import PrepareConfig, task_dir
 from .procs import die_with_parent
 from .report import DataPrepError, Report
 from .store import sha256_file, token_dtype
-from .vocab import completed_parts
+from .vocab import SPECIALS, completed_parts
 
 log = logging.getLogger("data_prep")
 
@@ -59,17 +65,27 @@ CHUNK_BYTES = 1 << 20
 LONG_DOC_CHUNKS = 4  # a document is cut between sentences once it spans this many chunks without ending
 STARTUP_TIMEOUT_S = 120
 _ENV = {"TOKENIZERS_PARALLELISM": "false", "RAYON_NUM_THREADS": "1"}  # one worker = one core
+LITERALS = [t.encode() for t in SPECIALS]  # special tokens' strings, counted where the corpus spells them out
+ENCODING = "specials-as-text"  # in each part's meta: parts encoded with the special tokens active are redone
 
 _tok: Tokenizer | None = None
 _dtype: np.dtype = np.dtype(np.uint16)
 _unk_id = -1
 
 
+def corpus_tokenizer(tokenizer_json: str | os.PathLike) -> Tokenizer:
+    """The saved tokenizer without its added tokens, for corpus text: the same normalizer, pre-tokenizer and
+    WordPiece vocabulary, but ``[SEP]`` written in the text is punctuation and a word, as in Google's BERT."""
+    spec = json.loads(Path(tokenizer_json).read_text(encoding="utf-8"))
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
+
+
 def _init_worker(tokenizer_json: str, dtype: str, unk_id: int) -> None:
     global _tok, _dtype, _unk_id
     die_with_parent()
     os.environ.update(_ENV)
-    _tok, _dtype, _unk_id = Tokenizer.from_file(tokenizer_json), np.dtype(dtype), unk_id
+    _tok, _dtype, _unk_id = corpus_tokenizer(tokenizer_json), np.dtype(dtype), unk_id
 
 
 def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
@@ -99,7 +115,8 @@ def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
         doc_of_sentence = np.repeat(np.arange(len(doc_counts)), doc_counts)
         doc_counts = doc_counts - np.bincount(doc_of_sentence[empty], minlength=len(doc_counts))
         lengths = lengths[~empty]
-    stats = (len(data), len(sentences), n_empty, int(np.count_nonzero(ids == _unk_id)))
+    literals = tuple(data.count(t) for t in LITERALS)  # sentences are lines: a literal never spans two
+    stats = (len(data), len(sentences), n_empty, int(np.count_nonzero(ids == _unk_id)), *literals)
     return k, last, ids, lengths.astype(np.uint32), doc_counts.astype(np.uint32), stats, bool(lines and lines[-1])
 
 
@@ -135,7 +152,7 @@ class _PartWriter:
         self.f = open(self.tmp, "wb")
         self.lengths: list[np.ndarray] = []
         self.docs: list[np.ndarray] = []
-        self.stats = np.zeros(4, np.int64)
+        self.stats = np.zeros(4 + len(LITERALS), np.int64)
         self.open = False  # the last chunk ended inside a document: the next one's first count continues it
 
     def add(self, ids: np.ndarray, lengths: np.ndarray, docs: np.ndarray, stats: tuple, open_end: bool) -> None:
@@ -155,7 +172,7 @@ class _PartWriter:
         self.f.close()
         sentence_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.lengths]), dtype=np.int64)
         doc_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.docs]), dtype=np.int64)
-        _, n_sentences, n_empty, n_unk = (int(v) for v in self.stats)
+        _, n_sentences, n_empty, n_unk, *literals = (int(v) for v in self.stats)
         if len(doc_ends) != expected_docs or n_sentences != expected_sentences:
             raise DataPrepError(
                 f"{jsonl}: lists {expected_docs} documents / {expected_sentences} sentences but the "
@@ -170,6 +187,7 @@ class _PartWriter:
             "tokens": int(sentence_ends[-1]) if len(sentence_ends) else 0,
             "unk_tokens": n_unk,
             "empty_sentences": n_empty,
+            "special_token_literals": dict(zip(SPECIALS, literals, strict=True)),
         }
         tmp = self.base.with_name(self.base.name + ".json.tmp")
         tmp.write_text(json.dumps(meta, indent=1) + "\n")
@@ -229,6 +247,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
             stale.unlink()
 
     totals = dict.fromkeys(("tokens", "unk_tokens", "sentences", "empty_sentences", "documents"), 0)
+    literals = dict.fromkeys(SPECIALS, 0)
     todo, skipped, expected = [], [], {}
     for k, txt, jsonl in parts:
         meta = {
@@ -236,12 +255,15 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
             "vocab_size": tok.get_vocab_size(),
             "dtype": dtype.name,
             "source_bytes": txt.stat().st_size,
+            "encoding": ENCODING,
         }
         done = _part_done(tdir, k, meta)
         if done is not None:
             skipped.append(f"part-{k:05d}")
             for key in totals:
                 totals[key] += done[key]
+            for key in literals:
+                literals[key] += done["special_token_literals"][key]
         else:
             todo.append((k, txt, jsonl, meta))
             expected[k] = (_jsonl_counts(jsonl), jsonl)
@@ -269,6 +291,8 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
             done = writers.pop(k).finish(n_docs, n_sentences, jsonl)
             for key in totals:
                 totals[key] += done[key]
+            for key in literals:
+                literals[key] += done["special_token_literals"][key]
             bar.set_postfix_str(f"{totals['tokens'] / (time.perf_counter() - start) / 1e3:.0f}k tok/s")
     bar.close()
     write_sentence_offsets(outdir)
@@ -281,6 +305,10 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
         ("documents", "documents_tokenized"),
     ):
         report.count(name, totals[key])
+    report.count("special_token_literals", sum(literals.values()))
+    for key, n in literals.items():
+        if n:
+            report.count(f"special_token_literals_{key}", n)
     rate = totals["unk_tokens"] / max(totals["tokens"], 1)
     if rate > cfg.unk_warning_rate:
         report.warn(
@@ -303,6 +331,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
         "parts": [f"part-{k:05d}" for k, _, _ in parts],
         "parts_skipped": skipped,
         "vocab_sha256": vocab_sha,
+        "special_token_literals": literals,
     }
 
 

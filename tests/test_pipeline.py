@@ -13,7 +13,8 @@ import pytest
 from data_prep.config import PrepareConfig
 from data_prep.pipeline import prepare
 from data_prep.report import DataPrepError
-from data_prep.store import SplitReader
+from data_prep.store import LENGTH, NSP_LABEL, SplitReader
+from data_prep.vocab import load_tokenizer
 from tests.conftest import ROOT
 
 LAUNCHER = [sys.executable, str(ROOT / "launch" / "prepare_data.py")]
@@ -78,6 +79,103 @@ def test_shards_hold_valid_pairs(shared_out: Path):
         ]
         labels.append(s.nsp_label)
     assert abs(np.mean(labels) - 0.5) < 0.03
+
+
+def test_split_figures_on_the_shared_corpora(shared_out: Path):
+    """Wikipedia sample + 13 books, 1% validation: NotNext near 50% and short targets near short_seq_prob in
+    both splits, validation within a point of 1% of the samples (the figures the manifest records)."""
+    m = json.loads((shared_out / "manifest.json").read_text())
+    train, val = m["splits"]["train"], m["splits"]["validation"]
+    assert abs(train["not_next_fraction"] - 0.5) < 0.03 and abs(val["not_next_fraction"] - 0.5) < 0.1
+    assert abs(train["short_target_fraction"] - 0.1) < 0.02 and train["short_rows_fraction"] < 0.1
+    assert abs(val["sample_fraction"] - 0.01) < 0.01
+    n = train["samples"] + val["samples"]
+    assert train["not_next"] + val["not_next"] == m["counts"]["not_next"] and val["samples"] / n == pytest.approx(
+        val["sample_fraction"], abs=1e-6
+    )
+
+
+@pytest.mark.slow
+def test_books_give_samples_as_bert_intends_them(shared_data: Path, tmp_path: Path, capsys):
+    """A corpus of few long documents, the 13 shared books (about 10 s on 2 cores): whole-document holdout put 2
+    books (10% to 33% of the samples, by seed) in validation when 1% was asked, and a short target drawn once per
+    book made a whole book short, its one-sentence chunks all NotNext."""
+    out = tmp_path / "out"
+    cfg = PrepareConfig(
+        inputs=[str(shared_data / "books")],
+        output_dir=str(out),
+        vocab_size=4000,
+        max_seq_length=128,
+        validation_fraction=0.01,
+        seed=7,
+        num_workers=2,
+        samples_per_shard=4000,
+    )
+    m = prepare(cfg)
+    summary = capsys.readouterr().out
+    train, val = m["splits"]["train"], m["splits"]["validation"]
+    assert m["holdout"] == "document_tails" and val["documents"] == 13
+    assert abs(val["sample_fraction"] - 0.01) < 0.01 and val["samples"] > 0
+    assert train["samples"] > 15000 and abs(train["not_next_fraction"] - 0.5) < 0.03
+    assert abs(train["short_target_fraction"] - 0.1) < 0.02
+    # short rows (under 64 tokens) counted from the shards: about short_seq_prob x P(target < 64), not 26%
+    index = np.concatenate([shard.index for shard in SplitReader(out, "train").shards])
+    assert train["short_rows"] == int((index[:, LENGTH] < 64).sum()) and train["short_rows_fraction"] < 0.1
+    assert train["not_next"] == int(index[:, NSP_LABEL].sum())
+    line = next(x for x in summary.splitlines() if x.strip().startswith("validation"))
+    assert f"{val['sample_fraction']:.1%} of samples" in line and "NotNext" in line and "tails of documents" in line
+
+
+def test_special_token_strings_in_the_corpus_stay_text(tmp_path: Path, capsys):
+    """The five special tokens spelled out in the corpus: encoded as text, counted; the shards' only special
+    ids are the [CLS] and [SEP]s the pipeline placed."""
+    rng = np.random.default_rng(3)
+    words = "the a river stone light house north old green quiet city wind came went over under".split()
+    literals = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    expected = dict.fromkeys(literals, 0)
+    docs = []
+    for _ in range(12):
+        sentences = []
+        for _ in range(20):
+            ws = rng.choice(words, size=rng.integers(5, 12)).tolist()
+            if rng.random() < 0.5:
+                literal = literals[int(rng.integers(5))]
+                ws.insert(int(rng.integers(len(ws) + 1)), literal)
+                expected[literal] += 1
+            sentences.append("The " + " ".join(ws) + ".")
+        docs.append(" ".join(sentences))
+    docs.append("Glued [PAD][UNK][CLS][SEP][MASK] went over the city. The river[SEP]came under the old stone.")
+    for literal in literals:
+        expected[literal] += 2 if literal == "[SEP]" else 1
+    (tmp_path / "corpus.txt").write_text("\n\n".join(docs) + "\n")
+    out = tmp_path / "out"
+    cfg = PrepareConfig(
+        inputs=[str(tmp_path / "corpus.txt")],
+        output_dir=str(out),
+        vocab_size=200,
+        max_seq_length=64,
+        text_documents="blank_line",
+        num_workers=1,
+        samples_per_shard=100,
+        seed=1,
+    )
+    m = prepare(cfg)
+    c, total = m["counts"], sum(expected.values())
+    assert c["special_token_literals"] == total and min(expected.values()) >= 1
+    assert {k: c[f"special_token_literals_{k}"] for k in literals} == expected
+    assert f"special-token strings in the text, encoded as text: {total} (" in capsys.readouterr().out
+    sp = m["special_tokens"]
+    n = 0
+    for split in ("train", "validation"):
+        for s in SplitReader(out, split):
+            ids, a_len = s.input_ids, int(np.argmax(s.token_type_ids))
+            assert np.flatnonzero(ids == sp["[CLS]"]).tolist() == [0]
+            assert np.flatnonzero(ids == sp["[SEP]"]).tolist() == [a_len - 1, len(ids) - 1]
+            assert not np.isin(ids, [sp["[PAD]"], sp["[UNK]"], sp["[MASK]"]]).any()
+            n += 1
+    assert n == sum(info["samples"] for info in m["splits"].values()) > 20
+    tok = load_tokenizer(out)  # what fill-mask loads: a prompt's [MASK] is still the mask
+    assert sp["[MASK]"] in tok.encode("the [MASK] went over", add_special_tokens=False).ids
 
 
 def test_missing_path_is_one_line_error(tmp_path: Path):
@@ -146,6 +244,10 @@ def test_array_tasks_then_merge(tmp_path: Path):
     for split in ("train", "validation"):
         assert merged["splits"][split]["samples"] == sum(t["splits"][split]["samples"] for t in tasks)
         assert len(SplitReader(out, split)) == merged["splits"][split]["samples"]
+        info = merged["splits"][split]  # the tasks' NotNext and short counts summed, fractions recomputed
+        for key in ("not_next", "short_target", "short_rows"):
+            assert info[key] == sum(t["splits"][split][key] for t in tasks)
+            assert info[f"{key}_fraction"] == round(info[key] / max(1, info["samples"]), 4)
     assert merged["counts"]["tokens"] == sum(t["counts"]["tokens"] for t in tasks)
     assert (out / "vocab.txt").read_bytes() == (vocab_dir / "vocab.txt").read_bytes()
 

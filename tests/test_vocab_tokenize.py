@@ -210,3 +210,36 @@ def test_mismatched_jsonl_is_an_error(tmp_path: Path) -> None:
     jsonl.write_text(jsonl.read_text().split("\n", 1)[1])  # one document fewer than the .txt
     with pytest.raises(DataPrepError, match="re-run stage=read"):
         run_tokenize(cfg_for(tmp_path), Report())
+
+
+def test_special_token_strings_in_the_corpus_are_text(tmp_path: Path) -> None:
+    # every special token spelled out in the text, glued to words and to each other
+    docs = [
+        [["the [MASK] dog and the fox", "tea [SEP] cakes [CLS] coffee"], ["[PAD][UNK] old school", "the dog"]],
+        [["[CLS] [SEP] [MASK] [PAD] [UNK]", "every morning[SEP]children play"]],
+    ]
+    write_parts(tmp_path, docs)
+    vocab_file = small_vocab(tmp_path / "v.txt", specials_first=True)
+    vocab_file.write_text(vocab_file.read_text() + "[\n]\n")
+    run_vocab(cfg_for(tmp_path, vocab=str(vocab_file)), Report())
+    report = Report()
+    out = run_tokenize(cfg_for(tmp_path), report)
+    expected = {"[PAD]": 2, "[UNK]": 2, "[CLS]": 2, "[SEP]": 3, "[MASK]": 2}
+    assert out["special_token_literals"] == expected and report.counts["special_token_literals"] == 11
+    assert {k: report.counts[f"special_token_literals_{k}"] for k in expected} == expected
+    store = TokenStore(tmp_path)
+    ids = store.tokens(0, store.num_tokens)
+    assert not np.isin(ids, range(5)).any()  # no special id at all: not even [UNK] (every letter is in the vocab)
+    tok = load_tokenizer(tmp_path)  # the saved tokenizer keeps its special tokens: a prompt's [MASK] is the mask
+    assert tok.encode("the [MASK] dog", add_special_tokens=False).tokens == ["the", "[MASK]", "dog"]
+    vocab = (tmp_path / "vocab.txt").read_text().split("\n")
+    first = store.sentence_tokens(0).tolist()
+    assert [vocab[i] for i in first] == ["the", "[", "m", "##a", "##s", "##k", "]", "dog", "and", "the", "fox"]
+    corpus_tok = tokenize_mod.corpus_tokenizer(tmp_path / "tokenizer.json")
+    assert first == corpus_tok.encode("the [MASK] dog and the fox", add_special_tokens=False).ids
+    # a part tokenized before this encoding (special tokens matched in the text) is redone, not reused
+    meta = tmp_path / "work" / "tokens" / "part-00001.json"
+    old = json.loads(meta.read_text())
+    del old["encoding"]
+    meta.write_text(json.dumps(old))
+    assert run_tokenize(cfg_for(tmp_path), Report())["parts_skipped"] == ["part-00000"]
