@@ -38,8 +38,9 @@ class PrepareConfig:
     dupe_factor: int = 1
     """Passes over the corpus with different pairings; 1 is enough with dynamic masking."""
     validation_fraction: float = 0.01
-    """Fraction of documents held out for validation (at least two when the corpus has four or more, so validation
-    has NotNext pairs; at least one when it has two or three)."""
+    """Fraction of the corpus's tokens held out for validation, never shared with training: whole documents (at
+    least two when the corpus has four or more, so validation has NotNext pairs) when they come within a point of
+    it, else the last fraction of every document's sentences (corpora of few long documents, such as books)."""
     samples_per_shard: int = 100_000
     """Target samples per shard (shards follow document boundaries, so sizes vary slightly)."""
     seed: int = 12345

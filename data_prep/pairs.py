@@ -56,7 +56,7 @@ HOLDOUT_TOLERANCE = 0.01
 class Corpus(Protocol):
     """What the shards stage needs of a tokenized corpus (``data_prep.tokenize.TokenStore`` provides it):
     ``doc_offsets`` (sentence boundaries of documents) and ``sentence_offsets`` (token boundaries of sentences),
-    each ``n + 1`` values from 0 or ``n`` END offsets; empty sentences and documents are skipped. An optional
+    each ``n + 1`` boundaries from 0; empty sentences and documents are skipped. An optional
     ``sentences_tokens(s0, s1)`` (one slice for a sentence range) is used when present."""
 
     num_docs: int
@@ -73,24 +73,18 @@ def open_token_store(path: str) -> Corpus:
 
 
 class _Bounds:
-    """Boundaries ``b[0..n]`` over either ``n + 1`` boundaries or ``n`` END offsets, without copying the array."""
+    """Boundaries ``b[0..n]`` (``n + 1`` entries) of a memory-mapped array, read as int64 slices, never whole."""
 
     def __init__(self, arr: np.ndarray, n: int):
-        if len(arr) not in (n, n + 1):
+        if len(arr) != n + 1:
             raise DataPrepError(f"token store: offsets array has {len(arr)} entries for {n} items; re-run tokenize")
-        self.arr, self.ends = arr, len(arr) == n and not (n == 0)
+        self.arr = arr
 
     def span(self, lo: int, hi: int) -> np.ndarray:
-        if not self.ends:
-            return np.asarray(self.arr[lo : hi + 1], dtype=np.int64)
-        if lo == 0:
-            return np.concatenate((np.zeros(1, np.int64), np.asarray(self.arr[:hi], dtype=np.int64)))
-        return np.asarray(self.arr[lo - 1 : hi], dtype=np.int64)
+        return np.asarray(self.arr[lo : hi + 1], dtype=np.int64)
 
     def take(self, idx: np.ndarray) -> np.ndarray:
-        if not self.ends:
-            return np.asarray(self.arr[idx], dtype=np.int64)
-        return np.where(idx == 0, 0, np.asarray(self.arr[np.maximum(idx - 1, 0)], dtype=np.int64))
+        return np.asarray(self.arr[idx], dtype=np.int64)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from data_prep.encodings import EncodingError, as_utf8
 from data_prep.report import DataPrepError, Report
 from data_prep.sentences import RawDoc, is_gutenberg
 
-__all__ = ["InputSpec", "RawDoc", "Unit", "parse_input", "expand_units", "iter_raw_documents", "iter_unit_documents"]
+__all__ = ["InputSpec", "RawDoc", "Unit", "parse_input", "expand_units", "iter_unit_documents"]
 
 # Kinds a prefix can force on a path, and the file names each kind reads (directories are searched for them).
 EXTENSIONS = {
@@ -139,14 +139,6 @@ def open_binary(path: str | Path) -> BinaryIO:
     if name.endswith(".bz2"):
         return bz2.open(path, "rb")
     return open(path, "rb")
-
-
-def iter_raw_documents(
-    spec: InputSpec | str, cfg: PrepareConfig, report: Report, hf_loader: Callable | None = None
-) -> Iterator[RawDoc]:
-    """Every raw document of one input, streamed, in a deterministic order."""
-    for unit in expand_units(spec):
-        yield from iter_unit_documents(unit, cfg, report, hf_loader)
 
 
 def iter_unit_documents(unit: Unit, cfg: PrepareConfig, report: Report, hf_loader: Callable | None = None):

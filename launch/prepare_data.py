@@ -1,6 +1,6 @@
 """Data preparation: corpora -> sentences -> WordPiece vocabulary -> token ids -> training shards.
 
-    python launch/prepare_data.py inputs=[PATH,...] output_dir=OUT vocab_size=N max_seq_length=L \
+    python launch/prepare_data.py inputs=[PATH,...] output_dir=OUT vocab_size=N max_seq_length=L
         nsp=true seed=S num_workers=W strict=false [stage=read|vocab|tokenize|shards|merge]
 
 Every option is documented in data_prep/config.py. User mistakes (an unknown option, with the close match; a bad
@@ -41,8 +41,11 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from pretrain.cli import check_overrides  # light: no torch
+    from pretrain.cli import check_overrides, help_text  # light: no torch
 
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):  # the data-prep options, not Hydra's list of conf/ groups
+        print(help_text(__doc__, PrepareConfig), end="")
+        sys.exit(0)
     problem = check_overrides(ROOT / "conf", "prepare_data", "data_prep/config.py")  # before Hydra's own report
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)

@@ -239,3 +239,52 @@ def restore(engine: Any, tag: Path, sampler: Any, load_tag: Path | None = None) 
     if same_world:  # per-rank loss sums of the open log window
         state.window = dict(client["window"][rank])
     return state, client
+
+
+def build_model(model_kw: dict[str, Any], init_from: str | None):
+    from pretrain.model import BertConfig, BertForPreTraining
+
+    try:
+        model = BertForPreTraining(BertConfig(**model_kw))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if init_from:
+        sd = weights_from(init_from)
+        ours = model.state_dict()
+        bad = [
+            f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
+            for k, v in sd.items()
+            if k in ours and v.shape != ours[k].shape
+        ]
+        if bad:  # whole names and both shapes, not a cut-off torch message
+            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
+            raise UserError(
+                f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
+                f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with"
+            )
+        missing, _ = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
+        if missing:
+            print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
+    return model
+
+
+def export(
+    engine: Any, model_kw: dict[str, Any], tag: Path | None, data_dir: str, out: Path, fp32_module: bool
+) -> Path:
+    """The finished run's fp32 weights as a Hugging Face directory ``out``, with the tokenizer files
+    of ``data_dir``: the engine's module where it holds
+    them (ZeRO-0 in fp32), else the master weights of the checkpoint ``tag``. Rank 0 writes; all ranks wait."""
+    from pretrain.model import BertConfig, BertForPreTraining, export_hf
+
+    main = dist.get_rank() == 0
+    if main:
+        sd = engine.module.state_dict() if fp32_module else fp32_weights(tag)
+        model = BertForPreTraining(BertConfig(**model_kw))
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
+        if missing or unexpected:
+            raise RuntimeError(f"HF export: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
+        export_hf(model, data_dir, out)
+    D.barrier()
+    return out

@@ -6,9 +6,12 @@ Imports nothing heavy at module level: the entry points call it before torch is 
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
 import os
 import sys
+import textwrap
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
@@ -102,3 +105,28 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
                 hint = _close(leaf, known, head + "." if head else "")
                 return f"{key}: no such option; {hint} (documented in {docs})"
     return None
+
+
+def field_docs(schema: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass schema (read from its source: Python keeps none at run
+    time), whitespace collapsed."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
+    body, docs = tree.body[0].body, {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
+            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def help_text(usage: str, schema: type, width: int = 100) -> str:
+    """``--help`` of an entry point whose options are the fields of one dataclass: the usage text, then every
+    option with its default and its documentation."""
+    lines = [usage.strip(), "", "Options (key=value; Hydra syntax, e.g. inputs=[a.txt,b.xml]):", ""]
+    docs, defaults = field_docs(schema), schema()
+    for f in fields(schema):
+        value = getattr(defaults, f.name)
+        shown = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        lines.append(f"  {f.name}={shown.replace(chr(39), '')}")
+        lines += textwrap.wrap(docs.get(f.name, ""), width, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines) + "\n"

@@ -3,8 +3,9 @@ pre-flight checks that run before any work.
 
 Every value has one home: batch sizes and precision in ``trainer``, clipping in ``optim``, the ZeRO section in
 ``deepspeed``; ``build_ds_config`` derives DeepSpeed's JSON from them (gradient accumulation from the global
-batch, the micro batch and the world size). A raw DeepSpeed JSON (``deepspeed.config_file``) still wins, with a
-warning for every value that contradicts the Hydra config.
+batch, the micro batch and the world size). One precedence rule, for every section (the optimizer's too):
+generated < ``deepspeed.extra`` < a raw DeepSpeed JSON (``deepspeed.config_file``), with a warning for every value
+of the JSON that contradicts the Hydra config.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from pretrain.masking import MaskingConfig
+from pretrain.model import BertConfig
 
 
 class UserError(Exception):
@@ -109,7 +111,8 @@ class TrainerConfig:
     eval_every: int = 20
     """Steps between validation passes (and one at the end); 0 = only at the end."""
     eval_batches: int = 20
-    """Validation micro-batches per rank per pass (static masks: comparable across passes)."""
+    """Validation micro-batches per rank per pass (static masks: comparable across passes); 0 = no validation
+    (otherwise an empty validation split is an error)."""
     checkpoint_every: int = 20
     """Steps between checkpoints (and one at the end); 0 = only at the end and on preemption."""
     keep_last: int = 2
@@ -156,15 +159,21 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    model: dict[str, Any] = field(default_factory=dict)
-    """Model shape, Hugging Face ``BertConfig`` field names (``conf/model/*.yaml``); ``vocab_size: null`` = from
-    the data."""
+    model: BertConfig = field(default_factory=lambda: BertConfig(vocab_size=None))
+    """Model shape: ``pretrain.model.BertConfig`` (Hugging Face field names, BERT-base defaults; each
+    ``conf/model/*.yaml`` holds what differs); ``vocab_size: null`` = the size of the shards' vocabulary."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Shards and loading (``conf/data/*.yaml``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer (``conf/optim/*.yaml``)."""
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    """Learning-rate schedule (``conf/scheduler/*.yaml``)."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    """ZeRO and raw DeepSpeed settings (``conf/deepspeed/*.yaml``)."""
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    """Batch, steps, precision, logging, evaluation, checkpoints, fault limits (``conf/trainer/*.yaml``)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    """Weights & Biases (``conf/logger/*.yaml``); metrics.jsonl is always written."""
     name: str = "tiny-cpu"
     """Experiment name; the default run name starts with it."""
     run_name: str = "tiny-cpu"
@@ -176,16 +185,50 @@ class Config:
     """``auto`` (newest complete checkpoint in the run dir, else start fresh), ``none``, or a checkpoint path."""
     seed: int = 1234
     """Seed of initialisation, data order, masks and dropout."""
+    verbose: bool = False
+    """Show DeepSpeed's own per-rank messages (accelerator detection, engine set-up, op builds); errors always show."""
 
 
-def _run_slug(name: str, overrides: str) -> str:
-    """Deterministic, filesystem-safe run name from the experiment name and the override string."""
-    if not overrides:
-        return name
-    slug = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", overrides.replace("/", "_")).strip("_")
-    if len(slug) > 80:
-        slug = slug[:71] + "-" + hashlib.sha1(overrides.encode()).hexdigest()[:8]
-    return f"{name},{slug}"
+def _split_overrides(overrides: str) -> list[str]:
+    """Hydra's ``override_dirname`` (``k=v,k2=v2``, sorted) back into items; commas inside brackets or quotes
+    (``optim.betas=[0.9,0.98]``) stay inside their item."""
+    items, depth, quote, cur = [], 0, "", ""
+    for ch in overrides:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(cur)
+            cur = ""
+            continue
+        cur += ch
+    return [*items, cur] if cur else items
+
+
+def _run_slug(name: str, overrides: str, limit: int = 96) -> str:
+    """Readable, deterministic run name: the experiment name, then each override that changes the result as
+    ``<last key part><value>`` (a group choice as its value alone, a path as its last component alone), joined by
+    ``-``: ``tiny-cpu-max_steps20-lr0.002-bert-base``. Every rank, node and requeued job computes the same one;
+    the full overrides are in the run's saved config. Past ``limit`` characters the tail becomes a short hash of
+    the whole override string, so different runs never share a run dir."""
+    parts = [name]
+    for item in _split_overrides(overrides):
+        key, _, value = item.lstrip("+~").partition("=")
+        value = value.strip("'\"").rstrip("/")
+        leaf = key.rsplit(".", 1)[1] if "." in key else ""  # a group choice (model=bert-base): the value says it
+        if "/" in value:  # a path: its last component says enough
+            leaf, value = "", value.rsplit("/", 1)[1]
+        parts.append(re.sub(r"[^A-Za-z0-9._-]+", "_", f"{leaf}{value}").strip("_") or "x")
+    slug = "-".join(parts)
+    if len(slug) > limit:
+        digest = hashlib.sha1(overrides.encode()).hexdigest()[:8]
+        slug = f"{slug[: limit - 9].rstrip('-_.')}-{digest}"
+    return slug
 
 
 def register_configs() -> None:
@@ -228,8 +271,10 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-def build_ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
-    """DeepSpeed's JSON config generated from the Hydra config (plus ``deepspeed.config_file`` on top)."""
+def build_ds_config(cfg: Any, world_size: int, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+    """DeepSpeed's JSON config generated from the Hydra config, ``deepspeed.extra`` merged in, then
+    ``deepspeed.config_file`` on top: the one precedence rule, for every section. ``optimizer`` is the
+    ``"optimizer"`` section where DeepSpeed builds the optimizer itself (``pretrain.optim.build_optimizer``)."""
     t, ds = cfg.trainer, cfg.deepspeed
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -256,6 +301,8 @@ def build_ds_config(cfg: Any, world_size: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
     }
+    if optimizer is not None:
+        out["optimizer"] = copy.deepcopy(optimizer)
     extra = OmegaConf.to_container(ds.extra, resolve=True) if OmegaConf.is_config(ds.extra) else dict(ds.extra)
     _merge(out, extra)
     if ds.config_file:
@@ -343,9 +390,17 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
     if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
         warnings.warn("trainer.phase=2 without trainer.init_from: phase 2 starts from random weights", stacklevel=2)
     info = inspect_data(cfg.data.dir, cfg.data.verify)
+    asked = (info.manifest.get("config") or {}).get("validation_fraction")
+    n_val = info.verified.get("samples", {}).get("validation", 0)
+    if not n_val and cfg.trainer.eval_batches > 0 and asked != 0:
+        raise UserError(
+            f"{Path(cfg.data.dir) / 'validation'}: no validation samples"
+            + (f" (prepared with validation_fraction={asked})" if asked else "")
+            + "; prepare the data with more text or a larger validation_fraction, or set trainer.eval_batches=0 "
+            "to train without validation"
+        )
+    info.has_validation = bool(n_val) and cfg.trainer.eval_batches > 0
     model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
-    if not model:
-        raise UserError("model: empty; pick one with model=tiny|mini|small|bert-base|bert-large|roberta-base")
     if model.get("vocab_size") is None:
         model["vocab_size"] = info.vocab_size
     elif model["vocab_size"] != info.vocab_size:

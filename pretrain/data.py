@@ -257,17 +257,15 @@ def build_dataloader(
     bucket: bool = False,
     shuffle: bool = True,
     drop_last: bool = True,
-    static_masks: bool | None = None,
     bucket_window: int = 100,
 ) -> tuple[DataLoader, ResumableDistributedSampler]:
     """DataLoader of masked micro-batches for this rank, and its sampler (for ``advance``/state/epochs).
 
-    Validation: ``shuffle=False, drop_last=False``; masks are then static (epoch 0) unless ``static_masks``
-    says otherwise, so validation losses are comparable across evaluations. The vocabulary is
-    ``data_dir/vocab.txt``.
+    Validation: ``shuffle=False, drop_last=False``; masks are then static (epoch 0), so validation losses are
+    comparable across evaluations. The vocabulary is ``data_dir/vocab.txt``.
     """
     masking = masking or MaskingConfig()
-    if static_masks if static_masks is not None else not shuffle:
+    if not shuffle:
         masking = replace(masking, static=True)
     dataset = ShardDataset(data_dir, split)
     sampler = ResumableDistributedSampler(
@@ -292,3 +290,39 @@ def build_dataloader(
         persistent_workers=num_workers > 0,
     )
     return loader, sampler
+
+
+def fork_rng(device: torch.device):
+    """Loader iterators draw a base seed from the global RNG and eval runs outside the training stream: keep
+    both from shifting the dropout RNG, or a resumed run would diverge from an uninterrupted one."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+
+
+class Batches:
+    """The training micro-batches of this rank, across epochs, counting what was consumed (the checkpointed data
+    position: the loader prefetches ahead) and which (epoch, micro-batch) made up the current step."""
+
+    def __init__(self, loader: Any, sampler: Any, device: torch.device) -> None:
+        self.loader, self.sampler, self.device = loader, sampler, device
+        self.it = self._new_iter()
+        self.positions: list[tuple[int, int]] = []
+
+    def _new_iter(self) -> Any:
+        with fork_rng(self.device):
+            return iter(self.loader)
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        try:
+            batch = next(self.it)
+        except StopIteration:  # epoch boundary: the sampler reshuffles with the new epoch
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.it = self._new_iter()
+            batch = next(self.it)
+        self.sampler.advance(1)
+        self.positions.append((self.sampler.epoch, self.sampler.batches_consumed - 1))
+        return batch
+
+    def samples(self, micro_batch_size: int) -> list[int]:
+        """This rank's sample indices of the current step (global indices into the split)."""
+        b, order = micro_batch_size, self.sampler.rank_order
+        return [i for e, k in self.positions for i in order(e)[k * b : (k + 1) * b].tolist()]

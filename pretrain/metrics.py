@@ -79,6 +79,52 @@ def truncate_metrics(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+class LogWindow:
+    """What this rank adds up between two log lines, and the record it becomes.
+
+    ``sums`` (loss, MLM, NSP per micro-batch, and micro-batches) is the ``TrainState.window`` dict, saved in
+    checkpoints so that a resumed window averages the same steps; tokens and time are for throughput only."""
+
+    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
+        self.sums, self.device = sums, device
+        self.tokens = torch.zeros(2, dtype=torch.float64, device=device)  # real tokens, padded tokens
+        self.t0, self.steps = time.time(), 0
+
+    def add(self, stats: torch.Tensor, accum: int, applied: bool) -> None:
+        """One optimizer step's ``train_step`` stats; the losses of a skipped step are left out."""
+        self.steps += 1
+        self.tokens += stats[3:5]
+        if applied:
+            for i, k in enumerate(("loss", "mlm", "nsp")):
+                self.sums[k] += float(stats[i])
+            self.sums["micro"] += accum
+
+    def close(self, all_reduce: Any, global_batch: int) -> tuple[dict[str, Any], int, int]:
+        """Reduce over ranks and start a new window: (partial record, real tokens, padded tokens). The record has
+        the losses (None without an applied step), sequences/s and tokens/s of the window."""
+        s = all_reduce(
+            torch.tensor(
+                [self.sums[k] for k in ("loss", "mlm", "nsp", "micro")], dtype=torch.float64, device=self.device
+            )
+        ).tolist()
+        toks = all_reduce(self.tokens.clone()).tolist()
+        dt = max(time.time() - self.t0, 1e-9)
+        n = s[3]
+        rec = {
+            "loss": s[0] / n if n else None,
+            "mlm_loss": s[1] / n if n else None,
+            "nsp_loss": s[2] / n if n else None,
+            "sequences_per_s": self.steps * global_batch / dt,
+            "tokens_per_s": toks[0] / dt,
+            "padded_tokens_per_s": toks[1] / dt,
+        }
+        for k in self.sums:
+            self.sums[k] = 0.0
+        self.tokens.zero_()
+        self.t0, self.steps = time.time(), 0
+        return rec, int(toks[0]), int(toks[1])
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
@@ -214,6 +260,50 @@ def _duration(seconds: float | None) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
 
 
+def print_startup(
+    cfg: Any,
+    model: Any,
+    parameters: int,
+    info: Any,
+    env: Any,
+    device: torch.device,
+    threads: str,
+    zero_stage: int,
+    optimizer: str,
+    accum: int,
+    start_step: int,
+    run_dir: Path,
+) -> None:
+    """Rank 0, once, before the first step: what will happen (``model`` is the ``BertConfig``, ``info`` the
+    pre-flight's ``DataInfo``)."""
+    t, samples = cfg.trainer, info.verified.get("samples", {})
+    splits = info.manifest.get("splits")
+    tokens = splits.get("train", {}).get("tokens") if isinstance(splits, dict) else None
+    data = f"{cfg.data.dir}: train {samples.get('train', 0):,} samples"
+    data += f" ({tokens:,} tokens)" if tokens else ""
+    data += f", validation {samples.get('validation', 0):,}; {info.verified.get('shards', 0)} shards"
+    data += f", sha256 verified in {info.verified.get('seconds', 0):.1f} s" if cfg.data.verify else ""
+    heads = "MLM + NSP heads" if model.nsp else "MLM head only (RoBERTa-style)"
+    where = f"threads per rank: {threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    epochs = t.max_steps * t.global_batch_size / max(1, samples.get("train", 0))
+    lines = [
+        "=" * 72,
+        f"run {cfg.run_name}",
+        f"  model        BERT, {parameters:,} parameters: {model.num_hidden_layers} layers, hidden "
+        f"{model.hidden_size}, {model.num_attention_heads} heads, vocab {model.vocab_size:,}, {heads}",
+        f"  data         {data}",
+        f"  ranks        {env.world_size} via {env.launcher}; {where}",
+        f"  engine       ZeRO stage {zero_stage}, {t.precision}; optimizer: {optimizer}",
+        f"  batch        {t.global_batch_size:,} sequences per step = {t.micro_batch_size} micro x {accum} "
+        f"accumulation x {env.world_size} rank(s); up to {t.global_batch_size * t.max_seq_length:,} tokens per step",
+        f"  plan         step {start_step} -> {t.max_steps:,} ({epochs:.2f} epochs of the training split); "
+        f"checkpoint every {t.checkpoint_every or '-'} steps, evaluate every {t.eval_every or '-'} and at the end",
+        f"  run dir      {run_dir}",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
+
+
 def print_summary(s: dict[str, Any]) -> None:
     """One screen: what ran, how fast, how good, where everything is."""
 
@@ -239,3 +329,26 @@ def print_summary(s: dict[str, Any]) -> None:
         lines.append(f"  W&B          {s['wandb_dir']}")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
+
+
+def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int) -> None:
+    """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
+    records = (
+        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        if (run_dir / "metrics.jsonl").is_file()
+        else []
+    )
+    val = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
+    loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
+
+    def f(key: str, spec: str) -> str:
+        return "n/a" if val.get(key) is None else format(val[key], spec)
+
+    hf = run_dir / "hf"
+    print(
+        f"run {run_dir} is complete at step {step}/{max_steps}: checkpoint {tag}, HF export "
+        f"{hf}; final train loss "
+        f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
+        f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
+        flush=True,
+    )

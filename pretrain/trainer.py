@@ -1,5 +1,7 @@
-"""The training loop, top to bottom: set-up, ``train_step``, ``evaluate``, ``train``; checkpoints live in
-pretrain/checkpoint.py.
+"""The training loop, top to bottom: ``train_step``, ``evaluate``, ``setup`` (checks, process group, model,
+engine, data, resume), the bookkeeping of a step (``after_step``, ``log_window``, ``save_or_stop``) and
+``train``, which reads: resume, loop (step, log, evaluate, save, stop on signal), export, summary. Checkpoint
+bundles live in pretrain/checkpoint.py, metric windows and the log in pretrain/metrics.py.
 
 Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
 ``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
@@ -24,7 +26,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from dataclasses import fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,61 +38,32 @@ import torch.nn.functional as F
 from pretrain import distributed as D
 from pretrain.checkpoint import (
     TrainState,
+    build_model,
     checkpoint_step,
+    export,
     find_checkpoint,
-    fp32_weights,
     gather,
     restore,
     save,
     state_dict,
     tag_dir,
     universal_tag,
-    weights_from,
 )
 from pretrain.config import UserError, build_ds_config, preflight
-from pretrain.metrics import MetricsLogger, memory_gb, peak_tflops, print_summary
+from pretrain.data import Batches, build_dataloader, fork_rng
+from pretrain.metrics import (
+    LogWindow,
+    MetricsLogger,
+    memory_gb,
+    peak_tflops,
+    print_complete,
+    print_startup,
+    print_summary,
+)
 from pretrain.optim import build_optimizer, scheduler_factory
 
 NONFINITE_EXIT_CODE = 3
 SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
-
-
-def _fork_rng(device: torch.device):
-    """Loader iterators draw a base seed from the global RNG and eval runs outside the training stream: keep
-    both from shifting the dropout RNG, or a resumed run would diverge from an uninterrupted one."""
-    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-
-
-def build_model(model_kw: dict[str, Any], init_from: str | None):
-    from pretrain.model import BertConfig, BertForPreTraining
-
-    known = {f.name for f in fields(BertConfig)}
-    unknown = sorted(set(model_kw) - known)
-    if unknown:
-        raise UserError(f"model.{unknown[0]}: unknown field; BertConfig takes {', '.join(sorted(known))}")
-    try:
-        model = BertForPreTraining(BertConfig(**model_kw))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if init_from:
-        sd = weights_from(init_from)
-        ours = model.state_dict()
-        bad = [
-            f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-            for k, v in sd.items()
-            if k in ours and v.shape != ours[k].shape
-        ]
-        if bad:  # whole names and both shapes, not a cut-off torch message
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise UserError(
-                f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
-                f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with"
-            )
-        missing, _ = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
-        if missing:
-            print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
-    return model
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -156,7 +129,7 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
     n = int(D.all_reduce(n, dist.ReduceOp.MIN).item())
     s = torch.zeros(6, dtype=torch.float64, device=device)  # mlm loss, correct, count; nsp loss, correct, count
     engine.eval()
-    with _fork_rng(device):
+    with fork_rng(device):
         for _, batch in zip(range(n), loader, strict=False):
             out = engine(**_to(batch, device))
             if out.mlm_logits is not None and out.num_masked:
@@ -177,29 +150,6 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
     return res
 
 
-def print_complete(run_dir: Path, tag: Path, max_steps: int) -> None:
-    """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
-    records = (
-        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        if (run_dir / "metrics.jsonl").is_file()
-        else []
-    )
-    val = next((r for r in reversed(records) if r.get("kind") == "eval"), {})
-    loss = next((r["loss"] for r in reversed(records) if r.get("kind") == "train"), None)
-
-    def f(key: str, spec: str) -> str:
-        return "n/a" if val.get(key) is None else format(val[key], spec)
-
-    hf = run_dir / "hf"
-    print(
-        f"run {run_dir} is complete at step {checkpoint_step(tag)}/{max_steps}: checkpoint {tag}, HF export "
-        f"{hf}; final train loss "
-        f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
-        f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
-        flush=True,
-    )
-
-
 def nonfinite_stop(step: int, why: str, ckpt_root: Path, main: bool) -> tuple[str, int]:
     """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
     last = find_checkpoint(ckpt_root)
@@ -216,29 +166,68 @@ def _scalar(x: Any) -> float | None:
     return None if x is None else float(x.item() if torch.is_tensor(x) else x)
 
 
-def train(cfg: Any, cfg_dict: dict) -> int:
-    """Run (or resume) a pretraining job from a composed Hydra config; return the process exit code."""
-    t, t_start = cfg.trainer, time.time()
-    stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
-    env = D.detect_env()
-    done = find_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "auto" else None
-    exported = (Path(cfg.run_dir) / "hf" / "model.safetensors").is_file()  # else the resume below exports it
-    if done is not None and checkpoint_step(done) >= t.max_steps and exported:  # the same command again
-        if env.is_main:
-            print_complete(Path(cfg.run_dir).resolve(), done, t.max_steps)
-        return 0
+@dataclass
+class Run:
+    """Everything ``setup`` builds for a job; the trainer's functions read it, the model never sees it."""
+
+    cfg: Any
+    cfg_dict: dict
+    env: Any
+    device: torch.device
+    run_dir: Path
+    engine: Any
+    scheduler: Any
+    sampler: Any
+    loader: Any
+    val_loader: Any
+    logger: MetricsLogger
+    info: Any
+    model_kw: dict[str, Any]
+    opt_desc: str
+    resume_tag: Path | None
+    state: TrainState
+    skip_nonfinite: bool  # a plain client optimizer (ZeRO-0, fp32): non-finite updates are skipped here
+    own_norm: bool  # DeepSpeed reports no gradient norm (plain fp32): train_step measures it
+    flops_per_token: float
+    peak_tflops: float | None
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def main(self) -> bool:
+        return self.env.is_main
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides the checkpointed ``TrainState``."""
+
+    status: str = "finished"
+    code: int = 0
+    last_ckpt: Path | None = None
+    last_rec: dict[str, Any] = field(default_factory=dict)
+    last_val: dict[str, float] = field(default_factory=dict)
+    job_steps: int = 0
+    job_tokens: int = 0
+    t_start: float = field(default_factory=time.time)
+    history: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_HISTORY))
+
+
+def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
+    """Pre-flight checks, process group, model, optimizer, data, DeepSpeed engine, resume, logger."""
+    t = cfg.trainer
     threads = D.set_threads()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
-    ds_config = build_ds_config(cfg, env.world_size)
-    import deepspeed
+    build_ds_config(cfg, env.world_size)  # a bad deepspeed.config_file fails here, before any work
+    deepspeed = D.import_deepspeed(cfg.verbose)
 
-    from pretrain.data import build_dataloader
     from pretrain.masking import MaskingConfig
-    from pretrain.model import export_hf
 
-    device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes)
+    device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     run_dir = Path(cfg.run_dir).resolve()
-    main, ckpt_root = env.is_main, run_dir / "checkpoints"
+    ckpt_root = run_dir / "checkpoints"
     resume_tag = (
         None
         if cfg.resume == "none"
@@ -257,29 +246,18 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     model = build_model(model_kw, t.init_from if resume_tag is None else None)
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
     client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, device.type == "cuda")
-    if ds_opt is not None:
-        ds_config["optimizer"] = ds_opt
-    if main:
+    ds_config = build_ds_config(cfg, env.world_size, ds_opt)  # repeated warnings are shown once
+    if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
+        client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
+        warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
+    if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-        print(
-            f"run dir: {run_dir}\noptimizer: {opt_desc}\nmodel: {model.num_parameters():,} parameters, "
-            f"vocab {model_kw['vocab_size']}, {env.world_size} rank(s) via {env.launcher}, "
-            f"ZeRO {ds_config['zero_optimization'].get('stage', 0)}, {t.precision}\nthreads per rank: {threads}",
-            flush=True,
-        )
     masking = MaskingConfig(**cfg_dict["data"]["masking"])
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:
         loader, sampler = build_dataloader(
-            cfg.data.dir,
-            "train",
-            t.micro_batch_size,
-            masking=masking,
-            bucket=cfg.data.bucket,
-            shuffle=True,
-            drop_last=True,
-            **common,
+            cfg.data.dir, "train", t.micro_batch_size, masking=masking, bucket=cfg.data.bucket, **common
         )
         val_loader = (
             build_dataloader(
@@ -297,7 +275,7 @@ def train(cfg: Any, cfg_dict: dict) -> int:
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
     stage = ds_config["zero_optimization"].get("stage", 0)
-    load_tag = universal_tag(resume_tag, stage, env.world_size, main) if resume_tag is not None else None
+    load_tag = universal_tag(resume_tag, stage, env.world_size, env.is_main) if resume_tag is not None else None
     if load_tag is not None:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(
@@ -307,217 +285,213 @@ def train(cfg: Any, cfg_dict: dict) -> int:
         lr_scheduler=scheduler_factory(cfg),
         config=ds_config,
     )
-    accum = engine.gradient_accumulation_steps()
     state, wandb_id = TrainState(), None
     if resume_tag is not None:
         state, client = restore(engine, resume_tag, sampler, load_tag)
         wandb_id = client.get("wandb_id")
-        if main:
+        if env.is_main:
             print(f"resumed from {resume_tag} at step {state.step}", flush=True)
-    elif t.init_from and main:
+    elif t.init_from and env.is_main:
         print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
     sampler.set_epoch(state.epoch)
-    logger = MetricsLogger(cfg, run_dir, main, wandb_id, cfg_dict, state.step, t.max_steps)
-    flops = model.flops_per_token(t.max_seq_length)
-    peak = peak_tflops(t.peak_tflops, device)
-
-    def new_iter():
-        with _fork_rng(device):
-            return iter(loader)
-
-    it = [new_iter()]
-    positions: list[tuple[int, int]] = []  # (epoch, micro-batch) of this step's batches on this rank
-
-    def next_batch() -> dict[str, torch.Tensor]:
-        try:
-            batch = next(it[0])
-        except StopIteration:  # epoch boundary: the sampler reshuffles with the new epoch
-            sampler.set_epoch(sampler.epoch + 1)
-            it[0] = new_iter()
-            batch = next(it[0])
-        sampler.advance(1)  # consumed micro-batches: the checkpointed position (the loader prefetches ahead)
-        state.epoch = sampler.epoch
-        positions.append((sampler.epoch, sampler.batches_consumed - 1))  # which samples: for the spike log
-        return batch
-
-    w = state.window
-    own_norm = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
-    last_rec: dict[str, Any] = {}
-    window_stats = torch.zeros(2, dtype=torch.float64, device=device)  # tokens, padded tokens (timing only)
-    t_window, steps_window, job_steps, job_tokens = time.time(), 0, 0, 0
-    t_loop = t_window
-    last_val: dict[str, float] = {}
-    status, code, last_ckpt = "finished", 0, None
+    if env.is_main:
+        print_startup(cfg, model.config, model.num_parameters(), info, env, device, threads, stage, opt_desc,
+                      engine.gradient_accumulation_steps(), state.step, run_dir)  # fmt: skip
     # Who skips a non-finite step: DeepSpeed's wrappers check for overflow (fp16 loss scaler, bf16 optimizer,
     # ZeRO 1-2, where fp32 has the check off: turn it on); a plain client optimizer (ZeRO-0, fp32) is skipped here.
-    skip_nonfinite = engine.optimizer is client_opt and client_opt is not None
     if hasattr(engine.optimizer, "check_grad_overflow"):
         engine.optimizer.check_grad_overflow = True
-    history: deque[float] = deque(maxlen=SPIKE_HISTORY)
+    return Run(
+        cfg=cfg,
+        cfg_dict=cfg_dict,
+        env=env,
+        device=device,
+        run_dir=run_dir,
+        engine=engine,
+        scheduler=scheduler,
+        sampler=sampler,
+        loader=loader,
+        val_loader=val_loader,
+        logger=MetricsLogger(cfg, run_dir, env.is_main, wandb_id, cfg_dict, state.step, t.max_steps),
+        info=info,
+        model_kw=model_kw,
+        opt_desc=opt_desc,
+        resume_tag=resume_tag,
+        state=state,
+        skip_nonfinite=engine.optimizer is client_opt and client_opt is not None,
+        own_norm=engine.zero_optimization_stage() == 0 and t.precision == "fp32",
+        flops_per_token=model.flops_per_token(t.max_seq_length),
+        peak_tflops=peak_tflops(t.peak_tflops, device),
+    )
 
-    def log_spike(step: int, loss: float, mean: float) -> None:
-        """Every rank's sample indices of this step (global indices into the split: ``data_prep.inspect``)."""
-        b = t.micro_batch_size
-        mine = [i for e, k in positions for i in sampler.rank_order(e)[k * b : (k + 1) * b].tolist()]
-        samples = sorted(i for ids in gather(mine) for i in ids)
-        logger.log(
-            {
-                "kind": "spike",
-                "step": step,
-                "loss": loss,
-                "running_mean": mean,
-                "epoch": state.epoch,
-                "samples": samples,
-            }
+
+def after_step(run: Run, loop: LoopState, stats: torch.Tensor, nonfinite: bool, batches: Batches) -> bool:
+    """Book a finished step: skipped steps and non-finite streaks, loss spikes. True: stop the run now."""
+    state, t, engine = run.state, run.cfg.trainer, run.engine
+    if nonfinite and engine.was_step_applied() and not run.skip_nonfinite:
+        why = "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded"
+        loop.status, loop.code = nonfinite_stop(state.step, why, run.ckpt_root, run.main)
+        return True
+    if nonfinite or not engine.was_step_applied():  # skipped: weights and optimizer state unchanged
+        state.skipped += 1
+        state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
+        reason = "non-finite loss" if nonfinite else "fp16 overflow"
+        scale = _scalar(getattr(engine.optimizer, "cur_scale", 1.0))
+        run.logger.log(
+            {"kind": "skipped", "step": state.step, "skipped": state.skipped, "reason": reason, "loss_scale": scale}
         )
-        if main:
-            print(
-                f"loss spike at step {step}: {loss:.4f} vs running mean {mean:.4f}; samples {samples[:8]}"
-                f"{' ...' if len(samples) > 8 else ''} (all in metrics.jsonl)",
-                flush=True,
-            )
+        if nonfinite and state.nonfinite_streak >= max(1, t.max_nonfinite_steps):
+            why = f"{state.nonfinite_streak} step(s) in a row (trainer.max_nonfinite_steps)"
+            loop.status, loop.code = nonfinite_stop(state.step, why, run.ckpt_root, run.main)
+            return True
+        return False
+    state.nonfinite_streak = 0
+    step_loss = float(stats[6]) / (engine.gradient_accumulation_steps() * run.env.world_size)
+    mean = float(np.mean(loop.history)) if loop.history else 0.0
+    if t.loss_spike_factor and len(loop.history) >= 10 and step_loss > t.loss_spike_factor * mean:
+        log_spike(run, state.step, step_loss, mean, batches)
+    else:
+        loop.history.append(step_loss)
+    return False
 
-    while state.step < t.max_steps:
-        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
-        positions.clear()
-        stats, nonfinite = train_step(engine, next_batch, accum, device, log_now and own_norm, skip_nonfinite)
-        state.step += 1
-        job_steps += 1
-        steps_window += 1
-        window_stats += stats[3:5]
-        if nonfinite and engine.was_step_applied() and not skip_nonfinite:
-            status, code = nonfinite_stop(
-                state.step,
-                "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded",
-                ckpt_root,
-                main,
-            )
-            break
-        if nonfinite or not engine.was_step_applied():  # skipped: weights and optimizer state unchanged
-            state.skipped += 1
-            state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
-            logger.log(
-                {
-                    "kind": "skipped",
-                    "step": state.step,
-                    "skipped": state.skipped,
-                    "reason": "non-finite loss" if nonfinite else "fp16 overflow",
-                    "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
-                }
-            )
-            if nonfinite and state.nonfinite_streak >= max(1, t.max_nonfinite_steps):
-                status, code = nonfinite_stop(
-                    state.step,
-                    f"{state.nonfinite_streak} step(s) in a row (trainer.max_nonfinite_steps)",
-                    ckpt_root,
-                    main,
-                )
-                break
-        else:
-            state.nonfinite_streak = 0
-            for i, k in enumerate(("loss", "mlm", "nsp")):
-                w[k] += float(stats[i])
-            w["micro"] += accum
-            step_loss = float(stats[6]) / (accum * env.world_size)
-            if t.loss_spike_factor and len(history) >= 10 and step_loss > t.loss_spike_factor * np.mean(history):
-                log_spike(state.step, step_loss, float(np.mean(history)))
-            else:
-                history.append(step_loss)
-        state.sequences += t.global_batch_size
-        logger.advance()
-        if log_now:
-            sums = D.all_reduce(
-                torch.tensor([w["loss"], w["mlm"], w["nsp"], w["micro"]], dtype=torch.float64, device=device)
-            ).tolist()
-            toks = D.all_reduce(window_stats.clone()).tolist()
-            state.tokens += int(toks[0])
-            job_tokens += int(toks[0])
-            dt = max(time.time() - t_window, 1e-9)
-            rec = {
-                "kind": "train",
-                "step": state.step,
-                "epoch": state.epoch,
-                "loss": sums[0] / max(sums[3], 1),
-                "mlm_loss": sums[1] / max(sums[3], 1),
-                "nsp_loss": sums[2] / max(sums[3], 1) if info.nsp and model.config.nsp else None,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(stats[5]) if own_norm else _scalar(engine.get_global_grad_norm()),
-                "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
-                "sequences_per_s": steps_window * t.global_batch_size / dt,
-                "tokens_per_s": toks[0] / dt,
-                "mfu": flops * toks[1] / dt / (peak * 1e12 * env.world_size) if peak else None,
-                "memory_gb": memory_gb(device),
-                "tokens": state.tokens,
-            }
-            if sums[3]:  # a window of skipped steps only has no loss to report
-                logger.log(rec)
-                last_rec = rec
-            state.window = w = {k: 0.0 for k in w}
-            window_stats.zero_()
-            t_window, steps_window = time.time(), 0
-        if val_loader is not None and (t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps):
-            last_val = evaluate(engine, val_loader, t.eval_batches, device)
-            logger.log({"kind": "eval", "step": state.step, **last_val})
-        over_time = t.max_time_minutes is not None and (time.time() - t_start) / 60 > t.max_time_minutes
-        preempted = stop.agreed(over_time, device)
-        stopping = t.stop_at_step is not None and state.step >= t.stop_at_step and state.step < t.max_steps
-        if (
-            (t.checkpoint_every and state.step % t.checkpoint_every == 0)
-            or state.step == t.max_steps
-            or preempted
-            or stopping
-        ):
-            last_ckpt = save(engine, ckpt_root, state_dict(state, sampler, cfg_dict, logger.wandb_id), t.keep_last)
-        if preempted:
-            reason = stop.signal_name or ("time limit" if over_time else "signal on another rank")
-            status, code = f"preempted ({reason}) at step {state.step}: resume=auto continues", D.PREEMPTED_EXIT_CODE
-            break
-        if stopping:
-            status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
-            break
-    hf_dir = None
-    if state.step >= t.max_steps and code == 0:
-        hf_dir = run_dir / "hf"
-        stage = engine.zero_optimization_stage()
-        if stage == 0 and t.precision == "fp32":
-            sd = engine.module.state_dict() if main else None
-        else:
-            sd = fp32_weights(last_ckpt or resume_tag) if main else None
-        if main:
-            from pretrain.model import BertConfig, BertForPreTraining
 
-            export = BertForPreTraining(BertConfig(**model_kw))
-            missing, unexpected = export.load_state_dict(sd, strict=False)
-            missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
-            if missing or unexpected:
-                raise RuntimeError(f"HF export: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
-            export_hf(export, cfg.data.dir, hf_dir)
-        D.barrier()
-    seconds, loop_s = time.time() - t_start, max(time.time() - t_loop, 1e-9)
-    summary = {
-        "run_name": cfg.run_name,
-        "status": status,
+def log_spike(run: Run, step: int, loss: float, mean: float, batches: Batches) -> None:
+    """Every rank's sample indices of this step (global indices into the split: ``data_prep.inspect``)."""
+    samples = sorted(i for ids in gather(batches.samples(run.cfg.trainer.micro_batch_size)) for i in ids)
+    rec = {"kind": "spike", "step": step, "loss": loss, "running_mean": mean, "epoch": run.state.epoch}
+    run.logger.log({**rec, "samples": samples})
+    if run.main:
+        more = " ..." if len(samples) > 8 else ""
+        print(
+            f"loss spike at step {step}: {loss:.4f} vs running mean {mean:.4f}; samples {samples[:8]}{more} "
+            "(all in metrics.jsonl)",
+            flush=True,
+        )
+
+
+def log_window(run: Run, loop: LoopState, window: LogWindow, stats: torch.Tensor) -> None:
+    """Close the log window: one ``train`` record (metrics.jsonl, W&B, the bar or a plain line)."""
+    state, t, engine = run.state, run.cfg.trainer, run.engine
+    rec, tokens, _ = window.close(D.all_reduce, t.global_batch_size)
+    state.tokens += tokens
+    loop.job_tokens += tokens
+    padded = rec.pop("padded_tokens_per_s")
+    if rec["loss"] is None:  # a window of skipped steps only has no loss to report
+        return
+    peak = run.peak_tflops
+    rec = {
+        "kind": "train",
+        "step": state.step,
+        "epoch": state.epoch,
+        **rec,
+        "nsp_loss": rec["nsp_loss"] if run.info.nsp and run.model_kw.get("nsp", True) else None,
+        "lr": run.scheduler.get_last_lr()[0],
+        "grad_norm": float(stats[5]) if run.own_norm else _scalar(engine.get_global_grad_norm()),
+        "loss_scale": _scalar(getattr(engine.optimizer, "cur_scale", 1.0)),
+        "mfu": run.flops_per_token * padded / (peak * 1e12 * run.env.world_size) if peak else None,
+        "memory_gb": memory_gb(run.device),
+        "tokens": state.tokens,
+    }
+    run.logger.log(rec)
+    loop.last_rec = rec
+
+
+def summarize(run: Run, loop: LoopState, hf_dir: Path | None, t_loop: float) -> dict[str, Any]:
+    t, state = run.cfg.trainer, run.state
+    loop_s = max(time.time() - t_loop, 1e-9)
+    return {
+        "run_name": run.cfg.run_name,
+        "status": loop.status,
         "step": state.step,
         "max_steps": t.max_steps,
         "sequences": state.sequences,
         "tokens": state.tokens,
-        "seconds": seconds,
-        "sequences_per_s": job_steps * t.global_batch_size / loop_s,
-        "tokens_per_s": job_tokens / loop_s,
-        "mfu": last_rec.get("mfu"),
-        "train_loss": last_rec.get("loss"),
-        "optimizer": opt_desc,
-        "zero_stage": engine.zero_optimization_stage(),
+        "seconds": time.time() - loop.t_start,
+        "sequences_per_s": loop.job_steps * t.global_batch_size / loop_s,
+        "tokens_per_s": loop.job_tokens / loop_s,
+        "mfu": loop.last_rec.get("mfu"),
+        "train_loss": loop.last_rec.get("loss"),
+        "optimizer": run.opt_desc,
+        "zero_stage": run.engine.zero_optimization_stage(),
         "precision": t.precision,
-        "world_size": env.world_size,
-        "run_dir": str(run_dir),
-        "checkpoint": str(last_ckpt) if last_ckpt else None,
+        "world_size": run.env.world_size,
+        "run_dir": str(run.run_dir),
+        "checkpoint": str(loop.last_ckpt) if loop.last_ckpt else None,
         "hf_dir": str(hf_dir) if hf_dir else None,
-        "wandb_dir": logger.wandb.dir if logger.wandb is not None else None,
-        **last_val,
+        "wandb_dir": run.logger.wandb.dir if run.logger.wandb is not None else None,
+        **loop.last_val,
     }
-    logger.close(summary)
-    if main:
+
+
+def finished_before(cfg: Any, env: Any) -> bool:
+    """The same command again after the run finished: say what it left (no process group, no new W&B run)."""
+    done = find_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "auto" else None
+    exported = (Path(cfg.run_dir) / "hf" / "model.safetensors").is_file()  # else the resume exports it
+    if done is None or checkpoint_step(done) < cfg.trainer.max_steps or not exported:
+        return False
+    if env.is_main:
+        print_complete(Path(cfg.run_dir).resolve(), done, checkpoint_step(done), cfg.trainer.max_steps)
+    return True
+
+
+def save_or_stop(run: Run, loop: LoopState, stop: D.StopFlag) -> bool:
+    """Checkpoint when due, on preemption (a signal, or the time limit on any rank) and at ``stop_at_step``.
+    True: leave the loop."""
+    t, state = run.cfg.trainer, run.state
+    over_time = t.max_time_minutes is not None and (time.time() - loop.t_start) / 60 > t.max_time_minutes
+    preempted = stop.agreed(over_time, run.device)  # every rank takes the same decision
+    stopping = t.stop_at_step is not None and t.stop_at_step <= state.step < t.max_steps
+    due = t.checkpoint_every and state.step % t.checkpoint_every == 0 or state.step == t.max_steps
+    if due or preempted or stopping:
+        client = state_dict(state, run.sampler, run.cfg_dict, run.logger.wandb_id)
+        loop.last_ckpt = save(run.engine, run.ckpt_root, client, t.keep_last)
+    if preempted:
+        reason = stop.signal_name or ("time limit" if over_time else "signal on another rank")
+        loop.status = f"preempted ({reason}) at step {state.step}: resume=auto continues"
+        loop.code = D.PREEMPTED_EXIT_CODE
+    elif stopping:
+        loop.status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
+    return bool(preempted or stopping)
+
+
+def train(cfg: Any, cfg_dict: dict) -> int:
+    """Run (or resume) a pretraining job from a composed Hydra config; return the process exit code."""
+    t, loop = cfg.trainer, LoopState()
+    stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
+    env = D.detect_env()
+    if finished_before(cfg, env):
+        return 0
+    run = setup(cfg, cfg_dict, env)  # resumes from the newest complete checkpoint
+    state, engine, accum = run.state, run.engine, run.engine.gradient_accumulation_steps()
+    batches, window = Batches(run.loader, run.sampler, run.device), LogWindow(state.window, run.device)
+    t_loop = time.time()
+    while state.step < t.max_steps:
+        log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
+        batches.positions.clear()
+        stats, nonfinite = train_step(engine, batches, accum, run.device, log_now and run.own_norm, run.skip_nonfinite)
+        state.step, state.epoch, loop.job_steps = state.step + 1, run.sampler.epoch, loop.job_steps + 1
+        window.add(stats, accum, applied=engine.was_step_applied() and not nonfinite)
+        if after_step(run, loop, stats, nonfinite, batches):
+            break
+        state.sequences += t.global_batch_size
+        run.logger.advance()
+        if log_now:
+            log_window(run, loop, window, stats)
+        if run.val_loader is not None and (
+            t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps
+        ):
+            loop.last_val = evaluate(engine, run.val_loader, t.eval_batches, run.device)
+            run.logger.log({"kind": "eval", "step": state.step, **loop.last_val})
+        if save_or_stop(run, loop, stop):
+            break
+    hf_dir = None
+    if state.step >= t.max_steps and loop.code == 0:
+        fp32_module = engine.zero_optimization_stage() == 0 and t.precision == "fp32"
+        tag = loop.last_ckpt or run.resume_tag
+        hf_dir = export(engine, run.model_kw, tag, cfg.data.dir, run.run_dir / "hf", fp32_module)
+    summary = summarize(run, loop, hf_dir, t_loop)
+    run.logger.close(summary)
+    if run.main:
         print_summary(summary)
     D.shutdown()
-    return code
+    return loop.code

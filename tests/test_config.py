@@ -99,6 +99,10 @@ def test_run_name_deterministic_and_safe():
     assert a == _run_slug("x", "data.dir=/data/wiki,model=bert-base") and "/" not in a
     long = _run_slug("x", "data.dir=/" + "a" * 200)
     assert len(long) < 100 and long != _run_slug("x", "data.dir=/" + "b" * 200)
+    # readable: the overrides that change the result, without paths, "=" or commas
+    assert a == "x-wiki-bert-base"
+    betas = "optim.betas=[0.9,0.98],optim.lr=0.002,trainer.max_steps=20"
+    assert _run_slug("tiny-cpu", betas) == "tiny-cpu-betas_0.9_0.98-lr0.002-max_steps20"
 
 
 def test_hydra_run_dir_is_not_a_timestamp():
@@ -109,3 +113,79 @@ def test_hydra_run_dir_is_not_a_timestamp():
     assert hydra["run"]["dir"] == "." and hydra["output_subdir"] is None
     assert "resume" in hydra["job"]["config"]["override_dirname"]["exclude_keys"]
     assert OmegaConf.to_container(cfg, resolve=False)["run_dir"] == "runs/${run_name}"
+
+
+def test_optimizer_section_follows_the_same_precedence(tmp_path):
+    """The optimizer section DeepSpeed builds from goes through build_ds_config like every other value: the raw
+    JSON wins over optim.*, with a warning naming each contradiction."""
+    ours = {"type": "Lamb", "params": {"lr": 0.006, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
+    cfg = _compose("optim=lamb")
+    assert build_ds_config(cfg, 1, ours)["optimizer"] == ours
+    raw = tmp_path / "ds.json"
+    raw.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 0.002}}}))
+    cfg = _compose("optim=lamb", f"deepspeed.config_file={raw}")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = build_ds_config(cfg, 1, ours)
+    assert ds["optimizer"]["params"]["lr"] == 0.002 and ds["optimizer"]["params"]["eps"] == 1e-6
+    assert "optimizer.params.lr=0.002 (Hydra config: 0.006)" in " ".join(str(w.message) for w in caught)
+
+
+def test_group_yamls_hold_only_what_differs_from_the_schema():
+    """Each conf/<group>/<choice>.yaml keeps only the values that differ from the dataclass defaults (model: from
+    BertConfig's, with vocab_size taken from the data): one source of truth per value."""
+    from pretrain.config import Config
+
+    schema = OmegaConf.structured(Config)
+
+    def same(node: dict, base: dict, key: str) -> list[str]:
+        out = []
+        for k, v in node.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                out += same(v, base[k], f"{key}.{k}")
+            elif k in base and base[k] == v:
+                out.append(f"{key}.{k}={v!r}")
+        return out
+
+    restated = [
+        f"{path.relative_to(CONF)}: {x}"
+        for path in sorted(CONF.glob("*/*.yaml"))
+        if path.parent.name != "experiment"
+        for x in same(
+            OmegaConf.to_container(OmegaConf.load(path)) or {},
+            OmegaConf.to_container(schema[path.parent.name]),
+            path.parent.name,
+        )
+    ]
+    assert not restated, restated
+
+
+def test_prepare_data_help_lists_its_own_options_only():
+    import subprocess
+    import sys
+    from dataclasses import fields
+
+    from data_prep.config import PrepareConfig
+
+    script = CONF.parent / "launch" / "prepare_data.py"
+    r = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    for f in fields(PrepareConfig):
+        assert f"\n  {f.name}=" in r.stdout, f.name
+    assert "output_dir=data/out" in r.stdout and "Hidden dropout" not in r.stdout
+    assert "Config groups" not in r.stdout and "trainer:" not in r.stdout and "deepspeed" not in r.stdout
+
+
+def test_every_schema_field_has_a_docstring():
+    from data_prep.config import PrepareConfig
+    from pretrain import config as C
+    from pretrain.cli import field_docs
+    from pretrain.masking import MaskingConfig
+    from pretrain.model import BertConfig
+
+    schemas = [C.Config, C.DataConfig, C.OptimConfig, C.SchedulerConfig, C.DeepSpeedSection, C.TrainerConfig]
+    schemas += [C.LoggerConfig, PrepareConfig, MaskingConfig, BertConfig]
+    from dataclasses import fields
+
+    missing = [f"{s.__name__}.{f.name}" for s in schemas for f in fields(s) if f.name not in field_docs(s)]
+    assert not missing, missing

@@ -244,7 +244,7 @@ def test_rerun_after_the_shards_were_written_reports_the_same_counts(tmp_path):
     from tests.test_pairs import MemCorpus, build
 
     # One long document per split: its sentences longer than a sample make chunks without a NotNext partner.
-    corpus = MemCorpus([[70, 5, 5, 70, 70, 5, 5, 5] * 6, [70, 5, 5, 70, 5] * 4], seed=1)
+    corpus = MemCorpus([[70, 5, 5, 70, 70, 5, 5, 5] * 6 + [70, 5, 5, 70, 5] * 4], seed=1)  # one document
     first, report = build(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
     assert report.counts["chunks_without_pair"] > 0 and len(first["splits"]["train"]["shards"]) >= 1
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "train").iterdir()}

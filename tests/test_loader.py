@@ -283,23 +283,26 @@ def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loader, sampler = build_dataloader(root, "train", 16, seed=0)
     losses: list[float] = []
-    while len(losses) < 150:  # ~1 s a step on a shared 2-core CPU
+    while len(losses) < 250:  # ~1 s a step on a shared 2-core CPU
         for batch in loader:
-            loss = model(
+            out = model(
                 batch["input_ids"],
                 batch["token_type_ids"],
                 batch["attention_mask"],
                 labels=batch["labels"],
                 next_sentence_label=batch.get("next_sentence_label"),
-            ).loss
+            )
+            loss = out.loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             sampler.advance()
-            losses.append(loss.item())
-            if len(losses) == 150:
+            losses.append(out.mlm_loss.item())
+            if len(losses) == 250:
                 break
-    # From ~ln(V) to well below: the model learns what the labels hold. A floor catches degenerate labels
-    # (e.g. every label [MASK]), which a model would learn to near-zero loss.
+    # MLM loss from ~ln(V) to well below: the model learns what the labels hold. A floor catches degenerate labels
+    # (e.g. every label [MASK]), which a model would learn to near-zero loss. (The total loss fell faster while
+    # NotNext pairs were mostly short one-sentence rows on books, a shortcut that per-chunk targets removed: NSP
+    # now starts at chance, so the MLM part is what this measures.)
     first, last = np.mean(losses[:5]), np.mean(losses[-20:])
-    assert 1.0 < last < 0.8 * first, (losses[:5], losses[-20:])
+    assert 1.0 < last < 0.85 * first, (losses[:5], losses[-20:])

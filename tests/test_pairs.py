@@ -24,16 +24,14 @@ CLS, SEP = SPECIAL_BASE + 2, SPECIAL_BASE + 3
 class MemCorpus:
     """A tiny token store over numpy arrays; calling it returns itself (the picklable opener workers use)."""
 
-    def __init__(self, docs: list[list[int]], seed: int = 0, ends: bool = False):
+    def __init__(self, docs: list[list[int]], seed: int = 0):
         lens = [n for doc in docs for n in doc]
         pos = np.arange(sum(lens), dtype=np.int64)
         self.tokens = np.where(pos < SPECIAL_BASE, pos, pos + 5)  # unique ids around the specials
         self.num_docs = len(docs)
         self.sent_bounds = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
         self.doc_bounds = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int64)
-        # TokenStore-style END offsets, or boundaries with a leading 0: pairs.py must take both
-        self.doc_offsets = self.doc_bounds[1:] if ends else self.doc_bounds
-        self.sentence_offsets = self.sent_bounds[1:] if ends else self.sent_bounds
+        self.doc_offsets, self.sentence_offsets = self.doc_bounds, self.sent_bounds  # n + 1 boundaries, as TokenStore
         self.vocab_size = int(self.tokens.max(initial=SPECIAL_BASE + 4)) + 1
 
     def __call__(self) -> MemCorpus:
@@ -197,7 +195,7 @@ def test_roberta_packs_every_token_once_with_sep_between_documents(tmp_path):
     docs = random_docs(120, seed=1, sents=(1, 30), lens=(1, 40))
     docs[7][0] = 150  # sentences longer than a sample are split into pieces
     docs[50] = [62, 62]
-    corpus = MemCorpus(docs, ends=True)
+    corpus = MemCorpus(docs)
     result, _ = build(tmp_path, corpus, nsp=False, samples_per_shard=40, num_workers=2)
     seen = []
     for split in ("train", "validation"):

@@ -10,7 +10,7 @@ import re
 import pytest
 
 from data_prep.config import PrepareConfig
-from data_prep.readers import InputSpec, expand_units, iter_raw_documents, looks_like_sentence_per_line, parse_input
+from data_prep.readers import InputSpec, expand_units, iter_unit_documents, looks_like_sentence_per_line, parse_input
 from data_prep.report import DataPrepError, Report
 from data_prep.sentences import RawDoc, clean_book, clean_document, clean_wikitext, split_sentences
 
@@ -20,7 +20,8 @@ WIKI = "wikipedia/enwiki-sample-pages-articles.xml.bz2"
 def read(spec, **overrides):
     report = Report(strict=overrides.pop("strict", False))
     hf_loader = overrides.pop("hf", None)
-    docs = list(iter_raw_documents(spec, PrepareConfig(**overrides), report, hf_loader=hf_loader))
+    cfg = PrepareConfig(**overrides)
+    docs = [d for u in expand_units(spec) for d in iter_unit_documents(u, cfg, report, hf_loader)]
     return docs, report
 
 

@@ -66,7 +66,8 @@ def make_data(out: Path, nsp: bool = True, n_train: int = 96, n_val: int = 24, m
             rows.append([off, len(ids), a_len, i % 2 if nsp else -1, i, i if nsp else -1])
             toks += ids
             off += len(ids)
-        write_shard(out / split, "shard-00000", np.array(toks, dtype=np.uint16), np.array(rows, dtype=np.int64))
+        index = np.array(rows, dtype=np.int64).reshape(-1, 6)
+        write_shard(out / split, "shard-00000", np.array(toks, dtype=np.uint16), index)
     manifest = {"vocab_size": len(VOCAB), "nsp": nsp, "max_seq_length": max_len, "mode": "bert" if nsp else "roberta"}
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
@@ -220,6 +221,19 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
     assert any("NSP labels are ignored" in str(w.message) for w in caught)
 
 
+def test_empty_validation_split_is_an_error_unless_validation_is_off(tmp_path):
+    """An empty validation split would train without a single validation number: one line naming it, unless
+    validation is off (trainer.eval_batches=0, or data prepared with validation_fraction=0)."""
+    data = make_data(tmp_path / "noval", n_val=0)
+    with pytest.raises(UserError, match=r"noval/validation: no validation samples; .*trainer.eval_batches=0"):
+        preflight(_cfg(f"data.dir={data}"), 1)
+    info, _ = preflight(_cfg(f"data.dir={data}", "trainer.eval_batches=0"), 1)
+    assert not info.has_validation
+    manifest = json.loads((data / "manifest.json").read_text())
+    (data / "manifest.json").write_text(json.dumps({**manifest, "config": {"validation_fraction": 0.0}}))
+    assert not preflight(_cfg(f"data.dir={data}"), 1)[0].has_validation
+
+
 def _env() -> dict[str, str]:
     env = {
         k: v
@@ -320,6 +334,31 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
         cwd=ROOT,
     )
     assert r.returncode == 0 and "threads per rank: 1 (OMP_NUM_THREADS)" in r.stdout, r.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
+    """Two ranks: rank 0 prints one start-up block (model, data, ranks, engine, batch, plan, run dir); DeepSpeed's
+    per-rank notes stay silent unless verbose=true; no shared-memory all-reduce buffer outlives the run."""
+    port = _port()
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), LAUNCH]
+    args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
+    r = subprocess.run([*cmd, f"run_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, env=_env(),
+                       timeout=400, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = r.stdout
+    assert out.count("  model        BERT, ") == 1 and "vocab 72, MLM + NSP heads" in out
+    assert "  data         " in out and "train 96 samples" in out and "validation 24" in out
+    assert "2 via deepspeed" in out and "ZeRO stage 0, fp32" in out
+    assert "16 sequences per step = 8 micro x 1 accumulation x 2 rank(s); up to 2,048 tokens per step" in out
+    assert "step 0 -> 2" in out and f"run dir      {tmp_path / 'run'}" in out
+    ranks = [x for x in (out + r.stderr).splitlines() if "runner.py" not in x and "launch.py" not in x]  # launcher
+    for chatter in ("Setting accelerator to CPU", "built successfully", "gcc ", "[INFO]", "[WARNING]"):
+        assert not any(chatter in x for x in ranks), chatter
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+    r = subprocess.run([*cmd, f"run_dir={tmp_path / 'verbose'}", *args, "verbose=true"], capture_output=True,
+                       text=True, env=_env(), timeout=400, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0 and "built successfully" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
 def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path):
