@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 import numpy as np  # noqa: E402
 
-from data_prep.store import INDEX_COLUMNS, token_dtype, write_shard  # noqa: E402
+from data_prep.store import A_LEN, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard  # noqa: E402
 from pretrain.data import build_dataloader  # noqa: E402
 from pretrain.masking import MaskingConfig  # noqa: E402
 
@@ -38,11 +38,12 @@ def synthetic(root: Path, seq: int, samples: int, vocab_size: int = 30522, seed:
     a_len = np.maximum(2, (lengths * rng.uniform(0.2, 0.8, samples)).astype(np.int64))
     tokens[offsets], tokens[offsets + a_len - 1], tokens[offsets + lengths - 1] = 2, 3, 3
     index = np.zeros((samples, len(INDEX_COLUMNS)), dtype=np.int64)
-    index[:, 0], index[:, 1], index[:, 2], index[:, 3] = offsets, lengths, a_len, rng.integers(0, 2, samples)
+    index[:, OFFSET], index[:, LENGTH], index[:, A_LEN] = offsets, lengths, a_len
+    index[:, NSP_LABEL] = rng.integers(0, 2, samples)
     half = samples // 2  # two shards, so batches cross shard boundaries
     write_shard(root / "train", "shard-00000", tokens[: offsets[half]], index[:half])
     rest = index[half:].copy()
-    rest[:, 0] -= offsets[half]
+    rest[:, OFFSET] -= offsets[half]
     write_shard(root / "train", "shard-00001", tokens[offsets[half] :], rest)
     return root
 

@@ -38,10 +38,12 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import store
+from data_prep.atomic import write_json
 from data_prep.config import PrepareConfig, task_dir
 from data_prep.procs import die_with_parent
 from data_prep.report import DataPrepError, Report
 from data_prep.store import LENGTH, NSP_LABEL, sha256_file, shard_complete, shard_name, token_dtype, write_shard
+from data_prep.vocab import read_vocab, special_ids
 
 log = logging.getLogger("data_prep")
 
@@ -424,7 +426,7 @@ def _build_task(task: tuple[int, int, int, int]) -> tuple[int, int, dict, dict]:
         entry = write_shard(split_dir, name, *b.finish((w.p.seed, split_id, shard, 1 << 20)))
         done = {"entry": entry, "dropped": b.dropped, "short_target": b.short}  # known only while building
         record.parent.mkdir(parents=True, exist_ok=True)
-        _write_json(record, done)
+        write_json(record, done, indent=1)
     entry = done["entry"]
     index = np.load(split_dir / f"{name}.index.npy", mmap_mode="r")
     stats = {
@@ -453,10 +455,8 @@ def _special_ids(out: Path, cfg: PrepareConfig) -> tuple[int, int, int, str]:
         path = Path(cfg.vocab)
     if not path.exists():
         raise DataPrepError(f"{out / 'vocab.txt'}: vocabulary not found; run stage=vocab first (or stage=all)")
-    tokens = path.read_text(encoding="utf-8").removesuffix("\n").split("\n")  # not splitlines: \x85 is a token
-    ids = {t: i for i, t in enumerate(tokens)}
-    if "[CLS]" not in ids or "[SEP]" not in ids:
-        raise DataPrepError(f"{path}: [CLS] or [SEP] missing; use a BERT vocab.txt")
+    tokens = read_vocab(path)
+    ids = special_ids(tokens, path)
     return ids["[CLS]"], ids["[SEP]"], len(tokens), sha256_file(path)
 
 
@@ -483,13 +483,7 @@ def _check_fingerprint(out: Path, fingerprint: dict) -> None:
         stale = [p for split in SPLITS for p in (out / split).glob("shard-*.npy*")]
         for p in [*stale, *(out / RECORDS_DIR).glob("*.json")]:
             p.unlink()  # shards of other settings (or of unknown ones): never mix them with this run's
-    _write_json(path, {"fingerprint": fingerprint})
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, {"fingerprint": fingerprint}, indent=1)
 
 
 def run_shards(cfg: PrepareConfig, report: Report, open_corpus: Callable[[], Corpus] | None = None) -> dict:
@@ -629,5 +623,5 @@ def _summarize(
         "mode": "bert" if cfg.nsp else "roberta",
         "holdout": w.holdout,
     }
-    _write_json(out / FINGERPRINT_FILE, {"fingerprint": fingerprint, "result": result})
+    write_json(out / FINGERPRINT_FILE, {"fingerprint": fingerprint, "result": result}, indent=1)
     return result

@@ -19,14 +19,15 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+from data_prep.atomic import write_json
 from data_prep.config import PrepareConfig, task_dir
+from data_prep.manifest import MANIFEST_FILE, MANIFEST_VERSION, Manifest, read_manifest, write_manifest
 from data_prep.report import DISK_ERRNOS, DataPrepError, Report
 from data_prep.store import shard_name
 
 log = logging.getLogger("data_prep")
 
 STAGES = ("read", "vocab", "tokenize", "shards")
-MANIFEST_VERSION = 1
 TOOLS = ("tokenizers", "numpy", "blingfire", "mwparserfromhell", "datasets", "pyarrow", "bert-pretrain")
 
 
@@ -70,9 +71,7 @@ def _state_path(out: Path, stage: str) -> Path:
 def _save_state(out: Path, stage: str, state: dict) -> None:
     path = _state_path(out, stage)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, state, indent=1)
 
 
 def _load_state(out: Path, stage: str) -> dict:
@@ -135,15 +134,9 @@ def _prepare(cfg: PrepareConfig) -> dict:
     if "shards" not in stages:
         return states
     manifest = build_manifest(cfg, out)
-    write_json_atomic(out / "manifest.json", manifest)
+    write_manifest(out, manifest)  # last: its presence says the shards are complete
     print_summary(manifest, out)
-    return manifest
-
-
-def write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    return manifest.to_dict()
 
 
 def _versions() -> dict:
@@ -156,7 +149,7 @@ def _versions() -> dict:
     return versions
 
 
-def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
+def build_manifest(cfg: PrepareConfig, out: Path) -> Manifest:
     states = {stage: _load_state(out, stage) for stage in STAGES}
     report = Report()
     for state in states.values():
@@ -165,52 +158,56 @@ def build_manifest(cfg: PrepareConfig, out: Path) -> dict:
     splits = shards["splits"]
     text_bytes = report.counts.get("characters", 0)  # uncompressed text, comparable across .gz/.bz2/plain
     seconds = {stage: round(state["seconds"], 3) for stage, state in states.items()}
-    return {
-        "format": "bert-pretrain-shards",
-        "format_version": MANIFEST_VERSION,
-        "mode": "bert" if cfg.nsp else "roberta",
-        "nsp": cfg.nsp,
-        "max_seq_length": cfg.max_seq_length,
-        "vocab_size": vocab["vocab_size"],
-        "vocab_sha256": vocab["vocab_sha256"],
-        "vocab_trained": vocab["trained"],
-        "lowercase": vocab["lowercase"],
-        "special_tokens": vocab["special_tokens"],
-        "inputs": states["read"]["result"]["inputs"],
-        "config": dataclasses.asdict(cfg),
-        "counts": report.to_dict()["counts"],
-        "skipped": report.to_dict()["skipped"],
-        "warnings": report.warnings,
-        "splits": splits,
-        "holdout": shards.get("holdout", "documents"),
-        "stage_seconds": seconds,
-        "throughput_mchars_per_s": round(text_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
-        "versions": _versions(),
-    }
+    return Manifest(
+        format_version=MANIFEST_VERSION,
+        mode="bert" if cfg.nsp else "roberta",
+        nsp=cfg.nsp,
+        max_seq_length=cfg.max_seq_length,
+        vocab_size=vocab["vocab_size"],
+        vocab_sha256=vocab["vocab_sha256"],
+        vocab_trained=vocab["trained"],
+        lowercase=vocab["lowercase"],
+        special_tokens=vocab["special_tokens"],
+        inputs=states["read"]["result"]["inputs"],
+        config=dataclasses.asdict(cfg),
+        counts=report.to_dict()["counts"],
+        skipped=report.to_dict()["skipped"],
+        warnings=report.warnings,
+        splits=splits,
+        holdout=shards.get("holdout", "documents"),
+        stage_seconds=seconds,
+        throughput_mchars_per_s=round(text_bytes / 1e6 / max(sum(seconds.values()), 1e-9), 3),
+        versions=_versions(),
+    )
 
 
 def merge(cfg: PrepareConfig) -> dict:
     """Join the outputs of ``num_tasks`` array tasks into ``output_dir`` (shards hard-linked, renumbered)."""
     root = Path(cfg.output_dir)
-    manifests = []
+    manifests: list[Manifest] = []
     for i in range(cfg.num_tasks):
-        path = root / "tasks" / f"task-{i:05d}" / "manifest.json"
-        if not path.exists():
-            raise DataPrepError(f"{path}: task {i} of {cfg.num_tasks} has not finished; rerun it, then stage=merge")
-        manifests.append(json.loads(path.read_text()))
+        manifest = read_manifest(root / "tasks" / f"task-{i:05d}")
+        if manifest is None:
+            raise DataPrepError(
+                f"{root / 'tasks' / f'task-{i:05d}' / MANIFEST_FILE}: task {i} of {cfg.num_tasks} has not finished; "
+                "rerun it, then stage=merge"
+            )
+        manifests.append(manifest)
     first = manifests[0]
     for i, m in enumerate(manifests):
         for key in ("vocab_sha256", "max_seq_length", "nsp"):
-            if m[key] != first[key]:
-                raise DataPrepError(f"task {i}: {key}={m[key]} differs from task 0 ({first[key]}); rerun them alike")
+            if getattr(m, key) != getattr(first, key):
+                raise DataPrepError(
+                    f"task {i}: {key}={getattr(m, key)} differs from task 0 ({getattr(first, key)}); rerun them alike"
+                )
     from data_prep.pairs import STAT_KEYS, split_figures
 
     report = Report()
     splits: dict[str, dict] = {}
     stats: dict[str, dict] = {}  # per split, the counts every task recorded (fractions are recomputed from them)
     for i, m in enumerate(manifests):
-        report.merge(Report.from_dict({"counts": m["counts"], "skipped": m["skipped"], "warnings": m["warnings"]}))
-        for split, info in m["splits"].items():
+        report.merge(Report.from_dict({"counts": m.counts, "skipped": m.skipped, "warnings": m.warnings}))
+        for split, info in (m.splits or {}).items():
             merged = splits.setdefault(split, {"samples": 0, "tokens": 0, "shards": []})
             counts, prev = {k: info[k] for k in STAT_KEYS if k in info}, stats.get(split)
             stats[split] = counts if prev is None else {k: prev[k] + counts[k] for k in prev if k in counts}
@@ -237,32 +234,32 @@ def merge(cfg: PrepareConfig) -> dict:
         src = root / "tasks" / "task-00000" / name
         if src.exists():
             shutil.copyfile(src, root / name)
-    manifest = {
-        **{k: v for k, v in first.items() if k not in ("inputs", "counts", "skipped", "warnings", "splits")},
-        "inputs": [inp for m in manifests for inp in m["inputs"]],
-        "counts": report.to_dict()["counts"],
-        "skipped": report.to_dict()["skipped"],
-        "warnings": report.warnings,
-        "splits": splits,
-        "holdout": "/".join(sorted({m.get("holdout", "documents") for m in manifests})),
-        "tasks": [{"task": i, "manifest": f"tasks/task-{i:05d}/manifest.json"} for i in range(cfg.num_tasks)],
-        "stage_seconds": {"merged_tasks": [m.get("stage_seconds") for m in manifests]},
-    }
-    write_json_atomic(root / "manifest.json", manifest)
+    manifest = dataclasses.replace(
+        first,
+        format_version=MANIFEST_VERSION,
+        inputs=[inp for m in manifests for inp in m.inputs],
+        counts=report.to_dict()["counts"],
+        skipped=report.to_dict()["skipped"],
+        warnings=report.warnings,
+        splits=splits,
+        holdout="/".join(sorted({m.holdout for m in manifests})),
+        tasks=[{"task": i, "manifest": f"tasks/task-{i:05d}/{MANIFEST_FILE}"} for i in range(cfg.num_tasks)],
+        stage_seconds={"merged_tasks": [m.stage_seconds for m in manifests]},
+    )
+    write_manifest(root, manifest)
     print_summary(manifest, root)
-    return manifest
+    return manifest.to_dict()
 
 
-def print_summary(manifest: dict, out: Path) -> None:
-    c = manifest["counts"]
-    splits = manifest["splits"]
+def print_summary(manifest: Manifest, out: Path) -> None:
+    c, splits = manifest.counts, manifest.splits or {}
     lines = [
-        f"data prepared in {out} ({manifest['mode']} mode, {manifest['max_seq_length']} tokens, "
-        f"vocabulary {manifest['vocab_size']})",
+        f"data prepared in {out} ({manifest.mode} mode, {manifest.max_seq_length} tokens, "
+        f"vocabulary {manifest.vocab_size})",
         f"  documents {c.get('documents_read', 0):,}  sentences {c.get('sentences', 0):,}  "
         f"tokens {c.get('tokens', 0):,}  text {c.get('characters', 0) / 1e6:,.1f} M characters",
     ]
-    half = manifest["max_seq_length"] / 2
+    half = (manifest.max_seq_length or 0) / 2
     for split, info in splits.items():
         line = f"  {split:<10} {info['samples']:>10,} samples  {len(info['shards']):>4} shards"
         if "sample_fraction" in info:
@@ -271,25 +268,25 @@ def print_summary(manifest: dict, out: Path) -> None:
             line += f"  NotNext {info['not_next_fraction']:.1%}  short targets {info['short_target_fraction']:.1%}"
         if "short_rows_fraction" in info:
             line += f"  under {half:g} tokens {info['short_rows_fraction']:.1%}"
-        if split == "validation" and manifest.get("holdout") == "document_tails":
+        if split == "validation" and manifest.holdout == "document_tails":
             line += "  (tails of documents)"
         lines.append(line)
-    if manifest["nsp"]:
+    if manifest.nsp:
         lines.append(f"  IsNext {c.get('is_next', 0):,}  NotNext {c.get('not_next', 0):,}")
     if c.get("special_token_literals"):
         prefix = "special_token_literals_"
         by = ", ".join(f"{k.removeprefix(prefix)} x{v:,}" for k, v in c.items() if k.startswith(prefix))
         lines.append(f"  special-token strings in the text, encoded as text: {c['special_token_literals']:,} ({by})")
-    skipped = manifest["skipped"]
+    skipped = manifest.skipped
     if skipped:
         lines.append("  skipped: " + "; ".join(f"{k} x{v['count']}" for k, v in skipped.items()))
-    if manifest["warnings"]:
-        lines.append(f"  {len(manifest['warnings'])} warning(s): see manifest.json")
-    seconds = manifest["stage_seconds"]
+    if manifest.warnings:
+        lines.append(f"  {len(manifest.warnings)} warning(s): see {MANIFEST_FILE}")
+    seconds = manifest.stage_seconds
     if "merged_tasks" not in seconds:
         total = sum(seconds.values())
         lines.append(
             f"  time {total:.1f}s (" + ", ".join(f"{k} {v:.1f}s" for k, v in seconds.items()) + ")"
-            f"  {manifest['throughput_mchars_per_s']:.2f} M characters/s"
+            f"  {manifest.throughput_mchars_per_s:.2f} M characters/s"
         )
     print("\n".join(lines), flush=True)

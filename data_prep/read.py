@@ -28,6 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from data_prep.atomic import AtomicFile, write_text
 from data_prep.config import PrepareConfig, task_dir
 from data_prep.procs import die_with_parent
 from data_prep.readers import Unit, expand_units, input_files, iter_unit_documents, parse_input
@@ -35,7 +36,6 @@ from data_prep.report import DataPrepError, Report
 from data_prep.sentences import RawDoc, clean_document, split_sentences
 from data_prep.store import sha256_file
 
-TMP = ".tmp"
 BATCH_DOCS = 2048  # documents read ahead per batch (two batches in flight: one cleaned while the next is read)
 # Characters per batch. Memory follows it (two batches of text in flight, plus their sentences): at 64 M a 50 MB
 # corpus sat in memory whole and the peak grew with the corpus up to 200 MB. 8 M keeps both workers fed.
@@ -122,36 +122,31 @@ def _pipelined(pool, fn: Callable, items: Iterable, workers: int) -> Iterator:
 
 
 class _PartWriter:
+    """One unit's sentences (``.txt``) and document list (``docs.jsonl``), streamed under temporary names and
+    committed in order with its ``meta.json``; ``docs.jsonl`` last: it is the completion marker."""
+
     def __init__(self, directory: Path, k: int, unit: Unit, inputs: list[dict]):
         self.paths, self.unit, self.inputs = part_paths(directory, k), unit, inputs
         for p in self.paths.values():  # an incomplete earlier attempt
             p.unlink(missing_ok=True)
-        self.txt = open(self._tmp("txt"), "w", encoding="utf-8", newline="\n")
-        self.docs = open(self._tmp("docs.jsonl"), "w", encoding="utf-8", newline="\n")
-
-    def _tmp(self, ext: str) -> Path:
-        return self.paths[ext].with_name(self.paths[ext].name + TMP)
+        self.txt = AtomicFile(self.paths["txt"], "w", encoding="utf-8", newline="\n")
+        self.docs = AtomicFile(self.paths["docs.jsonl"], "w", encoding="utf-8", newline="\n")
 
     def write(self, source: str, doc_id: str, sentences: list[str]) -> None:
-        self.txt.write("\n".join(sentences) + "\n\n")
+        self.txt.f.write("\n".join(sentences) + "\n\n")
         chars = sum(len(s) for s in sentences)
-        self.docs.write(json.dumps({"source": source, "id": doc_id, "sentences": len(sentences), "chars": chars},
-                                   ensure_ascii=False) + "\n")  # fmt: skip
+        self.docs.f.write(json.dumps({"source": source, "id": doc_id, "sentences": len(sentences), "chars": chars},
+                                     ensure_ascii=False) + "\n")  # fmt: skip
 
     def commit(self, report: Report) -> None:
-        for f in (self.txt, self.docs):
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
-        os.replace(self._tmp("txt"), self.paths["txt"])
+        self.txt.commit()
         meta = {"unit": self.unit.name, "kind": self.unit.spec.kind, "inputs": self.inputs, "report": report.to_dict()}
-        self._tmp("meta.json").write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
-        os.replace(self._tmp("meta.json"), self.paths["meta.json"])
-        os.replace(self._tmp("docs.jsonl"), self.paths["docs.jsonl"])  # last: the completion marker
+        write_text(self.paths["meta.json"], json.dumps(meta, indent=1, ensure_ascii=False))
+        self.docs.commit()  # last: the completion marker
 
     def abort(self) -> None:
-        self.txt.close()
-        self.docs.close()
+        self.txt.discard()
+        self.docs.discard()
 
 
 def _completed(paths: dict[str, Path], unit: Unit, inputs: list[dict]) -> dict | None:

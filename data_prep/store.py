@@ -29,12 +29,17 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from data_prep.atomic import save_npy
+
+if TYPE_CHECKING:
+    from data_prep.manifest import Manifest
+
 INDEX_COLUMNS = ("offset", "length", "a_len", "nsp_label", "doc_a", "doc_b")
 OFFSET, LENGTH, A_LEN, NSP_LABEL, DOC_A, DOC_B = range(len(INDEX_COLUMNS))
-TMP_SUFFIX = ".tmp"
 SUFFIXES = (".tokens.npy", ".index.npy")
 SPLITS = ("train", "validation")
 TOKEN_DTYPES = (np.dtype(np.uint16), np.dtype(np.uint32))
@@ -63,15 +68,6 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def write_shard(split_dir: str | os.PathLike, name: str, tokens: np.ndarray, index: np.ndarray) -> dict:
     """Write one shard atomically and return its manifest entry (name, samples, tokens, sha256 of both files)."""
     split_dir = Path(split_dir)
@@ -81,8 +77,8 @@ def write_shard(split_dir: str | os.PathLike, name: str, tokens: np.ndarray, ind
     tokens_path, index_path = split_dir / f"{name}.tokens.npy", split_dir / f"{name}.index.npy"
     # The index is the commit marker: it is renamed last, so a shard with an index has complete tokens.
     index_path.unlink(missing_ok=True)
-    _save_atomic(tokens_path, np.ascontiguousarray(tokens))
-    _save_atomic(index_path, np.ascontiguousarray(index, dtype=np.int64))
+    save_npy(tokens_path, np.ascontiguousarray(tokens))
+    save_npy(index_path, np.ascontiguousarray(index, dtype=np.int64))
     return {
         "name": name,
         "samples": int(index.shape[0]),
@@ -175,9 +171,13 @@ def _listed(splits: object, split: str, root: Path) -> list[dict]:
 
 
 def verify_data(
-    data_dir: str | os.PathLike, manifest: dict | None = None, checksums: bool = True, threads: int | None = None
+    data_dir: str | os.PathLike,
+    manifest: Manifest | dict | None = None,
+    checksums: bool = True,
+    threads: int | None = None,
 ) -> dict:
-    """Check the shards of ``data_dir`` against ``manifest`` (``manifest.json``'s content) before training.
+    """Check the shards of ``data_dir`` against ``manifest`` (``data_prep.manifest``; a plain dict of
+    ``manifest.json``'s content as well) before training.
 
     Always (cheap: headers and indexes only): both files of every shard present and readable, dtypes and
     shapes right, every index row inside its token array, and, when the manifest lists shards
@@ -188,7 +188,7 @@ def verify_data(
     "seconds"}``.
     """
     start, root = time.perf_counter(), Path(data_dir)
-    listed = (manifest or {}).get("splits")
+    listed = manifest.get("splits") if isinstance(manifest, dict) else manifest.splits if manifest else None
     splits = sorted(set(SPLITS) | set(listed or {}), key=lambda s: (s not in SPLITS, s))
     shards, samples, to_hash = 0, {}, []
     for split in splits:

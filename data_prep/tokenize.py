@@ -49,6 +49,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from .atomic import AtomicFile, atomic_path, save_npy, write_json
 from .config import PrepareConfig, task_dir
 from .procs import die_with_parent
 from .report import DataPrepError, Report
@@ -148,8 +149,8 @@ class _PartWriter:
     def __init__(self, tdir: Path, k: int, meta: dict):
         self.base, self.meta = tdir / f"part-{k:05d}", meta
         (tdir / f"part-{k:05d}.docs.npy").unlink(missing_ok=True)  # the commit marker goes first
-        self.tmp = self.base.with_name(self.base.name + ".tokens.bin.tmp")
-        self.f = open(self.tmp, "wb")
+        self.tokens = AtomicFile(self.base.with_name(self.base.name + ".tokens.bin"), "wb")
+        self.f = self.tokens.f
         self.lengths: list[np.ndarray] = []
         self.docs: list[np.ndarray] = []
         self.stats = np.zeros(4 + len(LITERALS), np.int64)
@@ -167,19 +168,17 @@ class _PartWriter:
         self.stats += stats
 
     def finish(self, expected_docs: int, expected_sentences: int, jsonl: Path) -> dict:
-        self.f.flush()
-        os.fsync(self.f.fileno())
-        self.f.close()
         sentence_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.lengths]), dtype=np.int64)
         doc_ends = np.cumsum(np.concatenate([np.zeros(0, np.int64), *self.docs]), dtype=np.int64)
         _, n_sentences, n_empty, n_unk, *literals = (int(v) for v in self.stats)
         if len(doc_ends) != expected_docs or n_sentences != expected_sentences:
+            self.tokens.discard()
             raise DataPrepError(
                 f"{jsonl}: lists {expected_docs} documents / {expected_sentences} sentences but the "
                 f".txt holds {len(doc_ends)} / {n_sentences}; re-run stage=read"
             )
-        os.replace(self.tmp, self.base.with_name(self.base.name + ".tokens.bin"))
-        _save(self.base.with_name(self.base.name + ".sentences.npy"), sentence_ends)
+        self.tokens.commit()
+        save_npy(self.base.with_name(self.base.name + ".sentences.npy"), sentence_ends)
         meta = {
             **self.meta,
             "documents": len(doc_ends),
@@ -189,18 +188,9 @@ class _PartWriter:
             "empty_sentences": n_empty,
             "special_token_literals": dict(zip(SPECIALS, literals, strict=True)),
         }
-        tmp = self.base.with_name(self.base.name + ".json.tmp")
-        tmp.write_text(json.dumps(meta, indent=1) + "\n")
-        os.replace(tmp, self.base.with_name(self.base.name + ".json"))
-        _save(self.base.with_name(self.base.name + ".docs.npy"), doc_ends)
+        write_json(self.base.with_name(self.base.name + ".json"), meta, indent=1)
+        save_npy(self.base.with_name(self.base.name + ".docs.npy"), doc_ends)
         return meta
-
-
-def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def _part_done(tdir: Path, k: int, meta: dict) -> dict | None:
@@ -404,15 +394,12 @@ def write_sentence_offsets(outdir: Path) -> None:
     """``work/sentence_offsets.npy`` for the complete token store, written atomically, its key last."""
     tdir, path = outdir / TOKENS_DIR, outdir / OFFSETS
     names, metas = _part_metas(tdir)
-    tmp = path.with_name(path.name + ".npy.tmp")
     total = sum(int(m["sentences"]) for m in metas) + 1
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(total,))  # page cache, not heap
-    _sentence_offsets(tdir, names, metas, out).flush()
-    del out
-    os.replace(tmp, path.with_suffix(".npy"))
-    key = path.with_name(path.name + ".json.tmp")
-    key.write_text(json.dumps({"parts": _offsets_key(names, metas)}) + "\n")
-    os.replace(key, path.with_suffix(".json"))
+    with atomic_path(path.with_suffix(".npy")) as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int64, shape=(total,))  # page cache, not heap
+        _sentence_offsets(tdir, names, metas, out).flush()
+        del out
+    write_json(path.with_suffix(".json"), {"parts": _offsets_key(names, metas)}, indent=None)
 
 
 def _shared_offsets(outdir: Path, names: list[str], metas: list[dict]) -> np.ndarray | None:

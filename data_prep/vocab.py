@@ -24,6 +24,7 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from .atomic import atomic_path, write_text
 from .config import PrepareConfig, task_dir
 from .report import DataPrepError, Report
 from .store import sha256_file
@@ -72,12 +73,6 @@ def completed_parts(outdir: Path, report: Report) -> list[tuple[int, Path, Path]
     return parts
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
     """The standard BERT WordPiece tokenizer over ``vocab`` (which must hold the five special tokens)."""
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
@@ -96,14 +91,34 @@ def build_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
     return tok
 
 
+def read_vocab(path: str | os.PathLike) -> list[str]:
+    """The tokens of a BERT ``vocab.txt``, each one's id its line number: the one reader of the format. Lines end
+    at "\\n" only ("\\x85" and other Unicode line breaks are tokens), a Windows "\\r\\n" too."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataPrepError(f"{path}: vocabulary not found (a BERT vocab.txt: one token per line, the id is the line)")
+    with open(path, encoding="utf-8", newline="") as f:
+        text = f.read()
+    return [t.removesuffix("\r") for t in text.removesuffix("\n").split("\n")]
+
+
+def special_ids(tokens: list[str], path: str | os.PathLike) -> dict[str, int]:
+    """Token -> id of each of ``SPECIALS``; one-line ``DataPrepError`` naming ``path`` when one is missing."""
+    ids = {t: i for i, t in enumerate(tokens)}
+    missing = [t for t in SPECIALS if t not in ids]
+    if missing:
+        raise DataPrepError(
+            f"{path}: missing special token(s) {', '.join(missing)} (a BERT vocab.txt needs {SPECIALS})"
+        )
+    return {t: ids[t] for t in SPECIALS}
+
+
 def _read_vocab(path: Path) -> dict[str, int]:
     if not path.is_file():
         raise DataPrepError(f"vocab={path}: file not found (give a BERT vocab.txt, one token per line, or unset vocab)")
-    vocab = models.WordPiece.read_file(str(path))
-    for token in SPECIALS:
-        if token not in vocab:
-            raise DataPrepError(f"vocab={path}: missing special token {token} (a BERT vocab.txt needs {SPECIALS})")
-    return vocab
+    tokens = read_vocab(path)
+    special_ids(tokens, f"vocab={path}")
+    return {t: i for i, t in enumerate(tokens)}
 
 
 def _train(files: list[Path], cfg: PrepareConfig) -> dict[str, int]:
@@ -127,7 +142,7 @@ def _write_vocab_txt(path: Path, vocab: dict[str, int]) -> None:
     tokens = sorted(vocab, key=vocab.__getitem__)
     if [vocab[t] for t in tokens] != list(range(len(tokens))):
         raise DataPrepError(f"{path}: trained vocabulary ids are not contiguous")
-    _write_text_atomic(path, "".join(t + "\n" for t in tokens))
+    write_text(path, "".join(t + "\n" for t in tokens))
 
 
 def _write_tokenizer_files(outdir: Path, tok: Tokenizer, lowercase: bool) -> None:
@@ -139,11 +154,10 @@ def _write_tokenizer_files(outdir: Path, tok: Tokenizer, lowercase: bool) -> Non
         "model_max_length": MODEL_MAX_LENGTH,
         **SPECIAL_TOKENS,
     }
-    _write_text_atomic(outdir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
-    _write_text_atomic(outdir / "special_tokens_map.json", json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
-    tmp = outdir / "tokenizer.json.tmp"
-    tok.save(str(tmp))
-    os.replace(tmp, outdir / "tokenizer.json")
+    write_text(outdir / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    write_text(outdir / "special_tokens_map.json", json.dumps(SPECIAL_TOKENS, indent=2) + "\n")
+    with atomic_path(outdir / "tokenizer.json") as tmp:
+        tok.save(str(tmp))
 
 
 def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
@@ -156,9 +170,8 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
         src = Path(cfg.vocab).expanduser()
         vocab = _read_vocab(src)
         if not (vocab_path.exists() and os.path.samefile(src, vocab_path)):
-            tmp = vocab_path.with_name("vocab.txt.tmp")
-            shutil.copyfile(src, tmp)  # verbatim: same bytes, same sha256 as the user's file
-            os.replace(tmp, vocab_path)
+            with atomic_path(vocab_path) as tmp:
+                shutil.copyfile(src, tmp)  # verbatim: same bytes, same sha256 as the user's file
     else:
         parts = completed_parts(outdir, report)
         files = [txt for _, txt, _ in parts]
@@ -183,7 +196,7 @@ def run_vocab(cfg: PrepareConfig, report: Report) -> dict:
             vocab = _train(files, cfg)
             _write_vocab_txt(vocab_path, vocab)
             marker.parent.mkdir(parents=True, exist_ok=True)
-            _write_text_atomic(marker, json.dumps({"key": key, "vocab_sha256": sha256_file(vocab_path)}) + "\n")
+            write_text(marker, json.dumps({"key": key, "vocab_sha256": sha256_file(vocab_path)}) + "\n")
     tok = build_tokenizer(vocab, cfg.lowercase)
     _write_tokenizer_files(outdir, tok, cfg.lowercase)
     result = {

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from tokenizers import Tokenizer  # noqa: E402
 
-from pretrain.model import fill_mask, load_hf  # noqa: E402
+from pretrain.hf import fill_mask, load_hf  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -76,6 +76,9 @@ def main(cfg: DictConfig) -> None:
             )
         try:
             cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+            config = OmegaConf.to_object(cfg)  # typed: pretrain.config.Config, model a BertConfig
+        except ValueError as e:  # a dataclass's own check (heads must divide hidden_size, masking rates)
+            raise UserError(str(e)) from None
         except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
             raise UserError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
         if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
@@ -86,7 +89,7 @@ def main(cfg: DictConfig) -> None:
         from pretrain.trainer import train
 
         D.set_failure_hint(lambda: _resume_hint(Path(cfg.run_dir).resolve()))
-        code = train(cfg, cfg_dict)
+        code = train(config)
         D.ignore_preempt_signals()  # every rank is past its save: a late signal must not replace the exit code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_prep.atomic import fsync_dir, write_json
 from pretrain import distributed as D
 from pretrain.config import UserError
 
@@ -74,6 +75,19 @@ def find_checkpoint(root: Path) -> Path | None:
     return done[-1] if done else None
 
 
+def check_format(tag: Path) -> None:
+    """Refuse, in one line, a checkpoint written by a newer version of this code (its ``COMPLETE`` marker says)."""
+    try:
+        version = int(json.loads((tag / "COMPLETE").read_text()).get("format", 1))
+    except (OSError, ValueError, AttributeError):
+        return  # older markers carry no format: version 1
+    if version > CHECKPOINT_FORMAT:
+        raise UserError(
+            f"{tag}: checkpoint format {version}, but this code reads format {CHECKPOINT_FORMAT} at most; update "
+            "the code to the version that wrote it, or pass resume=none to start afresh"
+        )
+
+
 def checkpoint_step(tag: Path) -> int:
     """The step of a complete checkpoint, from its ``COMPLETE`` marker (the tag name where the marker is older)."""
     try:
@@ -94,7 +108,7 @@ def tag_dir(path: str, what: str) -> Path:
 
 def weights_from(path: str) -> dict[str, torch.Tensor]:
     """fp32 model weights from a HF export, a run dir (its ``hf/``, else newest checkpoint) or a checkpoint dir."""
-    from pretrain.model import load_hf
+    from pretrain.hf import load_hf
 
     p = Path(path)
     if not p.exists():
@@ -103,6 +117,7 @@ def weights_from(path: str) -> dict[str, torch.Tensor]:
     if (hf / "config.json").is_file():
         return load_hf(hf).state_dict()
     tag = tag_dir(path, "trainer.init_from")
+    check_format(tag)
     return fp32_weights(tag)
 
 
@@ -129,21 +144,6 @@ def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | 
         "config": cfg_dict,
         "wandb_id": wandb_id,
     }
-
-
-def _commit_file(path: Path, text: str) -> None:
-    """Write, fsync, rename, fsync the directory: after a crash the file is either absent or whole."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
@@ -173,17 +173,26 @@ def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
         )
     D.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
-        meta = {"step": client["step"], "world_size": dist.get_world_size(), "time": time.time()}
-        _commit_file(root / tag / "COMPLETE", json.dumps(meta) + "\n")
-        _commit_file(root / "latest_complete", tag + "\n")
-        done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
-        for old in done[: max(0, len(done) - max(1, keep_last))]:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in root.glob("step*"):  # half-written leftovers of killed jobs
-            if not (stale / "COMPLETE").is_file() and stale.name < tag:
-                shutil.rmtree(stale, ignore_errors=True)
+        mark_complete(root / tag, client["step"])
+        retain(root, tag, keep_last)
     D.barrier()
     return root / tag
+
+
+def mark_complete(tag: Path, step: int) -> None:
+    """The commit of a bundle: its ``COMPLETE`` marker, written atomically once every rank's files are."""
+    meta = {"format": CHECKPOINT_FORMAT, "step": step, "world_size": dist.get_world_size(), "time": time.time()}
+    write_json(tag / "COMPLETE", meta, indent=None)
+
+
+def retain(root: Path, tag: str, keep_last: int) -> None:
+    """Keep the newest ``keep_last`` complete bundles (``tag`` is complete by now) and drop half-written ones."""
+    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
+    for old in done[: max(0, len(done) - max(1, keep_last))]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step*"):  # half-written leftovers of killed jobs
+        if not (stale / "COMPLETE").is_file() and stale.name < tag:
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def universal_tag(tag: Path, stage: int, world_size: int, is_main: bool) -> Path | None:
@@ -214,6 +223,7 @@ def universal_tag(tag: Path, stage: int, world_size: int, is_main: bool) -> Path
             ds_to_universal(args)
         (tag.parent / "latest_universal").unlink(missing_ok=True)  # we always name the tag
         os.replace(tmp, out)  # complete, or absent
+        fsync_dir(out.parent)
     D.barrier()
     return out
 
@@ -275,7 +285,8 @@ def export(
     """The finished run's fp32 weights as a Hugging Face directory ``out``, with the tokenizer files
     of ``data_dir``: the engine's module where it holds
     them (ZeRO-0 in fp32), else the master weights of the checkpoint ``tag``. Rank 0 writes; all ranks wait."""
-    from pretrain.model import BertConfig, BertForPreTraining, export_hf
+    from pretrain.hf import export_hf
+    from pretrain.model import BertConfig, BertForPreTraining
 
     main = dist.get_rank() == 0
     if main:

@@ -15,15 +15,18 @@ import hashlib
 import json
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from pretrain.masking import MaskingConfig
 from pretrain.model import BertConfig
+
+if TYPE_CHECKING:
+    from data_prep.manifest import Manifest
 
 
 class UserError(Exception):
@@ -331,7 +334,7 @@ def build_ds_config(cfg: Any, world_size: int, optimizer: dict[str, Any] | None 
 
 @dataclass
 class DataInfo:
-    manifest: dict
+    manifest: Manifest
     vocab_size: int
     nsp: bool
     max_seq_length: int | None
@@ -349,18 +352,20 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"data.dir={d}: directory not found; run `python launch/prepare_data.py output_dir={d}` first")
-    manifest: dict = {}
-    if (d / "manifest.json").is_file():
-        try:
-            manifest = json.loads((d / "manifest.json").read_text())
-        except ValueError as e:
-            raise UserError(f"{d / 'manifest.json'}: not valid JSON ({e}); rerun launch/prepare_data.py") from None
-    vocab_size = manifest.get("vocab_size")
+    from data_prep.manifest import Manifest, read_manifest
+    from data_prep.report import DataPrepError
+
+    try:
+        manifest = read_manifest(d) or Manifest()
+    except DataPrepError as e:
+        raise UserError(str(e)) from None
+    vocab_size = manifest.vocab_size
     if not (d / "vocab.txt").is_file():
         raise UserError(f"{d}: no vocab.txt; this is not a prepare_data output directory")
     if vocab_size is None:
-        with open(d / "vocab.txt", encoding="utf-8") as f:
-            vocab_size = sum(1 for _ in f)
+        from data_prep.vocab import read_vocab
+
+        vocab_size = len(read_vocab(d / "vocab.txt"))
     if not _shards(d / "train"):
         raise UserError(f"{d / 'train'}: no shards (*.index.npy); run launch/prepare_data.py to completion first")
     from data_prep.store import ShardError, verify_data
@@ -369,13 +374,15 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
         verified = verify_data(d, manifest, checksums=verify)
     except ShardError as e:
         raise UserError(str(e)) from None
-    nsp = manifest.get("nsp")
+    nsp = manifest.nsp
     if nsp is None:  # older manifests: look at the first sample's label
         import numpy as np
 
-        nsp = bool(np.load(_shards(d / "train")[0], mmap_mode="r")[0, 3] >= 0)
+        from data_prep.store import NSP_LABEL
+
+        nsp = bool(np.load(_shards(d / "train")[0], mmap_mode="r")[0, NSP_LABEL] >= 0)
     return DataInfo(
-        manifest, int(vocab_size), bool(nsp), manifest.get("max_seq_length"), bool(_shards(d / "validation")), verified
+        manifest, int(vocab_size), bool(nsp), manifest.max_seq_length, bool(_shards(d / "validation")), verified
     )
 
 
@@ -390,7 +397,7 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
     if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
         warnings.warn("trainer.phase=2 without trainer.init_from: phase 2 starts from random weights", stacklevel=2)
     info = inspect_data(cfg.data.dir, cfg.data.verify)
-    asked = (info.manifest.get("config") or {}).get("validation_fraction")
+    asked = info.manifest.config.get("validation_fraction")
     n_val = info.verified.get("samples", {}).get("validation", 0)
     if not n_val and cfg.trainer.eval_batches > 0 and asked != 0:
         raise UserError(
@@ -400,7 +407,7 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
             "to train without validation"
         )
     info.has_validation = bool(n_val) and cfg.trainer.eval_batches > 0
-    model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else dict(cfg.model)
+    model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
     if model.get("vocab_size") is None:
         model["vocab_size"] = info.vocab_size
     elif model["vocab_size"] != info.vocab_size:

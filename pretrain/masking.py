@@ -22,8 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.report import DataPrepError
+from data_prep.vocab import SPECIALS, read_vocab
+
 IGNORE_INDEX = -100
-SPECIAL_NAMES = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
@@ -93,14 +95,6 @@ class MaskingConfig:
             raise ValueError(f"masking.pad_to_multiple_of must be >= 1, got {self.pad_to_multiple_of}")
 
 
-def read_vocab(path: str | os.PathLike) -> list[str]:
-    """Tokens of a ``vocab.txt`` (one per line; the id is the line number)."""
-    if not os.path.isfile(path):
-        raise ValueError(f"vocabulary file not found: {path} (expected vocab.txt in the data directory)")
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\r\n") for line in f]
-
-
 class MaskingCollator:
     """Collate a list of samples into a padded, masked batch of torch tensors.
 
@@ -115,10 +109,10 @@ class MaskingCollator:
         self.cfg = cfg or MaskingConfig()
         self.seed = int(seed)
         index = {tok: i for i, tok in enumerate(vocab)}
-        missing = [n for n in SPECIAL_NAMES if n not in index]
+        missing = [n for n in SPECIALS if n not in index]
         if missing:
-            raise ValueError(f"vocabulary lacks special tokens {missing}; it needs all of {list(SPECIAL_NAMES)}")
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (index[n] for n in SPECIAL_NAMES)
+            raise ValueError(f"vocabulary lacks special tokens {missing}; it needs all of {list(SPECIALS)}")
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (index[n] for n in SPECIALS)
         self.vocab_size = len(vocab)
         # Ineligible for selection: every special except [UNK] (an [UNK] in the text is a real token).
         ineligible = np.zeros(self.vocab_size, dtype=bool)
@@ -137,7 +131,10 @@ class MaskingCollator:
 
     @classmethod
     def from_vocab_file(cls, path: str | os.PathLike, cfg: MaskingConfig | None = None, seed: int = 0):
-        return cls(read_vocab(path), cfg, seed)
+        try:
+            return cls(read_vocab(path), cfg, seed)
+        except DataPrepError as e:  # bad input is a ValueError here, as every other one
+            raise ValueError(str(e)) from None
 
     def pad(self, samples: Sequence[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Padded int64 ``input_ids``, ``token_type_ids`` and ``attention_mask`` [B, L], vectorised."""

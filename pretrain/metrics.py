@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from data_prep.atomic import write_text
+
 # Dense bf16/fp16 peak TFLOP/s per device, for the MFU estimate when trainer.peak_tflops is not set.
 PEAK_TFLOPS = {
     "H200": 989.0,
@@ -74,9 +76,7 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in keep))
 
 
 class LogWindow:
@@ -277,8 +277,7 @@ def print_startup(
     """Rank 0, once, before the first step: what will happen (``model`` is the ``BertConfig``, ``info`` the
     pre-flight's ``DataInfo``)."""
     t, samples = cfg.trainer, info.verified.get("samples", {})
-    splits = info.manifest.get("splits")
-    tokens = splits.get("train", {}).get("tokens") if isinstance(splits, dict) else None
+    tokens = info.manifest.split("train").get("tokens")
     data = f"{cfg.data.dir}: train {samples.get('train', 0):,} samples"
     data += f" ({tokens:,} tokens)" if tokens else ""
     data += f", validation {samples.get('validation', 0):,}; {info.verified.get('shards', 0)} shards"

@@ -19,6 +19,7 @@ restored, so the loss curve and the weights match an uninterrupted run (bit for 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -39,6 +40,7 @@ from pretrain import distributed as D
 from pretrain.checkpoint import (
     TrainState,
     build_model,
+    check_format,
     checkpoint_step,
     export,
     find_checkpoint,
@@ -49,7 +51,7 @@ from pretrain.checkpoint import (
     tag_dir,
     universal_tag,
 )
-from pretrain.config import UserError, build_ds_config, preflight
+from pretrain.config import Config, UserError, build_ds_config, preflight
 from pretrain.data import Batches, build_dataloader, fork_rng
 from pretrain.metrics import (
     LogWindow,
@@ -215,15 +217,13 @@ class LoopState:
     history: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_HISTORY))
 
 
-def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
+def setup(cfg: Config, env: Any) -> Run:
     """Pre-flight checks, process group, model, optimizer, data, DeepSpeed engine, resume, logger."""
     t = cfg.trainer
     threads = D.set_threads()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     build_ds_config(cfg, env.world_size)  # a bad deepspeed.config_file fails here, before any work
     deepspeed = D.import_deepspeed(cfg.verbose)
-
-    from pretrain.masking import MaskingConfig
 
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     run_dir = Path(cfg.run_dir).resolve()
@@ -233,6 +233,8 @@ def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
         if cfg.resume == "none"
         else (find_checkpoint(ckpt_root) if cfg.resume == "auto" else tag_dir(cfg.resume, "resume"))
     )
+    if resume_tag is not None:
+        check_format(resume_tag)
     partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
     if cfg.resume == "auto" and resume_tag is None and partial:  # never silently start over a killed run
         raise UserError(
@@ -253,7 +255,7 @@ def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
-    masking = MaskingConfig(**cfg_dict["data"]["masking"])
+    masking = cfg.data.masking
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:
         loader, sampler = build_dataloader(
@@ -303,7 +305,7 @@ def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
         engine.optimizer.check_grad_overflow = True
     return Run(
         cfg=cfg,
-        cfg_dict=cfg_dict,
+        cfg_dict=dataclasses.asdict(cfg),  # the resolved config, in every checkpoint and the W&B run
         env=env,
         device=device,
         run_dir=run_dir,
@@ -312,7 +314,7 @@ def setup(cfg: Any, cfg_dict: dict, env: Any) -> Run:
         sampler=sampler,
         loader=loader,
         val_loader=val_loader,
-        logger=MetricsLogger(cfg, run_dir, env.is_main, wandb_id, cfg_dict, state.step, t.max_steps),
+        logger=MetricsLogger(cfg, run_dir, env.is_main, wandb_id, dataclasses.asdict(cfg), state.step, t.max_steps),
         info=info,
         model_kw=model_kw,
         opt_desc=opt_desc,
@@ -454,14 +456,15 @@ def save_or_stop(run: Run, loop: LoopState, stop: D.StopFlag) -> bool:
     return bool(preempted or stopping)
 
 
-def train(cfg: Any, cfg_dict: dict) -> int:
-    """Run (or resume) a pretraining job from a composed Hydra config; return the process exit code."""
+def train(cfg: Config) -> int:
+    """Run (or resume) a pretraining job from the typed config (``OmegaConf.to_object`` of the composed Hydra
+    config); return the process exit code."""
     t, loop = cfg.trainer, LoopState()
     stop = D.StopFlag()  # first: a SLURM signal during start-up must not kill the job
     env = D.detect_env()
     if finished_before(cfg, env):
         return 0
-    run = setup(cfg, cfg_dict, env)  # resumes from the newest complete checkpoint
+    run = setup(cfg, env)  # resumes from the newest complete checkpoint
     state, engine, accum = run.state, run.engine, run.engine.gradient_accumulation_steps()
     batches, window = Batches(run.loader, run.sampler, run.device), LogWindow(state.window, run.device)
     t_loop = time.time()

@@ -56,13 +56,14 @@ def _free_port() -> int:
 
 
 def _ensure_installed() -> None:
-    """Install slurm-wlm and munge with apt when missing; skip (not fail) where that is impossible."""
+    """Install slurm-wlm and munge with apt when missing; fail, saying why, where that is impossible (SLURM
+    scripts are part of the product: their tests run, or they fail)."""
     if shutil.which("sbatch") and shutil.which("slurmctld") and shutil.which("slurmd") and shutil.which("munged"):
         return
     if os.geteuid() != 0:
-        pytest.skip("SLURM is not installed and installing it (apt-get install slurm-wlm munge) needs root")
+        pytest.fail("SLURM is not installed and installing it (apt-get install slurm-wlm munge) needs root")
     if not shutil.which("apt-get"):
-        pytest.skip("SLURM is not installed and there is no apt-get to install slurm-wlm and munge")
+        pytest.fail("SLURM is not installed and there is no apt-get to install slurm-wlm and munge")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]
     result = subprocess.run(install, env=env, capture_output=True, text=True)
@@ -71,7 +72,7 @@ def _ensure_installed() -> None:
         result = subprocess.run(install, env=env, capture_output=True, text=True)
     if result.returncode != 0 or not shutil.which("sbatch"):
         tail = (result.stderr or result.stdout).strip().splitlines()[-3:]
-        pytest.skip(f"could not install SLURM with apt-get install slurm-wlm munge: {' | '.join(tail)}")
+        pytest.fail(f"could not install SLURM with apt-get install slurm-wlm munge: {' | '.join(tail)}")
 
 
 def _memory_mb() -> int:

@@ -308,7 +308,7 @@ def test_full_then_readonly_disk_one_line_and_rerun_identical(vocab, reference, 
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        pytest.fail("cannot mount a small tmpfs here (these fault tests need root)")
     try:
         out = mnt / "out"
         for problem, remount in (("No space left on device", None), ("Read-only file system", "remount,ro")):

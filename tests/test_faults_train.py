@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 # FAULT="scale:STEP=FACTOR,...": multiply the loss of the STEP-th training forward by FACTOR (inf, nan, 100).
 # FAULT="kill:WHERE@STEP": SIGKILL this process inside the save of STEP, WHERE = engine (before DeepSpeed writes),
-# commit (shards written, before the COMPLETE marker), retention (marker written, before latest/pruning).
+# commit (shards written, before the COMPLETE marker), retention (marker written, before old bundles are pruned).
 SITECUSTOMIZE = """
 import os
 spec = os.environ.get("FAULT", "")
@@ -63,20 +63,21 @@ elif spec.startswith("kill:"):
     step = int(step)
     def die():
         os.kill(os.getpid(), signal.SIGKILL)
-    orig_save, orig_commit = t.save, c._commit_file
+    orig_save, orig_mark, orig_retain = t.save, c.mark_complete, c.retain
     def save(engine, root, client, keep_last):
         if client["step"] == step and where == "engine":
             (root / f"step{step:08d}").mkdir(parents=True, exist_ok=True)
             die()
         return orig_save(engine, root, client, keep_last)
-    def commit(path, text):
-        name = path.name
-        if (where == "commit" and name == "COMPLETE" or where == "retention" and name == "latest_complete") \\
-                and path.parent.name in (f"step{step:08d}", "checkpoints"):
-            if name == "COMPLETE" or (path.parent / f"step{step:08d}" / "COMPLETE").exists():
-                die()
-        return orig_commit(path, text)
-    t.save, c._commit_file = save, commit
+    def mark_complete(tag, at):
+        if where == "commit" and at == step:
+            die()
+        return orig_mark(tag, at)
+    def retain(root, tag, keep_last):
+        if where == "retention" and tag == f"step{step:08d}":
+            die()
+        return orig_retain(root, tag, keep_last)
+    t.save, c.mark_complete, c.retain = save, mark_complete, retain
 """
 
 ARGS = [
@@ -245,7 +246,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True).returncode
         != 0
     ):
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+        pytest.fail("cannot mount a small tmpfs here (these fault tests need root)")
     try:
         run = mnt / "run"
         r = _run(run, data, "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.keep_last=8", "logger=none")
@@ -336,7 +337,7 @@ def test_read_only_run_dir_is_one_line(data, tmp_path):
     mnt = tmp_path / "ro"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+        pytest.fail("cannot mount a read-only tmpfs here (these fault tests need root)")
     try:
         r = _run(mnt / "run", data, "trainer.max_steps=2")
         errors = _error_lines(r)

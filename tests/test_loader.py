@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -224,50 +223,19 @@ def test_errors(tmp_path: Path, data: Path) -> None:
         build_dataloader(data, "train", 8)
 
 
-def make_book_shards(books: list[Path], root: Path, max_len: int = 64) -> None:
-    """Fallback shards: a WordPiece vocabulary trained with ``tokenizers``, consecutive-line NSP pairs."""
-    import gzip
-
-    from tokenizers import BertWordPieceTokenizer
-
-    lines = [ln.strip() for p in books for ln in gzip.open(p, "rt", encoding="utf-8-sig") if len(ln.strip()) > 20]
-    tokenizer = BertWordPieceTokenizer(lowercase=True)
-    tokenizer.train_from_iterator(lines, vocab_size=2000, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    (root / "train").mkdir(parents=True)
-    (root / "vocab.txt").write_text("\n".join(t for t, _ in vocab) + "\n", encoding="utf-8")
-    ids = [e.ids for e in tokenizer.encode_batch(lines, add_special_tokens=False)]
-    rng, half = np.random.default_rng(0), (max_len - 3) // 2
-    tokens, rows, offset = [], [], 0
-    for i in range(len(ids) - 1):
-        label = int(rng.random() < 0.5)
-        a, b = ids[i][:half], ids[int(rng.integers(len(ids)))][:half] if label else ids[i + 1][:half]
-        sample = [CLS, *a, SEP, *b, SEP]
-        tokens.append(np.array(sample, dtype=np.uint16))
-        rows.append((offset, len(sample), len(a) + 2, label, i, i + 1))
-        offset += len(sample)
-    write_shard(root / "train", "shard-00000", np.concatenate(tokens), np.array(rows, dtype=np.int64))
-
-
 @pytest.mark.slow
 def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
-    if importlib.util.find_spec("pretrain.model") is None:
-        pytest.skip("pretrain.model is not available yet")
+    from data_prep.config import PrepareConfig
+    from data_prep.pipeline import prepare
     from pretrain.model import BertConfig, BertForPreTraining
 
     root = tmp_path / "data"
     books = sorted((shared_data / "books").glob("*.txt.gz"))[:2]
-    try:
-        from data_prep.config import PrepareConfig
-        from data_prep.pipeline import prepare
-
-        prepare(
-            PrepareConfig(
-                inputs=[str(p) for p in books], output_dir=str(root), vocab_size=2000, max_seq_length=64, num_workers=1
-            )
+    prepare(
+        PrepareConfig(
+            inputs=[str(p) for p in books], output_dir=str(root), vocab_size=2000, max_seq_length=64, num_workers=1
         )
-    except ImportError:  # the data-prep pipeline is not complete yet: make shards here
-        make_book_shards(books, root)
+    )
     vocab_size = len((root / "vocab.txt").read_text(encoding="utf-8").splitlines())
     torch.manual_seed(0)
     model = BertForPreTraining(

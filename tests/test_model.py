@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers  # a dev dependency: the reference implementation
 from omegaconf import OmegaConf
 
-from pretrain.model import BertConfig, BertForPreTraining, export_hf, fill_mask, load_hf
+from pretrain.hf import export_hf, fill_mask, load_hf
+from pretrain.model import BertConfig, BertForPreTraining
 
-transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 1001  # not a multiple of 8: load_hf pads it to 1008 rows
 SMALL = dict(
@@ -280,7 +281,12 @@ def test_init_statistics() -> None:
     ],
 )
 def test_model_yamls_load_into_config(name: str, shape: tuple[int, int, int, int]) -> None:
-    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "model" / f"{name}.yaml"))
+    from hydra import compose, initialize_config_dir
+
+    import pretrain.config  # noqa: F401 - registers the schema: each YAML holds what differs from BertConfig
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        raw = OmegaConf.to_container(compose(config_name="config", overrides=[f"model={name}"]).model)
     assert raw["vocab_size"] is None  # filled in from the shards' vocabulary
     cfg = BertConfig(**{**raw, "vocab_size": 30522})
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == shape

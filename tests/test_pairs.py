@@ -248,7 +248,7 @@ def test_plan_cuts_whole_documents():
 @pytest.fixture(scope="module")
 def real_store(tmp_path_factory):
     """A real ``TokenStore``: two read-stage parts written by hand, then the vocab and tokenize stages."""
-    tokenize = pytest.importorskip("data_prep.tokenize")
+    from data_prep import tokenize
     from data_prep.vocab import run_vocab
 
     out = tmp_path_factory.mktemp("real")

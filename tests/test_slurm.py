@@ -38,7 +38,7 @@ JOB_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "WANDB_MODE": "disabl
 
 def _needs(path: str) -> None:
     if not (ROOT / path).exists():
-        pytest.skip(f"{path} not found (it is needed to run this SLURM test)")
+        pytest.fail(f"{path} not found (it is needed to run this SLURM test)")
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +105,7 @@ def reference_run(slurm_cluster: SlurmCluster, prepared: dict, tmp_path_factory:
     """The uninterrupted 2-rank pretraining run on the prepared shards."""
     _needs("launch/pretrain.py")
     if prepared["merge"].state != "COMPLETED":
-        pytest.skip("data preparation failed (see test_prepare_data_array_and_merge)")
+        pytest.fail("data preparation failed (see test_prepare_data_array_and_merge)")
     run_dir = tmp_path_factory.mktemp("pretrain") / "reference"
     start = time.monotonic()
     job = _submit_pretrain(slurm_cluster, run_dir, prepared["dir"], "reference")

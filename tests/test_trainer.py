@@ -362,7 +362,8 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
 
 
 def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path):
-    from pretrain.model import BertConfig, BertForPreTraining, export_hf
+    from pretrain.hf import export_hf
+    from pretrain.model import BertConfig, BertForPreTraining
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
     export_hf(BertForPreTraining(BertConfig(vocab_size=len(VOCAB), **small)), data, tmp_path / "hf")

@@ -114,7 +114,8 @@ def test_vocab_errors(tmp_path: Path) -> None:
 
 
 def test_auto_tokenizer_loads_output(trained: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     hf = transformers.AutoTokenizer.from_pretrained(str(trained))
     ours = load_tokenizer(trained)
     for text, pair in (("The quick brown Fox, in Zürich!", None), ("tea and cakes", "every morning")):
