@@ -291,7 +291,7 @@ def print_startup(
         f"  model        BERT, {parameters:,} parameters: {model.num_hidden_layers} layers, hidden "
         f"{model.hidden_size}, {model.num_attention_heads} heads, vocab {model.vocab_size:,}, {heads}",
         f"  data         {data}",
-        f"  ranks        {env.world_size} via {env.launcher}; {where}",
+        f"  ranks        {env.world_size} rank(s) via {env.launcher}; {where}",
         f"  engine       ZeRO stage {zero_stage}, {t.precision}; optimizer: {optimizer}",
         f"  batch        {t.global_batch_size:,} sequences per step = {t.micro_batch_size} micro x {accum} "
         f"accumulation x {env.world_size} rank(s); up to {t.global_batch_size * t.max_seq_length:,} tokens per step",

@@ -349,7 +349,7 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
     out = r.stdout
     assert out.count("  model        BERT, ") == 1 and "vocab 72, MLM + NSP heads" in out
     assert "  data         " in out and "train 96 samples" in out and "validation 24" in out
-    assert "2 via deepspeed" in out and "ZeRO stage 0, fp32" in out
+    assert "2 rank(s) via deepspeed" in out and "ZeRO stage 0, fp32" in out
     assert "16 sequences per step = 8 micro x 1 accumulation x 2 rank(s); up to 2,048 tokens per step" in out
     assert "step 0 -> 2" in out and f"run dir      {tmp_path / 'run'}" in out
     ranks = [x for x in (out + r.stderr).splitlines() if "runner.py" not in x and "launch.py" not in x]  # launcher
