@@ -121,7 +121,7 @@ def _pipelined(pool, fn: Callable, items: Iterable, workers: int) -> Iterator:
         yield from pending
 
 
-class _PartWriter:
+class _TextPart:
     """One unit's sentences (``.txt``) and document list (``docs.jsonl``), streamed under temporary names and
     committed in order with its ``meta.json``; ``docs.jsonl`` last: it is the completion marker."""
 
@@ -194,14 +194,14 @@ def run_read(cfg: PrepareConfig, report: Report, hf_loader: Callable | None = No
     units_by_k = dict(planned)
     pool = multiprocessing.Pool(workers, initializer=_init_worker) if workers > 1 and todo else None
     bar = tqdm(desc="read", unit="doc", file=sys.stderr, mininterval=1.0, dynamic_ncols=True)
-    writer: _PartWriter | None = None
+    writer: _TextPart | None = None
     start, chars_in = time.monotonic(), 0
     try:
         fn = partial(process_document, max_sentence_chars=cfg.max_sentence_chars)
         for result in _pipelined(pool, fn, feed(), workers):
             k = result[0]
             if writer is None:
-                writer = _PartWriter(out, k, units_by_k[k], inputs[k])
+                writer = _TextPart(out, k, units_by_k[k], inputs[k])
             if result[1] is None:  # the unit's end: commit its part
                 rep = unit_reports[k]
                 rep.count("input_bytes", sum(i["bytes"] or 0 for i in inputs[k]))

@@ -95,7 +95,7 @@ def _encode_chunk(task: tuple[int, bool, bytes]) -> tuple:
     Returns ``(k, last, ids, sentence_lengths, doc_sentence_counts, stats, open_end)``; numpy arrays keep the result
     small to pickle and avoid a Python object per token in the parent. A chunk cut inside a long document
     (it ends with a sentence, not a blank line) counts that document's sentences so far as its last entry,
-    and the next chunk's first entry continues it (``_PartWriter.add`` joins the two).
+    and the next chunk's first entry continues it (``_TokenPart.add`` joins the two).
     """
     k, last, data = task
     lines = data.decode("utf-8").split("\n")
@@ -143,7 +143,7 @@ def _chunks(k: int, txt: Path, chunk_bytes: int) -> Iterator[tuple[int, bool, by
     yield k, True, pending if pending is not None else b""
 
 
-class _PartWriter:
+class _TokenPart:
     """Collects one part's results in order and commits it atomically (``docs.npy`` last)."""
 
     def __init__(self, tdir: Path, k: int, meta: dict):
@@ -273,7 +273,7 @@ def run_tokenize(cfg: PrepareConfig, report: Report) -> dict:
     start, writers = time.perf_counter(), {}
     for k, last, ids, lengths, docs, stats, open_end in _map_ordered(tasks, workers, str(tok_path), dtype.name,
                                                                      unk_id):  # fmt: skip
-        writer = writers.get(k) or writers.setdefault(k, _PartWriter(tdir, k, metas[k]))
+        writer = writers.get(k) or writers.setdefault(k, _TokenPart(tdir, k, metas[k]))
         writer.add(ids, lengths, docs, stats, open_end)
         bar.update(stats[0])
         if last:

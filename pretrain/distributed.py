@@ -25,11 +25,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from pretrain import deepspeed_env
 from pretrain.cli import first_line
 
 if TYPE_CHECKING:
@@ -414,50 +414,6 @@ def _rendezvous(env: DistEnv, timeout_s: float) -> Any:
         ) from None
 
 
-def import_deepspeed(verbose: bool = False) -> Any:
-    """``import deepspeed``, without its per-rank chatter (accelerator detection, engine and op-build notes) unless
-    ``verbose``: every rank would print it, and the start-up block says what matters once. Errors still show."""
-    import logging
-
-    if verbose or "deepspeed" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    logging.disable(logging.WARNING)  # the accelerator warning is logged while deepspeed imports
-    try:
-        import deepspeed
-    finally:
-        logging.disable(logging.NOTSET)
-    deepspeed.utils.logger.setLevel(logging.ERROR)
-    return deepspeed
-
-
-STALE_BUILD_LOCK_S = 600  # the CPU comm op builds in about 2 minutes; a lock this old has no builder behind it
-
-
-def check_cpu_comm_build_lock(now: float | None = None) -> None:
-    """Refuse to start, in one line, where DeepSpeed's CPU communication op has a stale build lock.
-
-    Every DeepSpeed process on CPU loads ``deepspeed_shm_comm``, JIT-compiling it on first use under torch's lock
-    file; a process killed during that build leaves the lock, and every later run then waits on it forever,
-    silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    from pretrain.config import UserError
-
-    try:
-        lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")
-        age = (time.time() if now is None else now) - os.stat(lock).st_mtime
-    except OSError:
-        return
-    if age > STALE_BUILD_LOCK_S:
-        raise UserError(
-            f"{lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's CPU communication op that "
-            f"was killed; every run would wait on it forever: delete it if no build is running, then "
-            f"rerun the same command"
-        )
-
-
 def init(
     env: DistEnv, timeout_minutes: float = 30.0, rendezvous_minutes: float | None = None, verbose: bool = False
 ) -> torch.device:
@@ -479,7 +435,7 @@ def init(
         device, backend = torch.device("cuda", env.local_rank), "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-        check_cpu_comm_build_lock()
+        deepspeed_env.check_cpu_comm_build_lock()
     timeout = timedelta(minutes=timeout_minutes)
     if not dist.is_initialized():
         _store = _rendezvous(env, 60 * (timeout_minutes if rendezvous_minutes is None else rendezvous_minutes))
@@ -494,29 +450,13 @@ def init(
     with contextlib.nullcontext() if verbose else _quiet_fd(1):  # op-compatibility compiles, "built" notes
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
     if backend == "gloo":
-        release_shm_buffer(env.rank)
+        barrier()  # on every rank (some may have no buffer): each shm_initialize has opened all the others' by now
+        deepspeed_env.release_shm_buffer(env.rank)
     if env.world_size > 1 and _heartbeat is None:
         _heartbeat = _Heartbeat(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.rank, env.world_size, timeout.total_seconds()
         )
     return device
-
-
-def shm_buffer_path(rank: int) -> Path:
-    """This rank's buffer of DeepSpeed's CPU shared-memory all-reduce (``deepspeed_shm_comm``)."""
-    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
-    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
-
-
-def release_shm_buffer(rank: int) -> None:
-    """Unlink this rank's shared-memory all-reduce buffer (69 MB) once every rank has mapped it.
-
-    DeepSpeed creates one per rank under /dev/shm when all ranks share a node and never unlinks it, so every CPU
-    run (and every killed one) left its buffers behind: 22 GB of /dev/shm after a day of test runs here, until
-    the machine ran out of memory. The mappings stay valid after the unlink (POSIX), so the run is unaffected and
-    nothing is left behind, whatever way the processes end."""
-    barrier()  # on every rank (some may have no buffer): each shm_initialize has opened all the others' by now
-    shm_buffer_path(rank).unlink(missing_ok=True)
 
 
 def explain_failure(exc: BaseException) -> str | None:

@@ -53,6 +53,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, UserError, build_ds_config, preflight
 from pretrain.data import Batches, build_dataloader, fork_rng
+from pretrain.deepspeed_env import import_deepspeed
 from pretrain.metrics import (
     LogWindow,
     MetricsLogger,
@@ -223,7 +224,7 @@ def setup(cfg: Config, env: Any) -> Run:
     threads = D.set_threads()
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     build_ds_config(cfg, env.world_size)  # a bad deepspeed.config_file fails here, before any work
-    deepspeed = D.import_deepspeed(cfg.verbose)
+    deepspeed = import_deepspeed(cfg.verbose)
 
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     run_dir = Path(cfg.run_dir).resolve()

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pretrain import distributed as D
+from pretrain import deepspeed_env
 from pretrain.config import UserError
 from pretrain.data import ResumableDistributedSampler
 from pretrain.trainer import find_checkpoint
@@ -371,8 +371,8 @@ def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
     assert time.monotonic() - started < 60 and lock.exists()  # refused at once; the file is the user's to delete
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(ext))
-    D.check_cpu_comm_build_lock(now=old + 60)  # one minute old: a build in progress, not an error
+    deepspeed_env.check_cpu_comm_build_lock(now=old + 60)  # one minute old: a build in progress, not an error
     with pytest.raises(UserError, match="delete it if no build is running"):
-        D.check_cpu_comm_build_lock(now=old + D.STALE_BUILD_LOCK_S + 1)
+        deepspeed_env.check_cpu_comm_build_lock(now=old + deepspeed_env.STALE_BUILD_LOCK_S + 1)
     lock.unlink()
-    D.check_cpu_comm_build_lock()  # no lock: nothing to say
+    deepspeed_env.check_cpu_comm_build_lock()  # no lock: nothing to say

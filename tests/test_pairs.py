@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from data_prep.config import PrepareConfig
-from data_prep.pairs import plan_shards, run_shards, split_documents
+from data_prep.holdout import split_documents
+from data_prep.pairs import plan_shards, run_shards
 from data_prep.report import DataPrepError, Report
 from data_prep.store import Shard, SplitReader
 
@@ -357,14 +358,14 @@ def test_few_long_documents_hold_out_document_tails(long_docs_run, tmp_path):
 
 
 def test_tail_cuts_add_up_across_documents_shorter_than_their_share():
-    from data_prep.pairs import _Bounds, split_units
+    from data_prep.holdout import Bounds, split_units
 
     # 60 documents of three 10-token sentences: 2% of a document is under a sentence, so the rounding error has
     # to carry over from document to document for the tails to add up to 2% of the corpus
     sent_bounds = np.arange(0, 60 * 3 * 10 + 1, 10, dtype=np.int64)
     doc_bounds = np.arange(0, 60 * 3 + 1, 3, dtype=np.int64)
     doc_tokens = np.full(60, 30)
-    (train, val), how = split_units(doc_bounds, _Bounds(sent_bounds, 180), doc_tokens, 0.02, 0, 64)
+    (train, val), how = split_units(doc_bounds, Bounds(sent_bounds, 180), doc_tokens, 0.02, 0, 64)
     # 2% is 36 tokens: a tail of one sentence each time the carried share reaches a quarter of them (9 tokens)
     assert how == "document_tails" and val[:, 0].tolist() == [15, 31, 48]
     assert (val[:, 2] - val[:, 1] == 1).all() and (val[:, 2] == doc_bounds[val[:, 0] + 1]).all()
@@ -372,5 +373,5 @@ def test_tail_cuts_add_up_across_documents_shorter_than_their_share():
     heads = {d: (lo, hi) for d, lo, hi in train.tolist()}
     assert all(heads[d][1] == lo for d, lo, _ in val.tolist())  # a head and its tail meet, never overlap
     # many documents: whole documents stay (within a point of the fraction)
-    (train, val), how = split_units(doc_bounds, _Bounds(sent_bounds, 180), doc_tokens, 0.05, 0, 64)
+    (train, val), how = split_units(doc_bounds, Bounds(sent_bounds, 180), doc_tokens, 0.05, 0, 64)
     assert how == "documents" and len(val) == 3 and (val[:, 2] - val[:, 1] == 3).all()

@@ -1,0 +1,74 @@
+"""DeepSpeed's footprint on a machine, kept in check: its import without per-rank chatter, the build lock of its
+JIT-compiled CPU communication op, and the shared-memory buffers that op leaves in /dev/shm."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def import_deepspeed(verbose: bool = False) -> Any:
+    """``import deepspeed``, without its per-rank chatter (accelerator detection, engine and op-build notes) unless
+    ``verbose``: every rank would print it, and the start-up block says what matters once. Errors still show."""
+    import logging
+
+    if verbose:
+        import deepspeed
+
+        return deepspeed
+    if "deepspeed" not in sys.modules:
+        logging.disable(logging.WARNING)  # the accelerator warning is logged while deepspeed imports
+        try:
+            import deepspeed  # noqa: F401
+        finally:
+            logging.disable(logging.NOTSET)
+    import deepspeed
+
+    deepspeed.utils.logger.setLevel(logging.ERROR)
+    return deepspeed
+
+
+STALE_BUILD_LOCK_S = 600  # the CPU comm op builds in about 2 minutes; a lock this old has no builder behind it
+
+
+def check_cpu_comm_build_lock(now: float | None = None) -> None:
+    """Refuse to start, in one line, where DeepSpeed's CPU communication op has a stale build lock.
+
+    Every DeepSpeed process on CPU loads ``deepspeed_shm_comm``, JIT-compiling it on first use under torch's lock
+    file; a process killed during that build leaves the lock, and every later run then waits on it forever,
+    silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    from pretrain.config import UserError
+
+    try:
+        lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")
+        age = (time.time() if now is None else now) - os.stat(lock).st_mtime
+    except OSError:
+        return
+    if age > STALE_BUILD_LOCK_S:
+        raise UserError(
+            f"{lock}: left {age / 60:.0f} min ago by a build of DeepSpeed's CPU communication op that "
+            f"was killed; every run would wait on it forever: delete it if no build is running, then "
+            f"rerun the same command"
+        )
+
+
+def shm_buffer_path(rank: int) -> Path:
+    """This rank's buffer of DeepSpeed's CPU shared-memory all-reduce (``deepspeed_shm_comm``)."""
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return Path("/dev/shm") / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
+
+
+def release_shm_buffer(rank: int) -> None:
+    """Unlink this rank's shared-memory all-reduce buffer (69 MB); call it once every rank has mapped it (after
+    ``deepspeed.init_distributed`` and a barrier).
+
+    DeepSpeed creates one per rank under /dev/shm when all ranks share a node and never unlinks it, so every CPU
+    run (and every killed one) left its buffers behind: 22 GB of /dev/shm after a day of test runs here, until
+    the machine ran out of memory. The mappings stay valid after the unlink (POSIX), so the run is unaffected and
+    nothing is left behind, whatever way the processes end."""
+    shm_buffer_path(rank).unlink(missing_ok=True)
