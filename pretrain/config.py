@@ -128,6 +128,9 @@ class TrainerConfig:
     """Phase 2: weights only from a phase-1 run dir, checkpoint dir (or tag dir) or Hugging Face export."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
+    compile: bool = False
+    """``torch.compile`` the model under the DeepSpeed engine (``engine.compile()``, inductor): fused kernels, at
+    the cost of a compile at start-up (and when batch shapes change); measure with ``launch/benchmark.py``."""
     deterministic: bool = False
     """``torch.use_deterministic_algorithms`` (bit-exact GPU resumes at some speed cost; CPU is exact anyway)."""
     collective_timeout_minutes: float = 5.0
@@ -144,6 +147,19 @@ class TrainerConfig:
     loss_spike_factor: float = 10.0
     """A step whose loss exceeds this times the running mean is logged (``kind: spike`` in metrics.jsonl) with the
     ids of its samples, so the document behind it can be found; training continues. 0 = off."""
+
+
+@dataclass
+class BenchConfig:
+    warmup: int = 3
+    """Untimed steps first (allocations, kernel selection, the loader's first batches)."""
+    steps: int = 10
+    """Timed optimizer steps per implementation (the median step time is reported)."""
+    compare: str = "none"
+    """``hf``: also time ``transformers``' BERT under the same DeepSpeed config, batches and optimizer, steps
+    interleaved with ours, and print the ratio; ``none``: ours only."""
+    synthetic_samples: int = 4096
+    """Training samples of the synthetic shards made when ``data.dir`` holds no prepared data."""
 
 
 @dataclass
@@ -177,6 +193,8 @@ class Config:
     """Batch, steps, precision, logging, evaluation, checkpoints, fault limits (``conf/trainer/*.yaml``)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Weights & Biases (``conf/logger/*.yaml``); metrics.jsonl is always written."""
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    """``launch/benchmark.py`` only: warm-up, timed steps, the ``transformers`` comparison."""
     name: str = "tiny-cpu"
     """Experiment name; the default run name starts with it."""
     run_name: str = "tiny-cpu"

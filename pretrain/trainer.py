@@ -288,6 +288,8 @@ def setup(cfg: Config, env: Any) -> Run:
         lr_scheduler=scheduler_factory(cfg),
         config=ds_config,
     )
+    if t.compile:
+        engine.compile()
     state, wandb_id = TrainState(), None
     if resume_tag is not None:
         state, client = restore(engine, resume_tag, sampler, load_tag)

@@ -184,7 +184,7 @@ def test_every_schema_field_has_a_docstring():
     from pretrain.model import BertConfig
 
     schemas = [C.Config, C.DataConfig, C.OptimConfig, C.SchedulerConfig, C.DeepSpeedSection, C.TrainerConfig]
-    schemas += [C.LoggerConfig, PrepareConfig, MaskingConfig, BertConfig]
+    schemas += [C.LoggerConfig, C.BenchConfig, PrepareConfig, MaskingConfig, BertConfig]
     from dataclasses import fields
 
     missing = [f"{s.__name__}.{f.name}" for s in schemas for f in fields(s) if f.name not in field_docs(s)]

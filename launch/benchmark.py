@@ -1,0 +1,61 @@
+"""Training throughput of the real DeepSpeed engine, with the same config groups as launch/pretrain.py.
+
+    python launch/benchmark.py model=bert-base trainer.micro_batch_size=32 trainer.global_batch_size=32 bench.compare=hf
+    deepspeed --num_gpus 1 launch/benchmark.py model=bert-base trainer.precision=bf16 trainer.micro_batch_size=256 \
+        trainer.global_batch_size=256 bench.compare=hf
+
+Runs ``bench.warmup`` untimed then ``bench.steps`` timed optimizer steps on ``data.dir`` (synthetic shards of
+the same format when it holds none) and prints sequences/s, tokens/s, non-padding tokens/s, MFU, loader wait and
+peak memory per implementation; with ``bench.compare=hf`` also ``transformers``' BERT under the same DeepSpeed
+config, optimizer and batches, steps interleaved. FLOPs: 6 x non-embedding parameters x real tokens + 12 x
+layers x hidden x length^2 per sequence + 6 x MLM-head parameters x masked tokens (pretrain/benchmark.py).
+The last line: ``seq_per_s=... tokens_per_s=... mfu=... ratio_vs_hf=...`` (the ratio only when compared).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+    sys.path[0] = ROOT  # this folder's pretrain.py would shadow the package
+elif ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from pretrain import cli  # noqa: E402
+
+cli.strip_local_rank_arg()
+
+import hydra  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from pretrain.config import UserError  # noqa: E402
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from pretrain import distributed as D
+    from pretrain.benchmark import run
+
+    try:
+        config = OmegaConf.to_object(cfg)
+        env = D.detect_env()
+        D.set_threads()
+        lines = run(config, env)
+    except (UserError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if env.is_main:
+        print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    if any(a in ("--help", "-h") for a in sys.argv[1:]):
+        print(__doc__, end="")
+        sys.exit(0)
+    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/config.py")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    main()

@@ -1,0 +1,241 @@
+"""Training throughput, measured the way training runs: the real DeepSpeed engine, optimizer, precision and data
+loader built from the same config as ``launch/pretrain.py``, on real shards (or synthetic shards of the same
+format when ``data.dir`` holds none), optionally side by side with ``transformers``' BERT.
+
+FLOPs of a step (what MFU divides by time and peak): 6 x non-embedding parameters x real (non-padding) tokens,
+plus the attention term 12 x layers x hidden x length^2 per sequence (its real length), plus 6 x MLM-head
+parameters (transform and decoder) x masked tokens. Embedding lookups cost nothing; padding does not count, so a
+padded batch and a padding-free one doing the same useful work get the same FLOPs. Both implementations are
+credited with the same FLOPs for the same batches: MFU and the ratio compare like with like.
+"""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
+from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
+from data_prep.vocab import SPECIALS
+
+SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
+
+
+def synthetic_data(out: Path, vocab_size: int, max_seq_length: int, samples: int, nsp: bool, seed: int = 0) -> Path:
+    """Shards of the prepared format with BERT's length mix (full rows, ``SHORT_SEQ_PROB`` short ones), random
+    ids, a vocab.txt and a manifest: the benchmark's data where none is prepared."""
+    rng = np.random.default_rng(seed)
+    out.mkdir(parents=True, exist_ok=True)
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIALS))]
+    (out / "vocab.txt").write_text("".join(t + "\n" for t in [*SPECIALS, *words]), encoding="utf-8")
+    for split, n in (("train", samples), ("validation", max(8, samples // 100))):
+        short = rng.random(n) < SHORT_SEQ_PROB
+        lengths = np.where(short, rng.integers(8, max_seq_length, n), max_seq_length).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        tokens = rng.integers(len(SPECIALS), vocab_size, int(lengths.sum())).astype(token_dtype(vocab_size))
+        a_len = np.maximum(2, lengths // 2) if nsp else lengths
+        tokens[offsets] = SPECIALS.index("[CLS]")
+        tokens[offsets + lengths - 1] = SPECIALS.index("[SEP]")
+        if nsp:
+            tokens[offsets + a_len - 1] = SPECIALS.index("[SEP]")
+        index = np.zeros((n, len(INDEX_COLUMNS)), dtype=np.int64)
+        index[:, OFFSET], index[:, LENGTH], index[:, A_LEN] = offsets, lengths, a_len
+        index[:, NSP_LABEL] = rng.integers(0, 2, n) if nsp else -1
+        index[:, DOC_A], index[:, DOC_B] = np.arange(n), np.arange(n) if nsp else -1
+        write_shard(out / split, "shard-00000", tokens, index)
+    manifest = Manifest(format_version=MANIFEST_VERSION, mode="bert" if nsp else "roberta", nsp=nsp,
+                        max_seq_length=max_seq_length, vocab_size=vocab_size, config={"synthetic": True})  # fmt: skip
+    write_manifest(out, manifest)
+    return out
+
+
+def step_flops(model_cfg: Any, non_embedding: int, head: int, lengths: torch.Tensor, masked: int) -> float:
+    """FLOPs of one micro-batch (see the module docstring); ``lengths`` are the rows' real token counts."""
+    tokens = float(lengths.sum())
+    attention = 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * float((lengths.double() ** 2).sum())
+    return 6.0 * non_embedding * tokens + attention + 6.0 * head * masked
+
+
+def parameter_split(model: torch.nn.Module, model_cfg: Any) -> tuple[int, int]:
+    """(non-embedding parameters outside the MLM head, MLM-head parameters): the first runs on every real token,
+    the second on masked tokens only; the per-sequence pooler and NSP head are left out (under 1%). Names follow
+    HF BERT, so this reads ours and ``transformers``' alike."""
+    head_names = ("cls.predictions",)
+    seen, body, head = set(), 0, 0
+    for name, p in model.named_parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        if "embeddings." in name and "LayerNorm" not in name or name.startswith(("bert.pooler", "cls.seq_rel")):
+            continue  # lookups are free; pooler and NSP head run once per sequence, not per token
+        if name.startswith(head_names):
+            head += p.numel()
+        else:
+            body += p.numel()
+    c = model_cfg
+    head += c.hidden_size * c.vocab_size  # the decoder GEMM uses the tied word table: counted at masked tokens
+    return body, head
+
+
+@dataclass
+class Timing:
+    """One implementation's measurements over the timed steps."""
+
+    name: str
+    step_s: list[float] = field(default_factory=list)
+    wait_s: list[float] = field(default_factory=list)
+    sequences: int = 0
+    tokens: int = 0
+    padded: int = 0
+    flops: float = 0.0
+    peak_gib: float | None = None
+
+
+class Runner:
+    """An engine and its own loader iterator; ``step()`` runs one optimizer step and books it."""
+
+    def __init__(self, name: str, engine: Any, loader: Any, sampler: Any, flop_split: tuple[int, int], model_cfg: Any):
+        self.t, self.engine, self.loader, self.sampler = Timing(name), engine, loader, sampler
+        self.flop_split, self.model_cfg = flop_split, model_cfg
+        self.it = iter(loader)
+
+    def _next(self) -> dict[str, torch.Tensor]:
+        try:
+            return next(self.it)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self.it = iter(self.loader)
+            return next(self.it)
+
+    def step(self, timed: bool) -> None:
+        engine, device = self.engine, self.engine.device
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0, wait, seqs, toks, padded, flops = time.perf_counter(), 0.0, 0, 0, 0, 0.0
+        for _ in range(engine.gradient_accumulation_steps()):
+            w0 = time.perf_counter()
+            batch = self._next()
+            wait += time.perf_counter() - w0
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+            lengths = batch["attention_mask"].sum(1)
+            masked = int((batch["labels"] != -100).sum())
+            seqs, toks, padded = seqs + len(lengths), toks + int(lengths.sum()), padded + batch["input_ids"].numel()
+            flops += step_flops(self.model_cfg, *self.flop_split, lengths.cpu(), masked)
+        if cuda:
+            torch.cuda.synchronize(device)
+        if timed:
+            t = self.t
+            t.step_s.append(time.perf_counter() - t0)
+            t.wait_s.append(wait)
+            t.sequences, t.tokens, t.padded, t.flops = (
+                t.sequences + seqs,
+                t.tokens + toks,
+                t.padded + padded,
+                t.flops + flops,
+            )
+            if cuda:
+                t.peak_gib = max(t.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
+
+
+def hf_model(model_kw: dict[str, Any]) -> torch.nn.Module:
+    """``transformers``' BERT of the same shape: ``BertForPreTraining``, or ``BertForMaskedLM`` with NSP off."""
+    import transformers
+
+    from pretrain.model import BertConfig
+
+    cfg = BertConfig(**model_kw)
+    cls = transformers.BertForPreTraining if cfg.nsp else transformers.BertForMaskedLM
+    hf_cfg = transformers.BertConfig(**{**cfg.to_hf_dict(), "vocab_size": cfg.vocab_size})
+    return cls(hf_cfg)
+
+
+def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | None, device: str) -> list[str]:
+    """Markdown rows and the last ``key=value`` line."""
+    lines = [
+        "| implementation | device | ms/step (median) | seq/s | tokens/s | non-pad tokens/s | MFU | loader wait ms "
+        "| peak GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    rates = {}
+    for t in timings:
+        total = sum(t.step_s)
+        seq_s, tok_s, real_s = t.sequences / total, t.padded / total, t.tokens / total
+        mfu = t.flops / total / (peak_tflops * 1e12) if peak_tflops else None  # this rank's FLOPs on its device
+        rates[t.name] = (seq_s, real_s, mfu)
+        lines.append(
+            f"| {t.name} | {device} | {1e3 * statistics.median(t.step_s):.1f} | {seq_s * world:,.1f} | "
+            f"{tok_s * world:,.0f} | {real_s * world:,.0f} | {'-' if mfu is None else f'{mfu:.1%}'} | "
+            f"{1e3 * statistics.median(t.wait_s):.2f} | {'-' if t.peak_gib is None else f'{t.peak_gib:.1f}'} |"
+        )
+    seq_s, real_s, mfu = rates[timings[0].name]
+    last = (
+        f"seq_per_s={seq_s * world:.2f} tokens_per_s={real_s * world:.0f} mfu={'n/a' if mfu is None else f'{mfu:.4f}'}"
+    )
+    if len(timings) > 1:
+        last += f" ratio_vs_hf={seq_s / rates[timings[1].name][0]:.3f}"
+    return [*lines, last]
+
+
+def run(cfg: Any, env: Any) -> list[str]:
+    """Build engines as training does, run ``bench.warmup`` then ``bench.steps`` steps (interleaved with the
+    ``transformers`` reference when ``bench.compare=hf``), and return the report lines."""
+    from pretrain import distributed as D
+    from pretrain.checkpoint import build_model
+    from pretrain.config import UserError, build_ds_config, preflight
+    from pretrain.data import build_dataloader
+    from pretrain.deepspeed_env import import_deepspeed
+    from pretrain.metrics import peak_tflops
+    from pretrain.optim import build_optimizer, scheduler_factory
+
+    t, b = cfg.trainer, cfg.bench
+    if b.compare not in ("none", "hf"):
+        raise UserError(f"bench.compare={b.compare!r}: use none or hf")
+    tmp = None
+    if not (Path(cfg.data.dir) / "train").is_dir():
+        tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
+        vocab = cfg.model.vocab_size or 30522
+        synthetic_data(Path(tmp.name), vocab, t.max_seq_length, b.synthetic_samples, cfg.model.nsp, cfg.seed)
+        cfg.data.dir = tmp.name
+    info, model_kw = preflight(cfg, env.world_size)
+    deepspeed = import_deepspeed(cfg.verbose)
+    device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
+    runners = []
+    impls = ["ours"] + (["transformers"] if b.compare == "hf" else [])
+    for name in impls:
+        torch.manual_seed(cfg.seed)
+        model = build_model(model_kw, None) if name == "ours" else hf_model(model_kw)
+        client_opt, ds_opt, groups, _ = build_optimizer(cfg, model, device.type == "cuda")
+        ds_config = copy.deepcopy(build_ds_config(cfg, env.world_size, ds_opt))
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
+                                               lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
+        if t.compile and name == "ours":  # the reference runs as its users run it: eager
+            engine.compile()
+        loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, rank=env.rank,
+                                           world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                                           masking=cfg.data.masking, bucket=cfg.data.bucket)  # fmt: skip
+        from pretrain.model import BertConfig
+
+        model_cfg = BertConfig(**model_kw)
+        runners.append(Runner(name, engine, loader, sampler, parameter_split(model, model_cfg), model_cfg))
+    for i in range(b.warmup + b.steps):  # interleaved: drift and noise hit both alike
+        for r in runners:
+            r.step(timed=i >= b.warmup)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
+    lines = report([r.t for r in runners], b.steps, env.world_size, peak_tflops(t.peak_tflops, device), where)
+    D.shutdown()
+    if tmp is not None:
+        tmp.cleanup()
+    return lines
