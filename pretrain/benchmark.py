@@ -217,6 +217,11 @@ def run(cfg: Any, env: Any) -> list[str]:
     for name in impls:
         torch.manual_seed(cfg.seed)
         model = build_model(model_kw, None) if name == "ours" else hf_model(model_kw)
+        if t.activation_checkpointing:  # the reference too: the same memory budget for both
+            if name == "ours":
+                model.bert.encoder.checkpoint_layers = True
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         client_opt, ds_opt, groups, _ = build_optimizer(cfg, model, device.type == "cuda")
         ds_config = copy.deepcopy(build_ds_config(cfg, env.world_size, ds_opt))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,

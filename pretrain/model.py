@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # label of positions that are not predicted (Hugging Face convention)
 # Plain functions / partials, not lambdas, so a whole model still pickles.
@@ -205,10 +206,14 @@ class BertEncoder(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
         self.layer = nn.ModuleList(BertLayer(c) for _ in range(c.num_hidden_layers))
+        self.checkpoint_layers = False  # keep only each layer's input; recompute the layer in backward (memory)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layer:
-            x = layer(x, mask)
+            if self.checkpoint_layers and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, mask, use_reentrant=False)  # same dropout masks: RNG state is replayed
+            else:
+                x = layer(x, mask)
         return x  # [B, L, H]
 
 

@@ -247,6 +247,7 @@ def setup(cfg: Config, env: Any) -> Run:
         torch.use_deterministic_algorithms(True)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
     model = build_model(model_kw, t.init_from if resume_tag is None else None)
+    model.bert.encoder.checkpoint_layers = t.activation_checkpointing
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
     client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, device.type == "cuda")
     ds_config = build_ds_config(cfg, env.world_size, ds_opt)  # repeated warnings are shown once
