@@ -25,6 +25,7 @@ import torch
 from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
 from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
 from data_prep.vocab import SPECIALS
+from pretrain.data import build_dataloader, real_lengths
 
 SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
 
@@ -130,7 +131,7 @@ class Runner:
             loss = engine(**batch).loss
             engine.backward(loss)
             engine.step()
-            lengths = batch["attention_mask"].sum(1)
+            lengths = real_lengths(batch)  # per sample: a packed row carrying two samples counts two
             masked = int((batch["labels"] != -100).sum())
             seqs, toks, padded = seqs + len(lengths), toks + int(lengths.sum()), padded + batch["input_ids"].numel()
             flops += step_flops(self.model_cfg, *self.flop_split, lengths.cpu(), masked)
@@ -195,7 +196,6 @@ def run(cfg: Any, env: Any) -> list[str]:
     from pretrain import distributed as D
     from pretrain.checkpoint import build_model
     from pretrain.config import UserError, build_ds_config, preflight
-    from pretrain.data import build_dataloader
     from pretrain.deepspeed_env import import_deepspeed
     from pretrain.metrics import peak_tflops
     from pretrain.optim import build_optimizer, scheduler_factory
@@ -230,7 +230,8 @@ def run(cfg: Any, env: Any) -> list[str]:
             engine.compile()
         loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, rank=env.rank,
                                            world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                           masking=cfg.data.masking, bucket=cfg.data.bucket)  # fmt: skip
+                                           masking=cfg.data.masking, bucket=cfg.data.bucket,
+                                           pack=cfg.data.pack and name == "ours")  # fmt: skip
         from pretrain.model import BertConfig
 
         model_cfg = BertConfig(**model_kw)

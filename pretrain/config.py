@@ -43,6 +43,10 @@ class DataConfig:
     """Group samples of similar length into batches (less padding); order is still deterministic."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
     """Dynamic MLM masking (see ``pretrain/masking.py``); validation always uses static masks of the same rates."""
+    pack: bool = False
+    """Pack each micro-batch's samples into as few rows as they fit (attention kept inside each sample, positions
+    restarting, NSP read at each sample's [CLS]): no compute on padding, same losses per sample; the samples per
+    step and the data order are unchanged (resumes stay exact)."""
     verify: bool = True
     """Check every shard against the sha256 in ``manifest.json`` before the first step (a rotten or truncated
     shard stops the run with one line naming it); false keeps only the cheap size and index checks. Cost: one

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.store import A_LEN, LENGTH, NSP_LABEL, OFFSET, SplitReader
-from pretrain.masking import MaskingCollator, MaskingConfig
+from pretrain.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
 
 BatchIndex = list[tuple[int, int]]
 
@@ -244,6 +244,64 @@ class ResumableDistributedSampler(Sampler[BatchIndex]):
             )
 
 
+class PackingCollator:
+    """Masks a micro-batch as ``MaskingCollator`` does (same masks per sample), then packs its samples into as few
+    rows of the batch's width as first-fit in sample order allows: padding is compute that learns nothing.
+
+    The batch keeps every sample (the sampler's position and the sequences per step are unchanged); rows carry
+    ``position_ids`` restarting at each sample, ``attention_mask`` with each token's sample number in its row
+    (1, 2, ...; 0 = padding: the model keeps attention inside each sample), and ``cls_index`` [N], the flat index
+    of each sample's [CLS] (NSP is read there). Deterministic: the same samples give the same rows."""
+
+    def __init__(self, collator: MaskingCollator) -> None:
+        self.collator = collator
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collator(samples)
+        real = batch["attention_mask"].numpy().astype(bool)
+        lengths, width = real.sum(1), real.shape[1]
+        free: list[int] = []  # room left in each row
+        place = []  # (row, start) of each sample
+        for n in lengths.tolist():
+            r = next((r for r, f in enumerate(free) if f >= n), len(free))
+            if r == len(free):
+                free.append(width)
+            place.append((r, width - free[r]))
+            free[r] -= n
+        rows = len(free)
+        out = {k: np.zeros((rows, width), np.int64) for k in ("input_ids", "token_type_ids", "attention_mask")}
+        out["input_ids"][:] = self.collator.pad_id
+        out["labels"] = np.full((rows, width), IGNORE_INDEX, np.int64)
+        out["position_ids"] = np.zeros((rows, width), np.int64)
+        count = [0] * rows
+        cls_index = np.empty(len(samples), np.int64)
+        for i, ((r, start), n) in enumerate(zip(place, lengths.tolist(), strict=True)):
+            dst, src = slice(start, start + n), slice(0, n)
+            for k in ("input_ids", "token_type_ids", "labels"):
+                out[k][r, dst] = batch[k][i, src].numpy()
+            count[r] += 1
+            out["attention_mask"][r, dst] = count[r]
+            out["position_ids"][r, dst] = np.arange(n)
+            cls_index[i] = r * width + start
+        packed = {k: torch.from_numpy(v) for k, v in out.items()}
+        packed["cls_index"] = torch.from_numpy(cls_index)
+        if "next_sentence_label" in batch:
+            packed["next_sentence_label"] = batch["next_sentence_label"]
+        return packed
+
+
+def real_lengths(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Token count of every sample of a batch, packed or not: [N]."""
+    mask = batch["attention_mask"]
+    if "position_ids" not in batch:
+        return mask.sum(1)
+    k, width = int(mask.max()) + 1, mask.size(1)
+    keys = torch.arange(mask.size(0), device=mask.device)[:, None] * k + mask  # (row, sample number in row)
+    counts = torch.bincount(keys.reshape(-1), minlength=mask.size(0) * k)
+    cls = batch["cls_index"]
+    return counts[(cls // width) * k + mask.reshape(-1)[cls]]  # in sample order
+
+
 def build_dataloader(
     data_dir: str | os.PathLike,
     split: str,
@@ -258,6 +316,7 @@ def build_dataloader(
     shuffle: bool = True,
     drop_last: bool = True,
     bucket_window: int = 100,
+    pack: bool = False,
 ) -> tuple[DataLoader, ResumableDistributedSampler]:
     """DataLoader of masked micro-batches for this rank, and its sampler (for ``advance``/state/epochs).
 
@@ -279,7 +338,9 @@ def build_dataloader(
         lengths=dataset.lengths() if bucket else None,
         bucket_window=bucket_window,
     )
-    collator = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed)
+    collator: Any = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed)
+    if pack:
+        collator = PackingCollator(collator)
     # No worker_init_fn and no loader generator: nothing in a worker is random; every draw is a hash.
     loader = DataLoader(
         dataset,

@@ -128,9 +128,14 @@ class BertEmbeddings(nn.Module):
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.dropout = nn.Dropout(c.hidden_dropout_prob)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         L = input_ids.size(1)
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:L]  # [B, L, H] + [L, H]
+        if position_ids is None:
+            x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:L]  # [B, L, H] + [L, H]
+        else:  # packed rows: positions restart at every sample
+            x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:  # all segment A: add row 0 without a gather
             x = x + self.token_type_embeddings.weight[0]
         else:
@@ -234,10 +239,15 @@ class BertModel(nn.Module):
         self.pooler = BertPooler(c) if c.nsp else None
 
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None, mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [B, L, H]; ``mask`` is the boolean [B, 1, 1, L] attention mask (or None)."""
-        return self.encoder(self.embeddings(input_ids, token_type_ids), mask)
+        """Final hidden states [B, L, H]; ``mask`` is the boolean attention mask, [B, 1, 1, L] or, for packed
+        rows, block-diagonal [B, 1, L, L] (or None)."""
+        return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask)
 
 
 class BertPredictionHeadTransform(nn.Module):
@@ -335,17 +345,26 @@ class BertForPreTraining(nn.Module):
         input_ids: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Token ids [B, L] -> final hidden states [B, L, H]; attention_mask [B, L] is 1 (or True) for real tokens."""
+        """Token ids [B, L] -> final hidden states [B, L, H]; attention_mask [B, L] is 1 (or True) for real tokens.
+
+        Packed rows (several samples in one row, ``position_ids`` given): ``attention_mask`` holds each token's
+        sample number in its row (1, 2, ...; 0 = padding) and attention stays inside each sample."""
         if input_ids.size(1) > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}"
             )
         mask = None
-        if attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
+        if attention_mask is not None and position_ids is not None:  # block-diagonal [B, 1, L, L]
+            same = attention_mask[:, :, None] == attention_mask[:, None, :]
+            real = attention_mask[:, None, :] > 0
+            eye = torch.eye(input_ids.size(1), dtype=torch.bool, device=input_ids.device)
+            mask = ((same & real) | eye)[:, None]  # a padding query attends to itself: no all-masked row (NaN)
+        elif attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
             mask = attention_mask[:, None, None, :].bool()
-        return self.bert(input_ids, token_type_ids, mask)
+        return self.bert(input_ids, token_type_ids, mask, position_ids)
 
     def mlm_logits_dense(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits at every position, [B, L, H] -> [B, L, vocab_size] (for HF comparisons and fill-mask)."""
@@ -358,12 +377,17 @@ class BertForPreTraining(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         next_sentence_label: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cls_index: torch.Tensor | None = None,
     ) -> PretrainingOutput:
-        """labels [B, L]: target ids, -100 where nothing is predicted. next_sentence_label [B]: 0 = IsNext."""
-        hidden = self.encode(input_ids, token_type_ids, attention_mask)  # [B, L, H]
+        """labels [B, L]: target ids, -100 where nothing is predicted. next_sentence_label [N]: 0 = IsNext, one per
+        sample. Packed rows (see ``encode``) also give ``position_ids`` [B, L] and ``cls_index`` [N], the flat
+        index (row x L + column) of each sample's [CLS]: NSP is read there, once per sample."""
+        hidden = self.encode(input_ids, token_type_ids, attention_mask, position_ids)  # [B, L, H]
         nsp_logits = nsp_loss = None
         if self.config.nsp:
-            nsp_logits = self.cls.seq_relationship(self.bert.pooler(hidden))  # [B, 2]
+            cls_hidden = hidden if cls_index is None else hidden.view(-1, 1, hidden.size(-1)).index_select(0, cls_index)
+            nsp_logits = self.cls.seq_relationship(self.bert.pooler(cls_hidden))  # [N, 2]
             if next_sentence_label is not None:
                 nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
         mlm_logits = mlm_labels = mlm_loss = None

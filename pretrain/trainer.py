@@ -119,7 +119,7 @@ def train_step(
         stats[1] += out.mlm_loss.detach().double()
         if out.nsp_loss is not None:
             stats[2] += out.nsp_loss.detach().double()
-        stats[3] += batch["attention_mask"].sum()
+        stats[3] += (batch["attention_mask"] > 0).sum()  # packed rows number their samples: count real tokens
         stats[4] += batch["input_ids"].numel()
     return stats, nonfinite
 
@@ -261,7 +261,13 @@ def setup(cfg: Config, env: Any) -> Run:
     common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
     try:
         loader, sampler = build_dataloader(
-            cfg.data.dir, "train", t.micro_batch_size, masking=masking, bucket=cfg.data.bucket, **common
+            cfg.data.dir,
+            "train",
+            t.micro_batch_size,
+            masking=masking,
+            bucket=cfg.data.bucket,
+            pack=cfg.data.pack,
+            **common,
         )
         val_loader = (
             build_dataloader(

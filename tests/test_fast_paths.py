@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
+from pretrain.data import PackingCollator, real_lengths
+from pretrain.masking import MaskingCollator, MaskingConfig
 from pretrain.model import BertConfig, BertForPreTraining
 
 
@@ -62,3 +65,69 @@ def test_activation_checkpointing_matches_plain_backward():
     assert torch.equal(la, lb) and ga.keys() == gb.keys()
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _samples(n: int = 10, seed: int = 0) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        length = int(rng.integers(6, 30)) if i % 3 else 32  # full rows and short ones, as BERT data has
+        ids = rng.integers(5, 120, length)
+        ids[0], ids[length // 2], ids[-1] = 2, 3, 3  # [CLS] A [SEP] B [SEP]
+        out.append({"input_ids": ids, "a_len": length // 2 + 1, "nsp_label": i % 2, "index": i, "epoch": 0})
+    return out
+
+
+def test_packed_batch_gives_each_sample_its_own_losses():
+    """data.pack: a packed micro-batch gives every sample the MLM and NSP losses it gets when run alone."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(115)]
+    collator = MaskingCollator(vocab, MaskingConfig(mlm_probability=0.3), seed=3)
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64)  # fmt: skip
+    torch.manual_seed(0)
+    model = BertForPreTraining(cfg).eval()
+    samples = _samples()
+    packed = PackingCollator(collator)(samples)
+    width = packed["input_ids"].size(1)
+    assert packed["input_ids"].size(0) < len(samples)  # short samples share rows
+    assert real_lengths(packed).tolist() == [len(s["input_ids"]) for s in samples]
+    with torch.no_grad():
+        out = model(**packed)
+        ce = torch.nn.functional.cross_entropy(out.mlm_logits.float(), out.mlm_labels, reduction="none")
+        flat = (packed["labels"].reshape(-1) != -100).nonzero().squeeze(1)  # the order of out.mlm_logits
+        starts, checked = packed["cls_index"], 0
+        for i, s in enumerate(samples):
+            alone = model(**collator([s]))
+            lo = int(starts[i])
+            mine = (flat >= lo) & (flat < lo + len(s["input_ids"]))
+            assert int(mine.sum()) == alone.num_masked  # the same masks, wherever the sample sits
+            if alone.num_masked:
+                checked += 1
+                torch.testing.assert_close(ce[mine].mean(), alone.mlm_loss, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out.nsp_logits[i], alone.nsp_logits[0], rtol=1e-4, atol=1e-5)
+        assert checked >= len(samples) - 2 and int(starts.max()) < packed["input_ids"].numel() and width >= 32
+
+
+@pytest.mark.slow
+def test_packed_training_resumes_exactly(tmp_path):
+    """Packing changes nothing of the data order: a run stopped and resumed ends with the weights of one run."""
+    import subprocess
+    import sys
+
+    from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, _weights, make_data
+
+    def launch(run_dir, *more):
+        return subprocess.run([sys.executable, LAUNCH, f"run_dir={run_dir}", *args, *more], capture_output=True,
+                              text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+
+    data = make_data(tmp_path / "data", max_len=32)
+    args = [f"data.dir={data}", *SMALL, "data.pack=true", "trainer.max_steps=8", "trainer.checkpoint_every=4",
+            "trainer.eval_every=8", "trainer.log_every=2"]  # fmt: skip
+    r = launch(tmp_path / "one")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(tmp_path / "two", "trainer.stop_at_step=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = launch(tmp_path / "two")
+    assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
