@@ -285,6 +285,8 @@ def print_startup(
     heads = "MLM + NSP heads" if model.nsp else "MLM head only (RoBERTa-style)"
     where = f"threads per rank: {threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     epochs = t.max_steps * t.global_batch_size / max(1, samples.get("train", 0))
+    extras = [("packed rows", cfg.data.pack), ("compiled", t.compile), ("activation checkpointing",
+              t.activation_checkpointing)]  # fmt: skip
     lines = [
         "=" * 72,
         f"run {cfg.run_name}",
@@ -292,7 +294,8 @@ def print_startup(
         f"{model.hidden_size}, {model.num_attention_heads} heads, vocab {model.vocab_size:,}, {heads}",
         f"  data         {data}",
         f"  ranks        {env.world_size} rank(s) via {env.launcher}; {where}",
-        f"  engine       ZeRO stage {zero_stage}, {t.precision}; optimizer: {optimizer}",
+        f"  engine       ZeRO stage {zero_stage}, {t.precision}; optimizer: {optimizer}"
+        + "".join(f"; {name}" for name, on in extras if on),
         f"  batch        {t.global_batch_size:,} sequences per step = {t.micro_batch_size} micro x {accum} "
         f"accumulation x {env.world_size} rank(s); up to {t.global_batch_size * t.max_seq_length:,} tokens per step",
         f"  plan         step {start_step} -> {t.max_steps:,} ({epochs:.2f} epochs of the training split); "

@@ -124,7 +124,9 @@ def test_packed_training_resumes_exactly(tmp_path):
     args = [f"data.dir={data}", *SMALL, "data.pack=true", "trainer.max_steps=8", "trainer.checkpoint_every=4",
             "trainer.eval_every=8", "trainer.log_every=2"]  # fmt: skip
     r = launch(tmp_path / "one")
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 and "ZeRO stage 0, fp32; optimizer: AdamW: PyTorch; packed rows" in r.stdout, r.stderr[
+        -3000:
+    ]
     r = launch(tmp_path / "two", "trainer.stop_at_step=4")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(tmp_path / "two")
