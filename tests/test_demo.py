@@ -1,0 +1,27 @@
+"""The README's first command, `make demo` (launch/demo.sh), end to end on the built-in corpus: shards, a short
+pretraining, the Hugging Face export and fill-mask predictions, with no download."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.test_trainer import ROOT, _env
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path):
+    env = {**_env(), "DEMO_DIR": str(tmp_path / "demo"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "trainer.max_steps=4", "trainer.eval_every=4",
+                        "trainer.checkpoint_every=4", "trainer.eval_batches=2"], capture_output=True, text=True,
+                       env=env, timeout=600, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    out = tmp_path / "demo"
+    assert (out / "data" / "manifest.json").is_file() and (out / "run" / "hf" / "model.safetensors").is_file()
+    assert "finished" in r.stdout and "eval step 4: val MLM loss" in r.stdout
+    predictions = [line for line in r.stdout.splitlines() if line.strip().startswith("->")]
+    assert len(predictions) == 3 and all("(0." in p for p in predictions)
