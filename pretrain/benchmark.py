@@ -196,7 +196,7 @@ def run(cfg: Any, env: Any) -> list[str]:
     from pretrain import distributed as D
     from pretrain.checkpoint import build_model
     from pretrain.config import UserError, build_ds_config, preflight
-    from pretrain.deepspeed_env import import_deepspeed
+    from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
     from pretrain.metrics import peak_tflops
     from pretrain.optim import build_optimizer, scheduler_factory
 
@@ -226,6 +226,7 @@ def run(cfg: Any, env: Any) -> list[str]:
         ds_config = copy.deepcopy(build_ds_config(cfg, env.world_size, ds_opt))
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
                                                lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
+        release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
         if t.compile and name == "ours":  # the reference runs as its users run it: eager
             engine.compile()
         loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, rank=env.rank,

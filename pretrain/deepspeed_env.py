@@ -64,8 +64,9 @@ def shm_buffer_path(rank: int) -> Path:
 
 
 def release_shm_buffer(rank: int) -> None:
-    """Unlink this rank's shared-memory all-reduce buffer (69 MB); call it once every rank has mapped it (after
-    ``deepspeed.init_distributed`` and a barrier).
+    """Unlink this rank's shared-memory all-reduce buffer (69 MB); call it once every rank has mapped it: after
+    any collective that follows ``deepspeed.init_distributed`` (``deepspeed.initialize`` runs some), as every rank
+    maps every other rank's buffer inside ``init_distributed``. No-op without a buffer.
 
     DeepSpeed creates one per rank under /dev/shm when all ranks share a node and never unlinks it, so every CPU
     run (and every killed one) left its buffers behind: 22 GB of /dev/shm after a day of test runs here, until

@@ -449,9 +449,6 @@ def init(
     # DeepSpeed adopts the initialised group (its TorchBackend wraps torch.distributed)
     with contextlib.nullcontext() if verbose else _quiet_fd(1):  # op-compatibility compiles, "built" notes
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False, timeout=timeout)
-    if backend == "gloo":
-        barrier()  # on every rank (some may have no buffer): each shm_initialize has opened all the others' by now
-        deepspeed_env.release_shm_buffer(env.rank)
     if env.world_size > 1 and _heartbeat is None:
         _heartbeat = _Heartbeat(
             os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.rank, env.world_size, timeout.total_seconds()

@@ -53,7 +53,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import Config, UserError, build_ds_config, preflight
 from pretrain.data import Batches, build_dataloader, fork_rng
-from pretrain.deepspeed_env import import_deepspeed
+from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.metrics import (
     LogWindow,
     MetricsLogger,
@@ -295,6 +295,7 @@ def setup(cfg: Config, env: Any) -> Run:
         lr_scheduler=scheduler_factory(cfg),
         config=ds_config,
     )
+    release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
     if t.compile:
         engine.compile()
     state, wandb_id = TrainState(), None
