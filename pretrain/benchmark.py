@@ -11,7 +11,6 @@ credited with the same FLOPs for the same batches: MFU and the ratio compare lik
 
 from __future__ import annotations
 
-import copy
 import statistics
 import tempfile
 import time
@@ -25,7 +24,7 @@ import torch
 from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
 from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
 from data_prep.vocab import SPECIALS
-from pretrain.data import build_dataloader, real_lengths
+from pretrain.data import Batches, build_dataloader, real_lengths
 
 SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
 
@@ -103,18 +102,9 @@ class Timing:
 class Runner:
     """An engine and its own loader iterator; ``step()`` runs one optimizer step and books it."""
 
-    def __init__(self, name: str, engine: Any, loader: Any, sampler: Any, flop_split: tuple[int, int], model_cfg: Any):
-        self.t, self.engine, self.loader, self.sampler = Timing(name), engine, loader, sampler
+    def __init__(self, name: str, engine: Any, batches: Batches, flop_split: tuple[int, int], model_cfg: Any):
+        self.t, self.engine, self.batches = Timing(name), engine, batches
         self.flop_split, self.model_cfg = flop_split, model_cfg
-        self.it = iter(loader)
-
-    def _next(self) -> dict[str, torch.Tensor]:
-        try:
-            return next(self.it)
-        except StopIteration:
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-            self.it = iter(self.loader)
-            return next(self.it)
 
     def step(self, timed: bool) -> None:
         engine, device = self.engine, self.engine.device
@@ -123,9 +113,10 @@ class Runner:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
         t0, wait, seqs, toks, padded, flops = time.perf_counter(), 0.0, 0, 0, 0, 0.0
+        self.batches.positions.clear()
         for _ in range(engine.gradient_accumulation_steps()):
             w0 = time.perf_counter()
-            batch = self._next()
+            batch = self.batches()
             wait += time.perf_counter() - w0
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             loss = engine(**batch).loss
@@ -195,10 +186,12 @@ def run(cfg: Any, env: Any) -> list[str]:
     ``transformers`` reference when ``bench.compare=hf``), and return the report lines."""
     from pretrain import distributed as D
     from pretrain.checkpoint import build_model
-    from pretrain.config import UserError, build_ds_config, preflight
+    from pretrain.config import UserError, preflight
     from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
     from pretrain.metrics import peak_tflops
-    from pretrain.optim import build_optimizer, scheduler_factory
+    from pretrain.model import BertConfig
+    from pretrain.optim import scheduler_factory
+    from pretrain.trainer import engine_config
 
     t, b = cfg.trainer, cfg.bench
     if b.compare not in ("none", "hf"):
@@ -212,7 +205,7 @@ def run(cfg: Any, env: Any) -> list[str]:
     info, model_kw = preflight(cfg, env.world_size)
     deepspeed = import_deepspeed(cfg.verbose)
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
-    runners = []
+    runners, model_cfg = [], BertConfig(**model_kw)
     impls = ["ours"] + (["transformers"] if b.compare == "hf" else [])
     for name in impls:
         torch.manual_seed(cfg.seed)
@@ -222,8 +215,7 @@ def run(cfg: Any, env: Any) -> list[str]:
                 model.bert.encoder.checkpoint_layers = True
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        client_opt, ds_opt, groups, _ = build_optimizer(cfg, model, device.type == "cuda")
-        ds_config = copy.deepcopy(build_ds_config(cfg, env.world_size, ds_opt))
+        client_opt, groups, ds_config, _ = engine_config(cfg, model, env.world_size, device.type == "cuda")
         engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
                                                lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
         release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
@@ -233,10 +225,8 @@ def run(cfg: Any, env: Any) -> list[str]:
                                            world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
                                            masking=cfg.data.masking, bucket=cfg.data.bucket,
                                            pack=cfg.data.pack and name == "ours")  # fmt: skip
-        from pretrain.model import BertConfig
-
-        model_cfg = BertConfig(**model_kw)
-        runners.append(Runner(name, engine, loader, sampler, parameter_split(model, model_cfg), model_cfg))
+        batches = Batches(loader, sampler, device)  # as training draws them: across epochs, RNG forked
+        runners.append(Runner(name, engine, batches, parameter_split(model, model_cfg), model_cfg))
     for i in range(b.warmup + b.steps):  # interleaved: drift and noise hit both alike
         for r in runners:
             r.step(timed=i >= b.warmup)

@@ -218,6 +218,17 @@ class LoopState:
     history: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_HISTORY))
 
 
+def engine_config(cfg: Config, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, dict, str]:
+    """The optimizer and DeepSpeed config of ``model`` as training builds them: (client optimizer or None, param
+    groups, the DeepSpeed JSON under the one precedence rule, a description of the optimizer)."""
+    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, cuda)
+    ds_config = build_ds_config(cfg, world_size, ds_opt)  # repeated warnings are shown once
+    if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
+        client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
+        warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
+    return client_opt, groups, ds_config, opt_desc
+
+
 def setup(cfg: Config, env: Any) -> Run:
     """Pre-flight checks, process group, model, optimizer, data, DeepSpeed engine, resume, logger."""
     t = cfg.trainer
@@ -249,11 +260,7 @@ def setup(cfg: Config, env: Any) -> Run:
     model = build_model(model_kw, t.init_from if resume_tag is None else None)
     model.bert.encoder.checkpoint_layers = t.activation_checkpointing
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
-    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, device.type == "cuda")
-    ds_config = build_ds_config(cfg, env.world_size, ds_opt)  # repeated warnings are shown once
-    if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
-        client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
-        warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
+    client_opt, groups, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -314,9 +321,10 @@ def setup(cfg: Config, env: Any) -> Run:
     # ZeRO 1-2, where fp32 has the check off: turn it on); a plain client optimizer (ZeRO-0, fp32) is skipped here.
     if hasattr(engine.optimizer, "check_grad_overflow"):
         engine.optimizer.check_grad_overflow = True
+    cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
     return Run(
         cfg=cfg,
-        cfg_dict=dataclasses.asdict(cfg),  # the resolved config, in every checkpoint and the W&B run
+        cfg_dict=cfg_dict,
         env=env,
         device=device,
         run_dir=run_dir,
@@ -325,7 +333,7 @@ def setup(cfg: Config, env: Any) -> Run:
         sampler=sampler,
         loader=loader,
         val_loader=val_loader,
-        logger=MetricsLogger(cfg, run_dir, env.is_main, wandb_id, dataclasses.asdict(cfg), state.step, t.max_steps),
+        logger=MetricsLogger(cfg, run_dir, env.is_main, wandb_id, cfg_dict, state.step, t.max_steps),
         info=info,
         model_kw=model_kw,
         opt_desc=opt_desc,
@@ -440,10 +448,11 @@ def finished_before(cfg: Any, env: Any) -> bool:
     """The same command again after the run finished: say what it left (no process group, no new W&B run)."""
     done = find_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "auto" else None
     exported = (Path(cfg.run_dir) / "hf" / "model.safetensors").is_file()  # else the resume exports it
-    if done is None or checkpoint_step(done) < cfg.trainer.max_steps or not exported:
+    step = checkpoint_step(done) if done is not None else -1
+    if step < cfg.trainer.max_steps or not exported:
         return False
     if env.is_main:
-        print_complete(Path(cfg.run_dir).resolve(), done, checkpoint_step(done), cfg.trainer.max_steps)
+        print_complete(Path(cfg.run_dir).resolve(), done, step, cfg.trainer.max_steps)
     return True
 
 
