@@ -1,20 +1,35 @@
 """Hugging Face checkpoints: ``load_hf`` reads a ``transformers`` BERT directory into ``BertForPreTraining``,
 ``export_hf`` writes one (``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained`` load it), and
-``fill_mask`` predicts masked tokens from a prompt. Parameter names map 1:1 (pretrain/model.py keeps HF's)."""
+``fill_mask`` predicts masked tokens from a prompt. Parameter names map 1:1 (pretrain/model.py keeps HF's).
+
+``load_model(path)`` takes any source the tools accept: a run directory (its newest complete checkpoint), a
+checkpoint tag directory (``RUN_DIR/checkpoints/stepNNNNNNNN``) or a Hugging Face directory (the trainer's
+``RUN_DIR/hf`` export, or any BERT directory with ``config.json`` + weights + ``vocab.txt`` or ``tokenizer.json``),
+and returns the model in eval mode with its vocabulary and tokenizer. Checkpoints are read through
+``pretrain.checkpoint`` (``find_checkpoint``, ``check_format``, ``build_model`` -> ``fp32_weights``); their model
+shape is the resolved config that every checkpoint's client state carries."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import shutil
+import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_prep.vocab import SPECIAL_TOKENS
+from data_prep.report import DataPrepError
+from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, read_vocab, special_ids
+from pretrain.config import UserError
 from pretrain.model import BertConfig, BertForPreTraining
+
+ROOT = Path(__file__).resolve().parent.parent
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -159,3 +174,164 @@ def fill_mask(
         probs, top = logits[pos].softmax(-1).topk(min(top_k, logits.size(-1)))
         out.append([(tokenizer.id_to_token(int(t)), float(p)) for p, t in zip(probs, top, strict=True)])
     return out
+
+
+@dataclass
+class ModelSource:
+    """A loaded model and what came with it."""
+
+    model: BertForPreTraining  # eval mode, on the CPU
+    vocab: list[str]  # token of each id
+    tokenizer: Any  # tokenizers.Tokenizer
+    lowercase: bool
+    path: Path  # the directory the model was read from: a checkpoint tag dir or a HF dir
+    kind: str  # "checkpoint" or "hf"
+    run_dir: Path | None = None  # the run a checkpoint belongs to (its metrics.jsonl gets the record)
+    step: int | None = None
+    config: dict | None = None  # the run's resolved config (checkpoints)
+    vocab_file: Path | None = None  # a vocab.txt holding ``vocab``, where there is one
+
+    def describe(self) -> str:
+        return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
+
+
+def _vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] | None:
+    """(tokens, tokenizer, lowercase, vocab.txt or None) of a directory with ``tokenizer.json`` and/or
+    ``vocab.txt``; None where it has neither."""
+    from tokenizers import Tokenizer
+
+    vocab_txt, tok_json = d / "vocab.txt", d / "tokenizer.json"
+    if not vocab_txt.is_file() and not tok_json.is_file():
+        return None
+    try:
+        if tok_json.is_file():
+            tokenizer = Tokenizer.from_file(str(tok_json))
+            lowercase = _lowercase_from_tokenizer_json(tok_json)
+            if vocab_txt.is_file():
+                vocab = read_vocab(vocab_txt)
+            else:
+                ids = tokenizer.get_vocab(with_added_tokens=True)
+                vocab = sorted(ids, key=ids.__getitem__)
+                if [ids[t] for t in vocab] != list(range(len(vocab))):
+                    raise DataPrepError(f"{tok_json}: token ids are not contiguous; give a vocab.txt beside it")
+        else:  # a plain BERT directory: vocab.txt and the casing in tokenizer_config.json
+            vocab = read_vocab(vocab_txt)
+            tc = d / "tokenizer_config.json"
+            lowercase = bool(json.loads(tc.read_text()).get("do_lower_case", True)) if tc.is_file() else True
+            special_ids(vocab, vocab_txt)
+            tokenizer = build_tokenizer({t: i for i, t in enumerate(vocab)}, lowercase)
+    except (DataPrepError, ValueError, OSError) as e:  # tokenizers raises a bare Exception on a bad file
+        raise UserError(f"{what}: cannot read the vocabulary in {d}: {e}") from None
+    except Exception as e:
+        raise UserError(f"{what}: {tok_json} is not a tokenizers file ({str(e).splitlines()[0]})") from None
+    return vocab, tokenizer, lowercase, vocab_txt if vocab_txt.is_file() else None
+
+
+def _client_state(tag: Path) -> dict:
+    """The client state DeepSpeed stores beside the module in ``*model_states.pt`` (memory-mapped: the weights in
+    it are not read here)."""
+    files = sorted(tag.glob("*model_states.pt"))
+    if not files:
+        raise UserError(f"{tag}: no DeepSpeed model states (*model_states.pt); not a checkpoint of this trainer")
+    try:
+        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated or overwritten mid-copy
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
+        raise UserError(f"{files[0]}: unreadable ({why}); the checkpoint is damaged, give an older one") from None
+
+
+def _run_config(tag: Path, run_dir: Path | None) -> dict:
+    config = _client_state(tag).get("config")
+    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():  # older bundles
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
+    if not isinstance(config, dict) or "model" not in config:
+        raise UserError(f"{tag}: the checkpoint records no model config; evaluate its run's hf/ export instead")
+    return config
+
+
+def _load_checkpoint(given: Path, tag: Path) -> ModelSource:
+    from pretrain.checkpoint import build_model, check_format, checkpoint_step
+    from pretrain.deepspeed_env import import_deepspeed
+
+    check_format(tag)
+    run_dir = tag.parent.parent if tag.parent.name == "checkpoints" else None
+    config = _run_config(tag, run_dir)
+    data_dir = str((config.get("data") or {}).get("dir") or "")
+    # The run's export holds the tokenizer files of its data; the data directory itself is the other place. A
+    # relative data.dir was relative to where training ran: the checkout, usually.
+    places = ([run_dir / "hf"] if run_dir else []) + ([Path(data_dir), ROOT / data_dir] if data_dir else [])
+    places = list(dict.fromkeys(places))  # an absolute data.dir is the same path twice
+    found = next((v for v in (_vocabulary(p, str(given)) for p in places) if v is not None), None)
+    if found is None:
+        raise UserError(
+            f"{given}: no vocabulary for this checkpoint: no vocab.txt or tokenizer.json in "
+            f"{' or '.join(map(str, places)) or 'its run (no data.dir recorded)'}; restore the run's data directory"
+        )
+    vocab, tokenizer, lowercase, vocab_file = found
+    model_kw = dict(config["model"])
+    if model_kw.get("vocab_size") is None:  # the usual null: taken from the data when the run started
+        model_kw["vocab_size"] = len(vocab)
+    elif model_kw["vocab_size"] != len(vocab):
+        raise UserError(
+            f"{given}: model.vocab_size={model_kw['vocab_size']} but its vocabulary ({vocab_file or places}) has "
+            f"{len(vocab)} tokens; restore the data directory the run was trained on"
+        )
+    import_deepspeed()  # fp32_weights reads ZeRO checkpoints through DeepSpeed: import it without the chatter
+    out = io.StringIO()
+    # DeepSpeed's notes and progress bars while it gathers ZeRO partitions: seconds, and not this tool's output
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        model = build_model(model_kw, str(tag))
+    for line in out.getvalue().splitlines():
+        if line.startswith("init_from:"):  # tensors the checkpoint lacked
+            print(f"warning: {line.removeprefix('init_from: ')}", file=sys.stderr)
+    return ModelSource(
+        model.eval(), vocab, tokenizer, lowercase, tag, "checkpoint", run_dir, checkpoint_step(tag), config, vocab_file
+    )
+
+
+def _load_hf_dir(path: Path) -> ModelSource:
+    found = _vocabulary(path, str(path))
+    if found is None:
+        raise UserError(f"{path}: no vocab.txt or tokenizer.json beside config.json; copy the model's tokenizer there")
+    vocab, tokenizer, lowercase, vocab_file = found
+    try:
+        model = load_hf(path)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if model.config.vocab_size != len(vocab):
+        raise UserError(
+            f"{path}: config.json has vocab_size={model.config.vocab_size} but the tokenizer has {len(vocab)} "
+            "tokens; the tokenizer files belong to another model"
+        )
+    return ModelSource(model.eval(), vocab, tokenizer, lowercase, path, "hf", vocab_file=vocab_file)
+
+
+def load_model(path: str | os.PathLike) -> ModelSource:
+    """The model a path names: a HF directory, a checkpoint tag dir, or a run dir (its newest complete checkpoint).
+    Raises UserError (one line) for anything else."""
+    from pretrain.checkpoint import find_checkpoint
+
+    p = Path(path)
+    if not p.exists():
+        raise UserError(
+            f"{p}: not found; give a run directory, a checkpoint (RUN_DIR/checkpoints/stepNNNNNNNN) or a Hugging "
+            "Face model directory (RUN_DIR/hf)"
+        )
+    if (p / "config.json").is_file():
+        return _load_hf_dir(p)
+    if (p / "COMPLETE").is_file():
+        return _load_checkpoint(p, p)
+    tag = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
+    if tag is not None:
+        return _load_checkpoint(p, tag)
+    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or list(p.glob("step*")):
+        hint = f"evaluate its export {p / 'hf'}" if (p / "hf" / "config.json").is_file() else "train it to a checkpoint"
+        raise UserError(
+            f"{p}: a run without a complete checkpoint (no step*/COMPLETE under {p / 'checkpoints'}); {hint}"
+        )
+    raise UserError(
+        f"{p}: not a model: no config.json (Hugging Face directory), no COMPLETE marker (checkpoint) and no "
+        "checkpoints/ (run directory)"
+    )

@@ -1,0 +1,397 @@
+"""Evaluation after training: the unigram baseline, a single-process evaluation loop and the ``launch/evaluate.py``
+run (checks of the data against the model, a table on stdout, a record in the run's ``metrics.jsonl``). The model
+comes from ``pretrain.hf.load_model`` (a run directory, a checkpoint or a Hugging Face directory).
+
+Every model is evaluated with the same masking (BERT's: 15%, 80/10/10, static, seeded by ``seed``) so numbers
+compare across runs and sources; the unigram baseline (always the most frequent token of the training split) is
+scored at exactly the masked positions the model is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data_prep.report import DataPrepError
+from data_prep.vocab import read_vocab
+from pretrain.config import UserError
+from pretrain.hf import ROOT, ModelSource, load_model
+
+DEFAULT_SEED = 1234  # the trainer's default seed: a default run evaluated with defaults sees its validation masks
+_CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
+
+
+# ------------------------------------------------------------------------------------------------ the data
+
+
+def token_counts(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
+    """Occurrences of every token id in a split's shards (int64, up to the largest id present): ``np.bincount``
+    over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM."""
+    from data_prep.store import SplitReader
+
+    counts = np.zeros(0, dtype=np.int64)
+    for shard in SplitReader(data_dir, split).shards:
+        for start in range(0, len(shard.tokens), _CHUNK):
+            c = np.bincount(np.asarray(shard.tokens[start : start + _CHUNK]))
+            if len(c) > len(counts):
+                counts = np.pad(counts, (0, len(c) - len(counts)))
+            counts[: len(c)] += c
+    return counts
+
+
+def most_frequent_token(data_dir: str | os.PathLike, split: str = "train", exclude: Iterable[int] | None = None) -> int:
+    """Id of the most frequent token of a split (the unigram baseline's only answer). ``exclude`` defaults to
+    the special tokens masking never selects ([PAD], [CLS], [SEP], [MASK], read from ``data_dir/vocab.txt``):
+    every sample has a [CLS] and a [SEP], and a baseline that answers one is never scored."""
+    from pretrain.masking import MaskingCollator
+
+    counts = token_counts(data_dir, split)
+    if exclude is None:
+        exclude = np.flatnonzero(MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt").ineligible)
+    drop = [i for i in exclude if i < len(counts)]
+    counts[drop] = -1
+    if not len(counts) or counts.max() <= 0:
+        raise ValueError(f"{Path(data_dir) / split}: no tokens that masking could select")
+    return int(counts.argmax())
+
+
+def _sha256(tokens: list[str]) -> str:
+    return hashlib.sha256("".join(t + "\n" for t in tokens).encode()).hexdigest()  # = sha256 of its vocab.txt
+
+
+def check_data(source: ModelSource, data_dir: str | os.PathLike, split: str) -> Path:
+    """The data directory, checked against the model: split present, same vocabulary, samples that fit."""
+    from data_prep.manifest import read_manifest
+
+    d = Path(data_dir)
+    if not d.is_dir():
+        raise UserError(f"--data {d}: directory not found; prepare it first (python launch/prepare_data.py ...)")
+    present = [s for s in ("train", "validation") if any((d / s).glob("*.index.npy"))]
+    if split not in present:
+        hint = f"pick --split {present[-1]}" if present else "run launch/prepare_data.py to completion first"
+        raise UserError(f"--data {d}: no {split!r} split (no shards {d / split}/*.index.npy); {hint}")
+    try:
+        data_vocab = read_vocab(d / "vocab.txt")
+        manifest = read_manifest(d)
+    except DataPrepError as e:
+        raise UserError(f"--data {d}: {e}") from None
+    if data_vocab != source.vocab:
+        same = ": the same number of tokens, different ones" if len(data_vocab) == len(source.vocab) else ""
+        raise UserError(
+            f"vocabulary mismatch: {d / 'vocab.txt'} has {len(data_vocab)} tokens (sha256 {_sha256(data_vocab)[:12]}) "
+            f"but the model {source.path} has {len(source.vocab)} (sha256 {_sha256(source.vocab)[:12]}){same}; "
+            "evaluate on data prepared with the model's vocabulary (prepare_data.py vocab=.../vocab.txt) or use --text"
+        )
+    longest = manifest.max_seq_length if manifest else None
+    if longest and longest > source.model.config.max_position_embeddings:
+        raise UserError(
+            f"--data {d}: samples of up to {longest} tokens but the model has "
+            f"max_position_embeddings={source.model.config.max_position_embeddings}; use shorter samples"
+        )
+    return d
+
+
+def _has_text(path: Path) -> bool:
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return True
+    return False
+
+
+def prepare_text(
+    source: ModelSource, text_file: str | os.PathLike, out_dir: Path, max_seq_length: int, seed: int
+) -> Path:
+    """Shards of a text file, prepared by the project's pipeline with the model's own vocabulary and casing, all of
+    it in the ``train`` split (nothing held out: the whole text is evaluated). Returns the data directory."""
+    from data_prep.config import PrepareConfig
+    from data_prep.pipeline import prepare
+
+    t = Path(text_file)
+    if not t.is_file():
+        raise UserError(f"--text {t}: file not found")
+    if not _has_text(t):
+        raise UserError(f"--text {t}: the file is empty (only whitespace); give a file with some sentences")
+    vocab_file = source.vocab_file
+    if vocab_file is None:  # a tokenizer.json alone: the pipeline takes a vocab.txt
+        vocab_file = out_dir / "vocab.txt"
+        vocab_file.write_text("".join(tok + "\n" for tok in source.vocab), encoding="utf-8")
+    size = t.stat().st_size
+    print(f"preparing {t} ({size:,} bytes) with the model's vocabulary", file=sys.stderr, flush=True)
+
+    def run(nsp: bool) -> dict:
+        cfg = PrepareConfig(
+            inputs=[f"text:{t.resolve()}"],
+            output_dir=str(out_dir / ("pairs" if nsp else "sentences")),
+            vocab=str(vocab_file),
+            lowercase=source.lowercase,
+            max_seq_length=max_seq_length,
+            nsp=nsp,
+            validation_fraction=0.0,
+            seed=seed,
+            num_workers=1 if size < 64 << 20 else 0,  # worker start-up outweighs small texts
+        )
+        # The data-prep summary, stage bars and log lines are not this tool's output; its warnings are relayed.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return prepare(cfg)
+
+    nsp = bool(source.model.config.nsp)
+    try:
+        manifest = run(nsp)
+    except DataPrepError as e:
+        if not nsp:
+            raise UserError(f"--text {t}: {e}") from None
+        try:  # too little text for sentence pairs (one sentence, say): the MLM figures can still be had
+            manifest, nsp = run(False), False
+        except DataPrepError:
+            raise UserError(f"--text {t}: {e}") from None
+        print(f"warning: --text {t}: no sentence pairs (too little text), NSP is not evaluated", file=sys.stderr)
+    for w in manifest.get("warnings", []):
+        # The empty validation split is asked for here, and NotNext is moot without pairs.
+        if not w.startswith("validation_fraction=") and (nsp or "NotNext" not in w):
+            print(f"warning: --text {t}: {w}", file=sys.stderr)
+    return out_dir / ("pairs" if nsp else "sentences")
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+class Progress:
+    """A tqdm bar on a terminal; when stdout is a file, a plain line at every tenth of the batches."""
+
+    def __init__(self, total: int, desc: str = "evaluate") -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.done = total, desc, 0
+        self.plain = not sys.stdout.isatty()
+        self.bar = (
+            None if self.plain else tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
+        )
+        self.every = max(1, total // 10)
+
+    def update(self, note: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(note, refresh=False)
+        elif self.done % self.every == 0 or self.done == self.total:
+            print(f"{self.desc}: batch {self.done}/{self.total}  {note}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+@torch.no_grad()
+def evaluate_model(
+    model: Any,
+    loader: Iterable[dict[str, torch.Tensor]],
+    num_batches: int,
+    device: torch.device,
+    unigram_id: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, float | int]:
+    """MLM loss/accuracy, the unigram baseline's accuracy at the same masked positions, NSP loss/accuracy and the
+    majority-class NSP accuracy over the first ``num_batches`` batches; one process, ``model`` (a
+    ``BertForPreTraining`` or a DeepSpeed engine around one) in eval mode meanwhile. The RNG streams are left as
+    they were (a loader iterator draws a seed from them). Keys: batches, samples, masked_tokens, mlm_loss, mlm_acc,
+    perplexity, unigram_acc (with ``unigram_id``), and nsp_loss, nsp_acc, nsp_majority_acc where the model has the
+    NSP head and the data NSP labels."""
+    from pretrain.data import fork_rng
+
+    config = getattr(model, "module", model).config
+    s = torch.zeros(9, dtype=torch.float64)  # MLM loss, correct, count, unigram correct; NSP loss, correct, count,
+    batches = 0  # IsNext labels; samples
+    was_training = model.training
+    model.eval()
+    with fork_rng(device):
+        for batch in loader:
+            if batches >= num_batches:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            if config.type_vocab_size < 2:  # a RoBERTa-style model on sentence pairs: it has one segment embedding
+                batch.pop("token_type_ids", None)
+            out = model(**batch)
+            s[8] += batch["input_ids"].size(0)
+            if out.num_masked:
+                logits, labels = out.mlm_logits.float(), out.mlm_labels
+                s[0] += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
+                s[1] += (logits.argmax(-1) == labels).sum().cpu()
+                s[2] += out.num_masked
+                if unigram_id is not None:
+                    s[3] += (labels == unigram_id).sum().cpu()
+            if out.nsp_logits is not None and "next_sentence_label" in batch:
+                label = batch["next_sentence_label"]
+                s[4] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double().cpu()
+                s[5] += (out.nsp_logits.argmax(-1) == label).sum().cpu()
+                s[6] += label.numel()
+                s[7] += (label == 0).sum().cpu()
+            batches += 1
+            if progress is not None:
+                progress(f"MLM acc {s[1] / max(s[2], 1):.2%}")
+    model.train(was_training)
+    s = s.tolist()
+    res: dict[str, float | int] = {"batches": batches, "samples": int(s[8]), "masked_tokens": int(s[2])}
+    if s[2]:
+        res.update(mlm_loss=s[0] / s[2], mlm_acc=s[1] / s[2], perplexity=math.exp(s[0] / s[2]))
+        if unigram_id is not None:
+            res["unigram_acc"] = s[3] / s[2]
+    if s[6]:
+        res.update(nsp_loss=s[4] / s[6], nsp_acc=s[5] / s[6], nsp_majority_acc=max(s[7], s[6] - s[7]) / s[6])
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ the tool
+
+
+def _table(source: ModelSource, where: str, res: dict[str, Any], batch_size: int, seed: int, unigram: str) -> str:
+    def row(name: str, value: str, base: str = "", note: str = "") -> str:
+        return f"  {name:<14}{value:>10}{base:>10}  {note}".rstrip()
+
+    lines = [
+        f"evaluate {source.describe()} on {where}",
+        f"  {res['samples']:,} samples in {res['batches']} batch(es) of {batch_size}, {res['masked_tokens']:,} masked "
+        f"tokens, masking seed {seed}",
+        row("metric", "model", "baseline"),
+    ]
+    if "mlm_loss" in res:
+        lines += [
+            row("MLM loss", f"{res['mlm_loss']:.4f}"),
+            row("perplexity", f"{res['perplexity']:.2f}"),
+            row("MLM accuracy", f"{res['mlm_acc']:.2%}", f"{res['unigram_acc']:.2%}", f"unigram: always {unigram!r}"),
+        ]
+    if "nsp_loss" in res:
+        lines += [
+            row("NSP loss", f"{res['nsp_loss']:.4f}"),
+            row("NSP accuracy", f"{res['nsp_acc']:.2%}", f"{res['nsp_majority_acc']:.2%}", "majority class"),
+        ]
+    return "\n".join(lines)
+
+
+def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """One line in ``RUN_DIR/metrics.jsonl``, as the trainer writes them (``kind``, ``step``, ``time``, non-finite
+    values as null): a single ``write`` of one line in append mode, so it never tears a line the trainer writes."""
+    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    record["time"] = round(time.time(), 3)
+    path = run_dir / "metrics.jsonl"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
+
+
+def run_evaluate(
+    model_path: str,
+    data: str | None = None,
+    text: str | None = None,
+    split: str = "validation",
+    batches: int | None = None,
+    batch_size: int = 32,
+    seed: int = DEFAULT_SEED,
+    max_seq_length: int | None = None,
+    log: bool = True,
+    device: str | None = None,
+) -> dict[str, Any]:
+    """``launch/evaluate.py``: load, check, evaluate, print the table, append the record; returns the record."""
+    from pretrain.data import build_dataloader
+    from pretrain.masking import MaskingConfig
+
+    if data and text:
+        raise UserError("give --data DIR or --text FILE, not both")
+    if device is not None:
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise UserError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
+    if batch_size < 1 or (batches is not None and batches < 1):
+        raise UserError(f"--batch-size {batch_size} / --batches {batches}: both must be at least 1")
+    source = load_model(model_path)
+    if data is None and text is None:  # a checkpoint knows the data it was trained on
+        data = ((source.config or {}).get("data") or {}).get("dir")
+        if not data:
+            raise UserError(f"{model_path}: give the data to evaluate on: --data DIR (prepared shards) or --text FILE")
+        if not Path(data).is_dir() and not (ROOT / data).is_dir():
+            raise UserError(
+                f"{model_path}: its training data {data} (data.dir) is gone; give --data DIR or --text FILE"
+            )
+    with tempfile.TemporaryDirectory(prefix="evaluate-text-") as tmp:
+        if text is not None:
+            trained = ((source.config or {}).get("trainer") or {}).get("max_seq_length") or 128
+            length = max_seq_length or min(int(trained), source.model.config.max_position_embeddings)
+            data_dir, split, where = prepare_text(source, text, Path(tmp), length, seed), "train", str(text)
+        else:
+            if not Path(data).is_dir() and (ROOT / data).is_dir():  # a run's relative data.dir, from elsewhere
+                data = str(ROOT / data)
+            data_dir = check_data(source, data, split)
+            where = f"{data_dir} ({split})"
+        try:
+            # Unigram baseline: the train split's most frequent token (for --text the text's own, all in train).
+            unigram_id = most_frequent_token(data_dir, "train")
+            loader, _ = build_dataloader(data_dir, split, batch_size, seed=seed, masking=MaskingConfig(),
+                                         shuffle=False, drop_last=False)  # fmt: skip
+        except ValueError as e:  # a truncated or corrupt shard: one line naming it
+            raise UserError(f"--data {data_dir}: {e}") from None
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model = source.model.to(dev)
+        n = len(loader) if batches is None else min(batches, len(loader))
+        bar = Progress(n)
+        try:
+            res = evaluate_model(model, loader, n, dev, unigram_id, bar.update)
+        finally:
+            bar.close()
+    if not res["masked_tokens"]:
+        raise UserError(f"{where}: no token was masked in {res['samples']} samples; evaluate on more text")
+    unigram = source.vocab[unigram_id]
+    print(_table(source, where, res, batch_size, seed, unigram), flush=True)
+    record = {
+        "kind": "evaluate",
+        "step": source.step,
+        "source": str(source.path.resolve()),
+        "data": str(Path(text).resolve() if text else Path(data_dir).resolve()),
+        "split": None if text else split,
+        "seed": seed,
+        "batch_size": batch_size,
+        "unigram_token": unigram,
+        **{k if k in ("batches", "samples", "masked_tokens") else f"val_{k}": v for k, v in res.items()},
+    }
+    if log and source.run_dir is not None:
+        try:
+            path = append_record(source.run_dir, record)
+            print(f"  recorded in  {path}")
+        except OSError as e:
+            warnings.warn(f"{source.run_dir / 'metrics.jsonl'}: not recorded ({e.strerror})", stacklevel=2)
+    return record
+
+
+def cli(main: Callable[[], int]) -> int:
+    """Run a tool's ``main``: a user mistake is one ``error:`` line on stderr and exit code 2, warnings are one
+    line each, Ctrl-C is 130; anything else is a bug and keeps its traceback."""
+
+    def one_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings API
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = one_line
+    try:
+        return main()
+    except (UserError, DataPrepError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
