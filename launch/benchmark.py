@@ -9,7 +9,9 @@ the same format when it holds none) and prints sequences/s, tokens/s, non-paddin
 peak memory per implementation; with ``bench.compare=hf`` also ``transformers``' BERT under the same DeepSpeed
 config, optimizer and batches, steps interleaved. FLOPs: 6 x non-embedding parameters x real tokens + 12 x
 layers x hidden x length^2 per sequence + 6 x MLM-head parameters x masked tokens (pretrain/benchmark.py).
-The last line: ``seq_per_s=... tokens_per_s=... mfu=... ratio_vs_hf=...`` (the ratio only when compared).
+Peak memory: the GPU's allocator high-water mark; on CPU the process's resident high-water mark (both models
+when compared). The last line: ``seq_per_s=... tokens_per_s=... mfu=... ratio_vs_hf=...``; the ratio (only when
+compared) is the median over timed steps of the two implementations' per-step sequences/s, steps interleaved.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ credited with the same FLOPs for the same batches: MFU and the ratio compare lik
 
 from __future__ import annotations
 
+import resource
 import statistics
 import tempfile
 import time
@@ -92,6 +93,7 @@ class Timing:
     name: str
     step_s: list[float] = field(default_factory=list)
     wait_s: list[float] = field(default_factory=list)
+    step_seqs: list[int] = field(default_factory=list)
     sequences: int = 0
     tokens: int = 0
     padded: int = 0
@@ -132,6 +134,7 @@ class Runner:
             t = self.t
             t.step_s.append(time.perf_counter() - t0)
             t.wait_s.append(wait)
+            t.step_seqs.append(seqs)
             t.sequences, t.tokens, t.padded, t.flops = (
                 t.sequences + seqs,
                 t.tokens + toks,
@@ -140,6 +143,8 @@ class Runner:
             )
             if cuda:
                 t.peak_gib = max(t.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
+            else:  # the process's resident high-water mark: both implementations' when compared side by side
+                t.peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def hf_model(model_kw: dict[str, Any]) -> torch.nn.Module:
@@ -176,8 +181,11 @@ def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | N
     last = (
         f"seq_per_s={seq_s * world:.2f} tokens_per_s={real_s * world:.0f} mfu={'n/a' if mfu is None else f'{mfu:.4f}'}"
     )
-    if len(timings) > 1:
-        last += f" ratio_vs_hf={seq_s / rates[timings[1].name][0]:.3f}"
+    if len(timings) > 1:  # median of the per-step ratios of interleaved steps: a stall on one side skews no mean
+        a, b = timings
+        steps = zip(a.step_seqs, a.step_s, b.step_seqs, b.step_s, strict=True)
+        paired = [(na / ta) / (nb / tb) for na, ta, nb, tb in steps]
+        last += f" ratio_vs_hf={statistics.median(paired):.3f}"
     return [*lines, last]
 
 

@@ -67,6 +67,38 @@ def test_activation_checkpointing_matches_plain_backward():
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-6, atol=1e-7, msg=n)
 
 
+@pytest.mark.parametrize("nsp", [True, False])
+def test_last_layer_on_read_positions_only_matches_full_pass(nsp: bool):
+    """The last layer's output projection and feed-forward run only where the heads read (masked positions and
+    [CLS]): same losses and gradients as heads applied to the full final hidden states."""
+    cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, nsp=nsp)  # fmt: skip
+    torch.manual_seed(0)
+    fast = BertForPreTraining(cfg)
+    full = copy.deepcopy(fast)
+    batch = _batch(cfg)
+    if not nsp:
+        del batch["next_sentence_label"]
+    out = fast(**batch)
+    out.loss.backward()
+    hidden = full.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # [B, L, H], no keep
+    labels = batch["labels"]
+    logits = full.mlm_logits_dense(hidden)[labels != -100]
+    ref = torch.nn.functional.cross_entropy(logits, labels[labels != -100])
+    torch.testing.assert_close(out.mlm_loss, ref, rtol=1e-6, atol=1e-6)
+    if nsp:
+        nsp_logits = full.cls.seq_relationship(full.bert.pooler(hidden[:, 0]))
+        ref_nsp = torch.nn.functional.cross_entropy(nsp_logits, batch["next_sentence_label"])
+        torch.testing.assert_close(out.nsp_loss, ref_nsp, rtol=1e-6, atol=1e-6)
+        ref = ref + ref_nsp
+    ref.backward()
+    ga = {n: p.grad for n, p in fast.named_parameters() if p.grad is not None}
+    gb = {n: p.grad for n, p in full.named_parameters() if p.grad is not None}
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
 def _samples(n: int = 10, seed: int = 0) -> list[dict]:
     rng = np.random.default_rng(seed)
     out = []
@@ -124,9 +156,8 @@ def test_packed_training_resumes_exactly(tmp_path):
     args = [f"data.dir={data}", *SMALL, "data.pack=true", "trainer.max_steps=8", "trainer.checkpoint_every=4",
             "trainer.eval_every=8", "trainer.log_every=2"]  # fmt: skip
     r = launch(tmp_path / "one")
-    assert r.returncode == 0 and "ZeRO stage 0, fp32; optimizer: AdamW: PyTorch; packed rows" in r.stdout, r.stderr[
-        -3000:
-    ]
+    startup = "ZeRO stage 0, fp32; optimizer: AdamW: PyTorch fused (CPU); packed rows"
+    assert r.returncode == 0 and startup in r.stdout, r.stderr[-3000:]
     r = launch(tmp_path / "two", "trainer.stop_at_step=4")
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(tmp_path / "two")

@@ -112,7 +112,7 @@ def test_lamb_step_matches_formula():
 
 
 def test_optimizer_choice_per_device(monkeypatch):
-    """GPU: torch's fused AdamW (nothing to compile), DeepSpeed's Adam only under offload or when asked; LAMB
+    """GPU and CPU: torch's fused AdamW (nothing to compile), DeepSpeed's Adam only under offload or when asked; LAMB
     falls back to pure PyTorch with one warning where DeepSpeed's op cannot build (here: no CUDA), after
     rewriting an arch-specific TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT cannot parse."""
     from pretrain.optim import build_optimizer
@@ -126,7 +126,7 @@ def test_optimizer_choice_per_device(monkeypatch):
     opt, ds, _, _ = build_optimizer(_cfg("optim.implementation=deepspeed"), model, on_cuda=True)
     assert opt is None and ds["type"] == "AdamW"
     opt, ds, _, desc = build_optimizer(_cfg("deepspeed=zero2_offload"), model, on_cuda=False)
-    assert isinstance(opt, torch.optim.AdamW) and not opt.defaults["fused"] and desc == "AdamW: PyTorch"
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and desc == "AdamW: PyTorch fused (CPU)"
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;10.0a+PTX")
     with pytest.warns(UserWarning, match="FusedLamb op does not build here"):
