@@ -39,28 +39,37 @@ _CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its i
 # ------------------------------------------------------------------------------------------------ the data
 
 
-def token_counts(data_dir: str | os.PathLike, split: str = "train") -> np.ndarray:
+def token_counts(data_dir: str | os.PathLike, split: str = "train", max_tokens: int | None = None) -> np.ndarray:
     """Occurrences of every token id in a split's shards (int64, up to the largest id present): ``np.bincount``
-    over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM."""
+    over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM. ``max_tokens``: read at
+    most that many, the same share from the start of every shard (an estimate for corpora of billions)."""
     from data_prep.store import SplitReader
 
+    shards = SplitReader(data_dir, split).shards
+    per_shard = None if max_tokens is None else -(-max_tokens // max(1, len(shards)))
     counts = np.zeros(0, dtype=np.int64)
-    for shard in SplitReader(data_dir, split).shards:
-        for start in range(0, len(shard.tokens), _CHUNK):
-            c = np.bincount(np.asarray(shard.tokens[start : start + _CHUNK]))
+    for shard in shards:
+        end = len(shard.tokens) if per_shard is None else min(len(shard.tokens), per_shard)
+        for start in range(0, end, _CHUNK):
+            c = np.bincount(np.asarray(shard.tokens[start : min(end, start + _CHUNK)]))
             if len(c) > len(counts):
                 counts = np.pad(counts, (0, len(c) - len(counts)))
             counts[: len(c)] += c
     return counts
 
 
-def most_frequent_token(data_dir: str | os.PathLike, split: str = "train", exclude: Iterable[int] | None = None) -> int:
+def most_frequent_token(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    exclude: Iterable[int] | None = None,
+    max_tokens: int | None = None,
+) -> int:
     """Id of the most frequent token of a split (the unigram baseline's only answer). ``exclude`` defaults to
     the special tokens masking never selects ([PAD], [CLS], [SEP], [MASK], read from ``data_dir/vocab.txt``):
     every sample has a [CLS] and a [SEP], and a baseline that answers one is never scored."""
     from pretrain.masking import MaskingCollator
 
-    counts = token_counts(data_dir, split)
+    counts = token_counts(data_dir, split, max_tokens)
     if exclude is None:
         exclude = np.flatnonzero(MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt").ineligible)
     drop = [i for i in exclude if i < len(counts)]

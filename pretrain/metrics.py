@@ -141,6 +141,7 @@ class MetricsLogger:
         self.is_main, self.run_dir = is_main, run_dir
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
+        self.wandb_mode = "disabled"
         self.wandb_id = wandb_id
         self.bar = None
         if not is_main:
@@ -150,7 +151,7 @@ class MetricsLogger:
         if cfg.logger.wandb and wandb_mode(cfg.logger.mode) != "disabled":
             import wandb
 
-            mode = wandb_mode(cfg.logger.mode)
+            mode = self.wandb_mode = wandb_mode(cfg.logger.mode)
             self.wandb_id = wandb_id or secrets.token_hex(4)  # not the global RNG: resumes stay exact
             self.wandb = wandb.init(
                 project=cfg.logger.project,
@@ -228,10 +229,13 @@ class MetricsLogger:
                 f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}"
             )
         if kind == "eval":
-            return (
-                f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')}"
-                f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}"
+            line = (
+                f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')} "
+                f"(unigram {f(r.get('val_unigram_acc'), '.2%')})"
             )
+            if r.get("val_nsp_acc") is not None:  # MLM-only runs have no NSP to report
+                line += f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}"
+            return line
         if kind == "skipped":
             return f"step {step}: skipped ({r['reason']}), {r['skipped']} so far"
         return None
@@ -318,9 +322,8 @@ def print_summary(s: dict[str, Any]) -> None:
         f"  steps        {s['step']}/{s['max_steps']}   sequences {s['sequences']:,}   tokens {s['tokens']:,}",
         f"  time         {s['seconds'] / 60:.1f} min this job   {fmt(s['sequences_per_s'], ',.1f')} seq/s   "
         f"{fmt(s['tokens_per_s'], ',.0f')} tokens/s   MFU {fmt(s.get('mfu'), '.1%')}",
-        f"  final loss   train {fmt(s.get('train_loss'))}   val MLM {fmt(s.get('val_mlm_loss'))} "
-        f"(acc {fmt(s.get('val_mlm_acc'), '.2%')})   val NSP {fmt(s.get('val_nsp_loss'))} "
-        f"(acc {fmt(s.get('val_nsp_acc'), '.2%')})",
+        f"  final loss   train {fmt(s.get('train_loss'))}",
+        *validation_lines(s),
         f"  optimizer    {s['optimizer']}   ZeRO stage {s['zero_stage']}   {s['precision']}   world {s['world_size']}",
         f"  run dir      {s['run_dir']}",
         f"  metrics      {s['run_dir']}/metrics.jsonl",
@@ -329,8 +332,26 @@ def print_summary(s: dict[str, Any]) -> None:
     ]
     if s.get("wandb_dir"):
         lines.append(f"  W&B          {s['wandb_dir']}")
+        if s.get("wandb_mode") == "offline":  # its files are the run's W&B record; one command publishes them
+            lines.append(f"  publish      wandb sync {Path(s['wandb_dir']).parent}")
     lines.append("=" * 72)
     print("\n".join(lines), flush=True)
+
+
+def validation_lines(v: dict[str, Any]) -> list[str]:
+    """The final validation figures beside their baselines: MLM accuracy against always answering the training
+    split's most frequent token (same masked positions), NSP accuracy against the 50% of a coin."""
+    if v.get("val_mlm_acc") is None:
+        return ["  validation   none (no validation split, or trainer.eval_batches=0)"]
+    acc, uni = v["val_mlm_acc"], v.get("val_unigram_acc")
+    times = f": {acc / uni:.1f}x" if uni else ""
+    lines = [
+        f"  validation   MLM loss {v['val_mlm_loss']:.4f}  acc {acc:.2%}  (unigram baseline "
+        f"{'n/a' if uni is None else format(uni, '.2%')}{times})"
+    ]
+    if v.get("val_nsp_acc") is not None:
+        lines.append(f"               NSP loss {v['val_nsp_loss']:.4f}  acc {v['val_nsp_acc']:.2%}  (chance 50%)")
+    return lines
 
 
 def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int) -> None:

@@ -29,6 +29,7 @@ PANEL_W, PANEL_H, LEGEND_H = 4.5, 3.5, 0.9  # inches; a figure is PANEL_W x ncol
 TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.4}
 VAL_STYLE = {"linestyle": ":", "linewidth": 1.6, "marker": "o", "markersize": 4}
 REF_STYLE = {"linestyle": "--", "linewidth": 1.4}
+BASE_STYLE = {"linestyle": "-.", "linewidth": 1.0, "alpha": 0.7}  # the unigram baseline, in the run's colour
 REF_COLORS = ["black", "0.5", "saddlebrown"]  # references stay out of the runs' colour cycle
 
 
@@ -119,7 +120,12 @@ PANELS = (
     Panel("Training loss (MLM + NSP)", "loss", (("loss", "train"),), only_with="nsp_loss"),
     Panel("MLM loss", "cross-entropy", (("mlm_loss", "train"), ("val_mlm_loss", "validation"))),
     Panel("NSP loss", "cross-entropy", (("nsp_loss", "train"), ("val_nsp_loss", "validation"))),
-    Panel("MLM accuracy", "accuracy (masked tokens)", (("mlm_acc", "train"), ("val_mlm_acc", "validation")), True),
+    Panel(
+        "MLM accuracy",
+        "accuracy (masked tokens)",
+        (("mlm_acc", "train"), ("val_mlm_acc", "validation"), ("val_unigram_acc", "baseline")),
+        True,
+    ),  # fmt: skip
     Panel("NSP accuracy", "accuracy", (("nsp_acc", "train"), ("val_nsp_acc", "validation")), True, chance=0.5),
     Panel("Learning rate", "learning rate", (("lr", "train"),)),
     Panel("Throughput", "tokens / s", (("tokens_per_s", "train"),)),
@@ -342,7 +348,7 @@ def build_figure(runs: list[Run], refs: list[Reference], x: str) -> Any:
     fig = Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     colors = [f"C{i % 10}" for i in range(len(runs))]
-    seen_val = seen_chance = False
+    seen_val = seen_chance = seen_base = False
     for ax, panel in zip(axes, panels, strict=False):
         for run, color in zip(runs, colors, strict=True):
             for key, part in panel.keys:
@@ -352,11 +358,12 @@ def build_figure(runs: list[Run], refs: list[Reference], x: str) -> Any:
                 xs = s.step if x == "step" else s.tokens
                 ok = np.isfinite(xs) & np.isfinite(s.value) & ((s.value > 0) if panel.log else True)
                 if ok.any():
-                    style = VAL_STYLE if part == "validation" else TRAIN_STYLE
+                    style = {"validation": VAL_STYLE, "baseline": BASE_STYLE}.get(part, TRAIN_STYLE)
                     if ok.sum() == 1:  # one log window: a line of one point is invisible
                         style = {**style, "marker": "o", "markersize": 5}
                     ax.plot(xs[ok], s.value[ok], color=color, label=f"{run.name} {part}", **style)
                     seen_val |= part == "validation"
+                    seen_base |= part == "baseline"
         for ref, ref_color in zip(refs, REF_COLORS * len(refs), strict=False):
             for key, _ in panel.keys:
                 s = ref.series(key)
@@ -397,6 +404,9 @@ def build_figure(runs: list[Run], refs: list[Reference], x: str) -> Any:
     if seen_val:
         handles.append(Line2D([], [], color="0.3", **VAL_STYLE))
         labels.append("validation")
+    if seen_base:
+        handles.append(Line2D([], [], color="0.3", **BASE_STYLE))
+        labels.append("unigram baseline (validation)")
     for ref, ref_color in zip(refs, REF_COLORS * len(refs), strict=False):
         handles.append(Line2D([], [], color=ref_color, **REF_STYLE))
         labels.append(ref.label)

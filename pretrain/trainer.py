@@ -54,6 +54,7 @@ from pretrain.checkpoint import (
 from pretrain.config import Config, UserError, build_ds_config, preflight
 from pretrain.data import Batches, build_dataloader, fork_rng
 from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
+from pretrain.evaluation import most_frequent_token
 from pretrain.metrics import (
     LogWindow,
     MetricsLogger,
@@ -66,6 +67,7 @@ from pretrain.metrics import (
 from pretrain.optim import build_optimizer, scheduler_factory
 
 NONFINITE_EXIT_CODE = 3
+UNIGRAM_SAMPLE = 1 << 26  # tokens read for the unigram baseline: seconds, not minutes, on a billion-token corpus
 SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
 
 
@@ -125,12 +127,14 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -> dict[str, float]:
-    """Validation MLM loss/accuracy and NSP loss/accuracy, summed over every rank's batches (static masks).
-    All ranks run the same number of batches (ZeRO-3 gathers parameters collectively)."""
+def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device, unigram_id: int) -> dict[str, float]:
+    """Validation MLM loss/accuracy and NSP loss/accuracy, summed over every rank's batches (static masks), and
+    the unigram baseline: the accuracy of always answering ``unigram_id`` (the training split's most frequent
+    token) at the same masked positions. All ranks run the same number of batches (ZeRO-3 gathers parameters
+    collectively)."""
     n = torch.tensor([min(max_batches, len(loader))], device=device)
     n = int(D.all_reduce(n, dist.ReduceOp.MIN).item())
-    s = torch.zeros(6, dtype=torch.float64, device=device)  # mlm loss, correct, count; nsp loss, correct, count
+    s = torch.zeros(7, dtype=torch.float64, device=device)  # mlm loss, correct, count; nsp loss, correct, count; uni
     engine.eval()
     with fork_rng(device):
         for _, batch in zip(range(n), loader, strict=False):
@@ -140,6 +144,7 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
                 s[0] += F.cross_entropy(logits, out.mlm_labels, reduction="sum").double()
                 s[1] += (logits.argmax(-1) == out.mlm_labels).sum()
                 s[2] += out.num_masked
+                s[6] += (out.mlm_labels == unigram_id).sum()
             if out.nsp_logits is not None and "next_sentence_label" in batch:
                 label = batch["next_sentence_label"].to(device)
                 s[3] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double()
@@ -147,7 +152,7 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device) -
                 s[5] += label.numel()
     engine.train()
     s = D.all_reduce(s).tolist()
-    res = {"val_mlm_loss": s[0] / s[2], "val_mlm_acc": s[1] / s[2]} if s[2] else {}
+    res = {"val_mlm_loss": s[0] / s[2], "val_mlm_acc": s[1] / s[2], "val_unigram_acc": s[6] / s[2]} if s[2] else {}
     if s[5]:
         res.update(val_nsp_loss=s[3] / s[5], val_nsp_acc=s[4] / s[5])
     return res
@@ -193,6 +198,7 @@ class Run:
     own_norm: bool  # DeepSpeed reports no gradient norm (plain fp32): train_step measures it
     flops_per_token: float
     peak_tflops: float | None
+    unigram_id: int  # the training split's most frequent maskable token: the validation baseline's answer
 
     @property
     def ckpt_root(self) -> Path:
@@ -343,6 +349,7 @@ def setup(cfg: Config, env: Any) -> Run:
         own_norm=engine.zero_optimization_stage() == 0 and t.precision == "fp32",
         flops_per_token=model.flops_per_token(t.max_seq_length),
         peak_tflops=peak_tflops(t.peak_tflops, device),
+        unigram_id=most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1,
     )
 
 
@@ -440,6 +447,7 @@ def summarize(run: Run, loop: LoopState, hf_dir: Path | None, t_loop: float) -> 
         "checkpoint": str(loop.last_ckpt) if loop.last_ckpt else None,
         "hf_dir": str(hf_dir) if hf_dir else None,
         "wandb_dir": run.logger.wandb.dir if run.logger.wandb is not None else None,
+        "wandb_mode": run.logger.wandb_mode,
         **loop.last_val,
     }
 
@@ -503,7 +511,7 @@ def train(cfg: Config) -> int:
         if run.val_loader is not None and (
             t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps
         ):
-            loop.last_val = evaluate(engine, run.val_loader, t.eval_batches, run.device)
+            loop.last_val = evaluate(engine, run.val_loader, t.eval_batches, run.device, run.unigram_id)
             run.logger.log({"kind": "eval", "step": state.step, **loop.last_val})
         if save_or_stop(run, loop, stop):
             break

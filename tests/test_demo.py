@@ -24,4 +24,10 @@ def test_demo_runs_end_to_end(tmp_path):
     assert (out / "data" / "manifest.json").is_file() and (out / "run" / "hf" / "model.safetensors").is_file()
     assert "finished" in r.stdout and "eval step 4: val MLM loss" in r.stdout
     predictions = [line for line in r.stdout.splitlines() if line.strip().startswith("->")]
-    assert len(predictions) == 3 and all("(0." in p for p in predictions)
+    assert len(predictions) == 5 and all("(0." in p for p in predictions)
+    # The demo's own figures: accuracy beside the unigram baseline, NSP beside chance, how to publish the W&B run.
+    assert "(unigram baseline " in r.stdout and "(chance 50%)" in r.stdout
+    sync = next(line for line in r.stdout.splitlines() if "wandb sync" in line).split("wandb sync ")[1]
+    assert Path(sync).is_dir() and Path(sync).name.startswith("offline-run-")
+    report = out / "run" / "report"
+    assert (report / "report.md").is_file() and (report / "report_steps.png").stat().st_size > 10_000

@@ -127,9 +127,10 @@ def test_run_dir_checkpoint_and_export_agree_with_the_trainers_own_validation(tr
     for k in keys:
         assert from_hf[k] == pytest.approx(from_run[k], rel=1e-5, abs=1e-7), k
         assert from_tag[k] == from_run[k], k
-    # Same samples, masks (seed, static masking) and weights as the evaluation at the end of training.
+    # Same samples, masks (seed, static masking) and weights as the evaluation at the end of training; the
+    # trainer's unigram baseline too, so its accuracy and its baseline were scored at the same masked positions.
     trainer = _records(run, "eval")[-1]
-    for k in ("val_mlm_loss", "val_mlm_acc", "val_nsp_loss", "val_nsp_acc"):
+    for k in ("val_mlm_loss", "val_mlm_acc", "val_unigram_acc", "val_nsp_loss", "val_nsp_acc"):
         assert from_run[k] == pytest.approx(trainer[k], rel=1e-5), k
     # One record per evaluation of the run or its checkpoint, none for the export (no run step to name).
     records = _records(run, "evaluate")
