@@ -1,0 +1,218 @@
+"""launch/finetune.py end to end: classification from a model pretrained on the shared books (better than from
+random initialisation), NER and QA on small built data, the same first loss from a run and from its HF export,
+exact resume, predictions, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_trainer import ROOT, _env
+
+FINETUNE = str(ROOT / "launch" / "finetune.py")
+FAST = ["trainer.micro_batch_size=16", "trainer.global_batch_size=16", "trainer.log_every=1", "optim.lr=1e-3",
+        "trainer.max_seq_length=64"]  # fmt: skip
+
+
+def _run(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, FINETUNE, *overrides], capture_output=True, text=True, env=_env(),
+                          timeout=timeout, cwd=ROOT)  # fmt: skip
+
+
+def _sentences(book: Path, n: int) -> list[str]:
+    text = gzip.open(book, "rt", encoding="utf-8-sig").read()
+    body = text.split("*** START OF", 1)[-1].split("*** END OF", 1)[0]
+    flat = re.sub(r"\s+", " ", body)
+    sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", flat)]
+    return [s for s in sents if 8 <= len(s.split()) <= 30][200 : 200 + n]  # past the front matter
+
+
+def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def books_model(shared_data, tmp_path_factory) -> Path:
+    """A tiny BERT pretrained for a minute on the 13 shared books (the demo's recipe, 600 steps)."""
+    tmp = tmp_path_factory.mktemp("books")
+    prep = [sys.executable, str(ROOT / "launch" / "prepare_data.py"), f"inputs=[{shared_data / 'books'}]",
+            f"output_dir={tmp / 'data'}", "vocab_size=2000", "max_seq_length=64",
+            "validation_fraction=0.01"]  # fmt: skip
+    r = subprocess.run(prep, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    train = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "experiment=demo-cpu", f"data.dir={tmp / 'data'}",
+             f"run_dir={tmp / 'run'}", "logger=none", "trainer.max_steps=600", "trainer.eval_every=600",
+             "trainer.checkpoint_every=600"]  # fmt: skip
+    r = subprocess.run(train, capture_output=True, text=True, env={**_env(), "OMP_NUM_THREADS": "2"}, timeout=900,
+                       cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def two_books(shared_data, tmp_path_factory) -> tuple[Path, Path]:
+    """Which book is this sentence from: Pride and Prejudice or Moby Dick (120 training, 200 held-out)."""
+    tmp = tmp_path_factory.mktemp("two_books")
+    a = _sentences(shared_data / "books" / "pride_and_prejudice.txt.gz", 160)
+    b = _sentences(shared_data / "books" / "moby_dick.txt.gz", 160)
+    rows = [(s, "austen") for s in a] + [(s, "melville") for s in b]
+    rng = np.random.default_rng(0)
+    rows = [rows[i] for i in rng.permutation(len(rows))]
+    return _write_csv(tmp / "train.csv", rows[:120]), _write_csv(tmp / "dev.csv", rows[120:])
+
+
+@pytest.mark.slow
+def test_pretrained_encoder_beats_random_init_on_held_out_sentences(books_model, two_books, tmp_path):
+    train, dev = two_books
+    task = ["finetune=classification", f"task.train={train}", f"task.validation={dev}", "task.text_column=text",
+            "epochs=3", *FAST]  # fmt: skip
+    results = {}
+    for name, extra in (("pretrained", []), ("random", ["random_init=true"])):
+        r = _run(f"pretrained={books_model}", f"run_dir={tmp_path / name}", *task, *extra)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        results[name] = json.loads((tmp_path / name / "results.json").read_text())
+    pre, rand = results["pretrained"]["best"]["accuracy"], results["random"]["best"]["accuracy"]
+    assert pre >= 0.75 and pre > rand + 0.03, (pre, rand)
+    assert (tmp_path / name / "best" / "model.safetensors").is_file()
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 4 and "(random init)" in table[-1]  # header, rule, one row per run
+
+
+# ----------------------------------------------------------------------------- built data on the tiny test run
+
+WORDS = "the a river stone light house north old green quiet city wind came went over under".split()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    from tests.test_evaluate import tiny_run
+
+    return tiny_run(tmp_path_factory)[1]
+
+
+def _classification(tmp: Path, n: int = 96, seed: int = 0) -> tuple[Path, Path]:
+    """Does the sentence mention a river: learnable from one word."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.choice(WORDS, size=int(rng.integers(4, 10))).tolist()
+        rows.append((" ".join(words), "yes" if "river" in words else "no"))
+    return _write_csv(tmp / "train.csv", rows[: n * 3 // 4]), _write_csv(tmp / "dev.csv", rows[n * 3 // 4 :])
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.slow
+def test_ner_and_qa_end_to_end_on_built_data(tiny, tmp_path):
+    rng = np.random.default_rng(1)
+    tag = {"river": "B-LOC", "city": "B-LOC", "north": "B-DIR"}
+    ner = []
+    for _ in range(60):
+        words = rng.choice(WORDS, size=int(rng.integers(4, 9))).tolist()
+        ner.append({"tokens": words, "tags": [tag.get(w, "O") for w in words]})
+    train, dev = _jsonl(tmp_path / "ner_train.jsonl", ner[:45]), _jsonl(tmp_path / "ner_dev.jsonl", ner[45:])
+    r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'ner'}", "finetune=ner", f"task.train={train}",
+             f"task.validation={dev}", "epochs=2", *FAST)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    best = json.loads((tmp_path / "ner" / "results.json").read_text())["best"]
+    assert 0.0 <= best["f1"] <= 1.0 and 0.0 <= best["precision"] <= 1.0 and 0.0 <= best["accuracy"] <= 1.0
+
+    qa = []
+    for i in range(40):  # contexts longer than one 64-token window: the answer lands in varied windows
+        filler = [" ".join(rng.choice(WORDS, size=8).tolist()) + " ." for _ in range(12)]
+        k = int(rng.integers(0, len(filler)))
+        filler[k] = "the green house came north ."
+        context = " ".join(filler)
+        answers = {"text": ["the green house"], "answer_start": [context.index("the green house")]}
+        qa.append({"id": str(i), "question": "what came north ?", "context": context, "answers": answers})
+    train, dev = _jsonl(tmp_path / "qa_train.jsonl", qa[:30]), _jsonl(tmp_path / "qa_dev.jsonl", qa[30:])
+    r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'qa'}", "finetune=qa", f"task.train={train}",
+             f"task.validation={dev}", "epochs=1", "task.doc_stride=16", "task.max_query_length=16", *FAST)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    best = json.loads((tmp_path / "qa" / "results.json").read_text())["best"]
+    assert 0.0 <= best["exact_match"] <= 100.0 and 0.0 <= best["f1"] <= 100.0
+    r = _run(f"run_dir={tmp_path / 'qa'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FAST)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    preds = [json.loads(x) for x in (tmp_path / "qa" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 10 and all(isinstance(p["prediction"], str) for p in preds)
+
+
+@pytest.mark.slow
+def test_export_gives_the_same_first_loss_and_resume_the_same_weights(tiny, tmp_path):
+    import torch
+
+    train, dev = _classification(tmp_path)
+    task = ["finetune=classification", f"task.train={train}", f"task.validation={dev}", "task.text_column=text",
+            "epochs=2", *FAST]  # fmt: skip
+
+    def first_loss(run: Path) -> float:
+        return next(r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+                    if r["kind"] == "train")  # fmt: skip
+
+    for name, model in (("from_run", tiny), ("from_hf", tiny / "hf")):
+        r = _run(f"pretrained={model}", f"run_dir={tmp_path / name}", *task, "trainer.stop_at_step=1")
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert first_loss(tmp_path / "from_hf") == pytest.approx(first_loss(tmp_path / "from_run"), rel=1e-5)
+
+    def weights(run: Path) -> dict:
+        tag = sorted((run / "checkpoints").glob("step*"))[-1]
+        return torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+    r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'whole'}", *task)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    for stop in ("trainer.stop_at_step=3", "trainer.stop_at_step=null"):  # mid-epoch stop, then to the end
+        r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'resumed'}", *task, stop)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resumed from" in r.stdout
+    a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    r = _run(f"run_dir={tmp_path / 'whole'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FAST)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    preds = [json.loads(x)["prediction"] for x in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == 24 and set(preds) <= {"yes", "no"}
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
+    train, dev = _classification(tmp_path)
+    base = [f"run_dir={tmp_path / 'r'}", "finetune=classification", f"task.train={train}", f"task.validation={dev}",
+            *FAST]  # fmt: skip
+    long_text = _write_csv(tmp_path / "long.csv", [(" ".join(["river"] * 200), "yes")] * 4)
+    cases = {
+        "label column": ([f"pretrained={tiny}", *base, "task.text_column=text", "task.label_column=stars"], "stars"),
+        "label outside": ([f"pretrained={tiny}", *base, "task.text_column=text", "task.labels=[no]"], "'yes'"),
+        "no model": ([f"pretrained={tmp_path / 'nope'}", *base, "task.text_column=text"], "not found"),
+        "too long": (
+            [
+                f"pretrained={tiny}",
+                *base[:2],
+                f"task.train={long_text}",
+                f"task.validation={long_text}",
+                "task.text_column=text",
+                "task.truncate=false",
+                *FAST,
+            ],
+            "max_length",
+        ),  # fmt: skip
+        "no model given": ([*base, "task.text_column=text"], "pretrained"),
+    }
+    for what, (args, needle) in cases.items():
+        r = _run(*args)
+        err = r.stderr.strip().splitlines()
+        assert r.returncode == 2, (what, r.stdout[-1000:], r.stderr[-2000:])
+        assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (what, err)
