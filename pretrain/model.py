@@ -379,6 +379,28 @@ class BertForPreTraining(nn.Module):
             mask = attention_mask[:, None, None, :].bool()
         return self.bert(input_ids, token_type_ids, mask, position_ids, keep)
 
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Every layer's output for feature extraction, as Hugging Face's ``output_hidden_states``: a list of
+        ``num_hidden_layers + 1`` tensors [B, L, H], the embeddings output first and the last layer's output (what
+        ``encode`` returns) last. attention_mask [B, L] is 1 (or True) for real tokens."""
+        if input_ids.size(1) > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
+                f"{self.config.max_position_embeddings}"
+            )
+        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, L]
+        x = self.bert.embeddings(input_ids, token_type_ids)  # [B, L, H]
+        states = [x]
+        for layer in self.bert.encoder.layer:
+            x = layer(x, mask)  # [B, L, H]
+            states.append(x)
+        return states
+
     def mlm_logits_dense(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM logits at every position, [B, L, H] -> [B, L, vocab_size] (for HF comparisons and fill-mask)."""
         return self.cls.predictions(hidden)[..., : self.config.vocab_size]
