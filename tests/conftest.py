@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -26,3 +27,14 @@ def deepspeed_cpu_comm() -> None:
     from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
 
     ShareMemCommBuilder().load(verbose=False)
+
+
+def run_main(capsys, script: Path, *argv: object) -> tuple[int, str, str]:
+    """A ``launch/`` script's ``main(argv)`` in this process: exit code, stdout, stderr."""
+    spec = importlib.util.spec_from_file_location(f"launch_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    code = module.main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

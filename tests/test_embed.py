@@ -5,7 +5,6 @@ HF export giving the same vectors, and (slow) a model pretrained on the shared b
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 
 from pretrain.embed import run_embed
 from pretrain.hf import ModelSource, load_model
+from tests.conftest import run_main
 from tests.test_evaluate import ROOT, tiny_run
 from tests.test_trainer import LAUNCH, _env
 
@@ -55,14 +55,7 @@ def sentences(tmp_path) -> Path:
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    """launch/embed.py's main() in this process: exit code, stdout, stderr."""
-    spec = importlib.util.spec_from_file_location("launch_embed", EMBED)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, EMBED, *argv)
 
 
 def _states(source: ModelSource, text: str, layer: int = -1) -> np.ndarray:

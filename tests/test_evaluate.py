@@ -4,7 +4,6 @@ positions, --text prepared on the fly, the metrics.jsonl record, and one-line er
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import shutil
@@ -24,6 +23,7 @@ from pretrain.data import build_dataloader
 from pretrain.evaluation import evaluate_model, most_frequent_token, run_evaluate, token_counts
 from pretrain.hf import export_hf, load_model
 from pretrain.masking import IGNORE_INDEX, MaskingConfig
+from tests.conftest import run_main
 from tests.test_trainer import ROOT, SMALL, _env, make_data
 
 EVALUATE = ROOT / "launch" / "evaluate.py"
@@ -72,14 +72,7 @@ def _records(run: Path, kind: str) -> list[dict]:
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    """launch/evaluate.py's main() in this process: exit code, stdout, stderr."""
-    spec = importlib.util.spec_from_file_location("launch_evaluate", EVALUATE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, EVALUATE, *argv)
 
 
 def test_most_frequent_token_is_the_bincount_argmax_without_unmaskable_specials(trained):

@@ -3,7 +3,6 @@ BERT directory (same answers as ``transformers``), and one-line errors for bad i
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 from data_prep.vocab import read_vocab
+from tests.conftest import run_main
 from tests.test_evaluate import ROOT, tiny_run
 
 FILL_MASK = ROOT / "launch" / "fill_mask.py"
@@ -27,13 +27,7 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:
-    spec = importlib.util.spec_from_file_location("launch_fill_mask", FILL_MASK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, FILL_MASK, *argv)
 
 
 def _predictions(out: str) -> list[list[list[tuple[str, float]]]]:
