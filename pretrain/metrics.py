@@ -223,9 +223,10 @@ class MetricsLogger:
         if kind == "train":
             done = step - self.start_step
             eta = (time.time() - self.t0) / done * (self.max_steps - step) if done > 0 else None
+            nsp = f", nsp {f(r['nsp_loss'])}" if r.get("nsp_loss") is not None else ""  # MLM-only: no NSP part
             return (
-                f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}, nsp "
-                f"{f(r.get('nsp_loss'))})  lr {f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
+                f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}{nsp})  lr "
+                f"{f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
                 f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}"
             )
         if kind == "eval":
@@ -371,7 +372,8 @@ def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int) -> None:
     print(
         f"run {run_dir} is complete at step {step}/{max_steps}: checkpoint {tag}, HF export "
         f"{hf}; final train loss "
-        f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}, val NSP acc "
-        f"{f('val_nsp_acc', '.2%')}. Nothing to do: raise trainer.max_steps to train on, or use another run_dir",
+        f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}"
+        f"{'' if val.get('val_nsp_acc') is None else ', val NSP acc ' + f('val_nsp_acc', '.2%')}. Nothing to do: "
+        "raise trainer.max_steps to train on, or use another run_dir",
         flush=True,
     )

@@ -592,3 +592,23 @@ def test_torchrun_phase2_loads_weights_only(zero_run, data, tmp_path):
     assert [x["step"] for x in _records(run_dir, "train")] == [2, 4]
     ours, ref = _weights(run_dir), _weights(phase1)
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
+
+
+def test_log_lines_name_nsp_only_when_the_run_has_it():
+    """MLM-only runs (RoBERTa mode) print no NSP figures: not in training lines, not in evaluation lines."""
+    import time as _time
+
+    from pretrain.metrics import MetricsLogger, validation_lines
+
+    log = MetricsLogger.__new__(MetricsLogger)  # plain_line reads only these
+    log.start_step, log.max_steps, log.t0 = 0, 10, _time.time()
+    train = {"kind": "train", "step": 5, "loss": 2.5, "mlm_loss": 2.5, "lr": 1e-3, "sequences_per_s": 10.0,
+             "tokens_per_s": 1000.0}  # fmt: skip
+    assert "nsp" not in log.plain_line(train) and "(mlm 2.5000)" in log.plain_line(train)
+    assert "nsp 0.6000" in log.plain_line({**train, "loss": 3.1, "nsp_loss": 0.6})
+    val = {"kind": "eval", "step": 5, "val_mlm_loss": 2.0, "val_mlm_acc": 0.3, "val_unigram_acc": 0.06}
+    assert "NSP" not in log.plain_line(val) and "(unigram 6.00%)" in log.plain_line(val)
+    assert "NSP" in log.plain_line({**val, "val_nsp_loss": 0.6, "val_nsp_acc": 0.7})
+    lines = validation_lines(val)
+    assert len(lines) == 1 and "acc 30.00%  (unigram baseline 6.00%: 5.0x)" in lines[0]
+    assert "(chance 50%)" in validation_lines({**val, "val_nsp_loss": 0.6, "val_nsp_acc": 0.7})[1]
