@@ -62,6 +62,28 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
 
 
+def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> tuple[list[str], list[str]]:
+    """Copy a Hugging Face state dict (``_normalise_keys``'d) into ``model`` (ours, keys as HF's; its ``config`` a
+    ``BertConfig``), padding the vocabulary rows with zeros; returns (missing, unexpected) keys. A shape that
+    disagrees with the config is an error naming ``path``."""
+    vocab_size = model.config.vocab_size
+    own = model.state_dict()
+    for alias in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+        own.pop(alias, None)  # tied aliases: filled through their owners
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    with torch.no_grad():
+        for k in set(own) & set(sd):
+            src, dst = sd[k], own[k]
+            if k in _VOCAB_KEYS and len(src) == vocab_size:
+                dst[vocab_size:].zero_()  # vocab padding rows
+                dst = dst[:vocab_size]
+            if src.shape != dst.shape:
+                raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, config.json implies {tuple(dst.shape)}")
+            dst.copy_(src)
+    return missing, unexpected
+
+
 def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
     """Load a Hugging Face BERT directory (``config.json`` + safetensors or ``pytorch_model.bin``).
 
@@ -84,20 +106,7 @@ def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
         overrides["nsp"] = "cls.seq_relationship.weight" in sd if has_heads else "bert.pooler.dense.weight" in sd
     config = BertConfig.from_hf_dict(hf, **overrides)
     model = BertForPreTraining(config)
-    own = model.state_dict()
-    own.pop("cls.predictions.decoder.weight")  # tied aliases: filled through their owners
-    own.pop("cls.predictions.decoder.bias")
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    with torch.no_grad():
-        for k in set(own) & set(sd):
-            src, dst = sd[k], own[k]
-            if k in _VOCAB_KEYS and len(src) == config.vocab_size:
-                dst[config.vocab_size :].zero_()  # vocab padding rows
-                dst = dst[: config.vocab_size]
-            if src.shape != dst.shape:
-                raise ValueError(f"{path}: {k} has shape {tuple(src.shape)}, config.json implies {tuple(dst.shape)}")
-            dst.copy_(src)
+    missing, unexpected = load_weights(model, sd, path)
     if missing:
         warnings.warn(f"{path}: not in the checkpoint, freshly initialised: {', '.join(missing)}", stacklevel=2)
     if unexpected:
@@ -111,10 +120,13 @@ def _lowercase_from_tokenizer_json(tok: Path) -> bool:
     return any(p.get("type") == "Lowercase" or p.get("lowercase", False) for p in parts)
 
 
-def export_hf(model: BertForPreTraining, tokenizer_dir: str | Path | None, out_dir: str | Path) -> Path:
-    """Write a Hugging Face model directory: config.json, model.safetensors (true vocab rows, tied decoder left
-    out as ``save_pretrained`` does) and the tokenizer files of ``tokenizer_dir`` (a tokenizer_config.json is
-    written when absent) so ``AutoModelForMaskedLM`` / ``AutoTokenizer.from_pretrained(out_dir)`` work."""
+def export_hf(
+    model: torch.nn.Module, tokenizer_dir: str | Path | None, out_dir: str | Path, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write a Hugging Face model directory: config.json (plus ``extra`` keys), model.safetensors (true vocab rows,
+    tied decoder left out as ``save_pretrained`` does) and the tokenizer files of ``tokenizer_dir`` (a
+    tokenizer_config.json is written when absent) so ``AutoModelForMaskedLM`` / ``AutoTokenizer.from_pretrained``
+    work. ``model`` is ``BertForPreTraining`` or a fine-tuning ``BertForTask`` (keys as HF's, ``config`` ours)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -131,7 +143,8 @@ def export_hf(model: BertForPreTraining, tokenizer_dir: str | Path | None, out_d
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600 (a temporary file): share it
-    hf_config = {**c.to_hf_dict(), "dtype": str(sd["cls.predictions.bias"].dtype).removeprefix("torch.")}
+    dtype = str(sd["bert.embeddings.word_embeddings.weight"].dtype).removeprefix("torch.")
+    hf_config = {**c.to_hf_dict(), "dtype": dtype, **(extra or {})}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:
         tdir = Path(tokenizer_dir)

@@ -248,16 +248,35 @@ class BertModel(nn.Module):
         self.encoder = BertEncoder(c)
         self.pooler = BertPooler(c) if c.nsp else None
 
+    def attention_mask(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """[B, L] attention_mask (1 or True for real tokens) -> boolean [B, 1, 1, L], True = attend; for packed rows
+        (``position_ids`` given, each token's sample number in its row, 0 = padding) block-diagonal [B, 1, L, L].
+        Also refuses rows longer than the position table."""
+        L, max_len = input_ids.size(1), self.embeddings.position_embeddings.num_embeddings
+        if L > max_len:
+            raise ValueError(f"sequence length {L} exceeds max_position_embeddings={max_len}")
+        if attention_mask is None:
+            return None
+        if position_ids is None:
+            return attention_mask[:, None, None, :].bool()  # broadcasts over heads and queries
+        same = attention_mask[:, :, None] == attention_mask[:, None, :]
+        real = attention_mask[:, None, :] > 0
+        eye = torch.eye(L, dtype=torch.bool, device=input_ids.device)
+        return ((same & real) | eye)[:, None]  # a padding query attends to itself: no all-masked row (NaN)
+
     def forward(
         self,
         input_ids: torch.Tensor,
-        token_type_ids: torch.Tensor | None,
-        mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final hidden states [B, L, H] (or [K, H] at the flat positions ``keep``); ``mask`` is the boolean
-        attention mask, [B, 1, 1, L] or, for packed rows, block-diagonal [B, 1, L, L] (or None)."""
+        """Final hidden states [B, L, H] (or [K, H] at the flat positions ``keep``); ``attention_mask`` [B, L] as
+        ``attention_mask()`` reads it."""
+        mask = self.attention_mask(input_ids, attention_mask, position_ids)
         return self.encoder(self.embeddings(input_ids, token_type_ids, position_ids), mask, keep)
 
 
@@ -364,20 +383,7 @@ class BertForPreTraining(nn.Module):
         Packed rows (several samples in one row, ``position_ids`` given): ``attention_mask`` holds each token's
         sample number in its row (1, 2, ...; 0 = padding) and attention stays inside each sample. ``keep`` [K]:
         flat positions (row x L + column) to return, [K, H], computing the last layer's tail at those only."""
-        if input_ids.size(1) > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}"
-            )
-        mask = None
-        if attention_mask is not None and position_ids is not None:  # block-diagonal [B, 1, L, L]
-            same = attention_mask[:, :, None] == attention_mask[:, None, :]
-            real = attention_mask[:, None, :] > 0
-            eye = torch.eye(input_ids.size(1), dtype=torch.bool, device=input_ids.device)
-            mask = ((same & real) | eye)[:, None]  # a padding query attends to itself: no all-masked row (NaN)
-        elif attention_mask is not None:  # boolean, True = attend; [B, 1, 1, L] broadcasts over heads and queries
-            mask = attention_mask[:, None, None, :].bool()
-        return self.bert(input_ids, token_type_ids, mask, position_ids, keep)
+        return self.bert(input_ids, token_type_ids, attention_mask, position_ids, keep)
 
     def hidden_states(
         self,
@@ -388,12 +394,7 @@ class BertForPreTraining(nn.Module):
         """Every layer's output for feature extraction, as Hugging Face's ``output_hidden_states``: a list of
         ``num_hidden_layers + 1`` tensors [B, L, H], the embeddings output first and the last layer's output (what
         ``encode`` returns) last. attention_mask [B, L] is 1 (or True) for real tokens."""
-        if input_ids.size(1) > self.config.max_position_embeddings:
-            raise ValueError(
-                f"sequence length {input_ids.size(1)} exceeds max_position_embeddings="
-                f"{self.config.max_position_embeddings}"
-            )
-        mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # [B, 1, 1, L]
+        mask = self.bert.attention_mask(input_ids, attention_mask, None)  # [B, 1, 1, L]
         x = self.bert.embeddings(input_ids, token_type_ids)  # [B, L, H]
         states = [x]
         for layer in self.bert.encoder.layer:

@@ -127,6 +127,18 @@ def test_export_gives_the_same_first_loss_and_resume_the_same_weights(tiny, tmp_
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     preds = [json.loads(x)["prediction"] for x in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and set(preds) <= {"yes", "no"}
+    # RUN_DIR/best is a Hugging Face directory: transformers' BertForSequenceClassification gives the same logits.
+    import transformers
+
+    from pretrain.finetune.loop import load_task_model
+
+    best = tmp_path / "whole" / "best"
+    ours, theirs = load_task_model(best), transformers.BertForSequenceClassification.from_pretrained(best).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits, theirs(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
 @pytest.mark.slow

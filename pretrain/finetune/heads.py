@@ -57,8 +57,7 @@ class BertForTask(nn.Module):
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
     ) -> TaskOutput:
-        mask = attention_mask[:, None, None, :].bool() if attention_mask is not None else None  # [B, 1, 1, L]
-        hidden = self.bert(input_ids, token_type_ids, mask)  # [B, L, H]
+        hidden = self.bert(input_ids, token_type_ids, attention_mask)  # [B, L, H]
         loss = None
         if self.kind in ("classification", "regression"):
             logits = self.classifier(self.dropout(self.bert.pooler(hidden[:, 0])))  # [B, labels]

@@ -26,7 +26,7 @@ from pretrain.config import UserError
 from pretrain.finetune.config import METRICS, FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
 from pretrain.finetune.prepare import Prepared, prepare
-from pretrain.hf import load_model
+from pretrain.hf import _normalise_keys, _read_state_dict, export_hf, load_model, load_weights
 from pretrain.model import BertForPreTraining
 
 HF_CLASSES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
@@ -73,46 +73,37 @@ def evaluate(engine: Any, data: Prepared, batch: int, device: torch.device) -> d
 
 
 def save_best(model: BertForTask, src: Any, data: Prepared, out: Path, metrics: dict[str, float]) -> None:
-    """The best model as a Hugging Face directory (task head included, names as ``BertFor<Task>``), with the
-    tokenizer files of its source: what ``mode=predict`` and ``transformers`` load."""
-    from safetensors.torch import save_file
-
+    """The best model as a Hugging Face directory (``export_hf``: true vocabulary rows, task head included, names
+    as ``BertFor<Task>``), with the tokenizer files of its source: what ``mode=predict`` and ``transformers``
+    load. Written beside ``out`` and renamed over it: the whole directory or nothing."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    hf = model.config.to_hf_dict()
-    hf.update(
-        architectures=[HF_CLASSES[model.kind]],
-        nsp=model.bert.pooler is not None,  # read back by BertConfig.from_hf_dict: whether there is a pooler
-        task_kind=model.kind,
-        num_labels=model.num_labels,
-        id2label={i: name for i, name in enumerate(data.label_names or [])},
-        finetune_metrics=metrics,
-    )
-    write_json(tmp / "config.json", hf)
-    for name in ("vocab.txt", "tokenizer.json"):
-        f = (src.vocab_file.parent if src.vocab_file else src.path) / name
-        if f.is_file():
-            shutil.copyfile(f, tmp / name)
-    if not (tmp / "vocab.txt").is_file():
+    extra = {
+        "architectures": [HF_CLASSES[model.kind]],
+        "nsp": model.bert.pooler is not None,  # read back by BertConfig.from_hf_dict: whether there is a pooler
+        "task_kind": model.kind,
+        "num_labels": model.num_labels,
+        "id2label": dict(enumerate(data.label_names or [])),
+        "finetune_metrics": metrics,
+    }
+    export_hf(model, src.vocab_file.parent if src.vocab_file else src.path, tmp, extra)
+    if not (tmp / "vocab.txt").is_file():  # a source with tokenizer.json only: the vocabulary as well
         write_text(tmp / "vocab.txt", "".join(t + "\n" for t in src.vocab))
     shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)  # whole directory or nothing
+    tmp.rename(out)
 
 
 def load_task_model(path: Path) -> BertForTask:
-    """A directory written by ``save_best``."""
-    from safetensors.torch import load_file
-
+    """A directory written by ``save_best`` (``load_hf``'s reader and vocabulary padding, every key required)."""
     from pretrain.model import BertConfig
 
     hf = json.loads((path / "config.json").read_text())
     if "task_kind" not in hf:
         raise UserError(f"{path}: not a fine-tuned model (config.json has no task_kind)")
     model = BertForTask(BertConfig.from_hf_dict(hf), hf["task_kind"], int(hf["num_labels"]))
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
+    missing, unexpected = load_weights(model, _normalise_keys(_read_state_dict(path)), path)
+    if missing or unexpected:
+        raise UserError(f"{path}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()
 
 
