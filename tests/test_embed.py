@@ -20,7 +20,7 @@ from pretrain.embed import run_embed
 from pretrain.hf import ModelSource, load_model
 from tests.conftest import run_main
 from tests.test_evaluate import ROOT, tiny_run
-from tests.test_trainer import LAUNCH, _env
+from tests.test_trainer import _env
 
 EMBED = ROOT / "launch" / "embed.py"
 # Lengths out of order on purpose (the tool sorts them), a blank line in the middle; words of tiny_run's corpus.
@@ -293,29 +293,12 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
-def test_books_model_gives_words_context_and_paraphrases_their_neighbours(shared_data, tmp_path):
-    """Two books (Dickens' banks, Twain's river), a 2x128 model pretrained for 700 steps (about 45 s on 2 cores
-    in all): "bank" after the same words has the same vector in layer 0 and a different one in the last layer
-    when the rest of the sentence is about a river or about money; and each sentence lies closer to a reworded copy
-    of itself than to an unrelated one. Dropout is off: in so short a run it only slows learning (last-layer
-    cosines of 0.93 to 0.97 over three seeds with it off, 0.98 with it on)."""
-    from data_prep.config import PrepareConfig
-    from data_prep.pipeline import prepare
-
-    data, run = tmp_path / "data", tmp_path / "run"
-    books = [shared_data / "books" / f"{b}.txt.gz" for b in ("tale_of_two_cities", "huckleberry_finn")]
-    prepare(PrepareConfig(inputs=[str(b) for b in books], output_dir=str(data), vocab_size=3000, max_seq_length=64,
-                          num_workers=2, seed=1))  # fmt: skip
-    model = ["model.hidden_size=128", "model.num_attention_heads=4", "model.num_hidden_layers=2",
-             "model.intermediate_size=512", "model.hidden_dropout_prob=0",
-             "model.attention_probs_dropout_prob=0"]  # fmt: skip
-    trainer = ["trainer.max_steps=700", "trainer.eval_every=700", "trainer.eval_batches=1",
-               "trainer.checkpoint_every=700", "trainer.log_every=100", "trainer.global_batch_size=16",
-               "trainer.micro_batch_size=16", "optim.lr=2e-3", "scheduler.warmup_steps=50"]  # fmt: skip
-    argv = [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run}", *model, *trainer]
-    r = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-
+def test_books_model_gives_words_context_and_paraphrases_their_neighbours(books_run, tmp_path):
+    """On the tiny model pretrained on two books (Dickens' banks, Twain's river; conftest's ``books_run``): "bank"
+    after the same words has the same vector in layer 0 and a different one in the last layer when the rest of the
+    sentence is about a river or about money (cosine 0.80 here); and each sentence lies closer to a reworded copy
+    of itself than to an unrelated one."""
+    run = books_run
     tokenizer = load_model(run / "hf").tokenizer
     bank_file = tmp_path / "bank.txt"
     bank_file.write_text("\n".join(BANK) + "\n")
