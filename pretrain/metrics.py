@@ -212,6 +212,8 @@ class MetricsLogger:
             line = self.plain_line(record)
             if line:
                 print(line, flush=True)
+        elif self.bar is not None and record.get("kind") in ("eval", "epoch"):
+            self.bar.write(self.plain_line(record) or "", file=sys.stderr)  # results stay above the bar
 
     def plain_line(self, r: dict[str, Any]) -> str | None:
         """One line of a log record for a log file: step/total, losses, lr, throughput and ETA for training."""
@@ -223,12 +225,19 @@ class MetricsLogger:
         if kind == "train":
             done = step - self.start_step
             eta = (time.time() - self.t0) / done * (self.max_steps - step) if done > 0 else None
+            if "mlm_loss" not in r:  # fine-tuning: one task loss
+                epoch = f"  epoch {r['epoch']}" if "epoch" in r else ""
+                lr = f(r["lr"], ".2e")
+                return f"step {step}/{self.max_steps}{epoch}  loss {f(r['loss'])}  lr {lr}  ETA {_duration(eta)}"
             nsp = f", nsp {f(r['nsp_loss'])}" if r.get("nsp_loss") is not None else ""  # MLM-only: no NSP part
             return (
                 f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}{nsp})  lr "
                 f"{f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
                 f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}"
             )
+        if kind == "epoch":  # fine-tuning's validation after an epoch
+            scores = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("kind", "step", "epoch", "time"))
+            return f"epoch {r['epoch']}: {scores}"
         if kind == "eval":
             line = (
                 f"eval step {step}: val MLM loss {f(r.get('val_mlm_loss'))} acc {f(r.get('val_mlm_acc'), '.2%')} "

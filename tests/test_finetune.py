@@ -141,6 +141,62 @@ def test_export_gives_the_same_first_loss_and_resume_the_same_weights(tiny, tmp_
                                    rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
+def _best_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(run / "best" / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_two_ranks_under_zero3_and_bf16_write_whole_fp32_best_models(tiny, tmp_path, deepspeed_cpu_comm):
+    """Two gloo ranks: ZeRO-3's partitioned fine-tuning ends with ZeRO-0's weights (up to reduction order; the
+    same ranks draw the same dropout), and best/ holds whole fp32 tensors under ZeRO-3 and under bf16 (the
+    master weights of the epoch checkpoint, not the bf16 module)."""
+    import torch
+
+    from tests.test_trainer import _port
+
+    train, dev = _classification(tmp_path)
+    deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port"]
+    task = [f"pretrained={tiny}", "finetune=classification", f"task.train={train}", f"task.validation={dev}",
+            "task.text_column=text", "epochs=2", "trainer.log_every=1", "optim.lr=1e-3", "trainer.max_seq_length=64",
+            "trainer.global_batch_size=16", "trainer.micro_batch_size=8"]  # fmt: skip
+    zero3 = ["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]  # all split
+    runs = {"zero0": ["deepspeed=zero0"], "zero3": zero3,
+            "bf16": ["deepspeed=zero2", "trainer.precision=bf16"]}  # fmt: skip
+    for name, extra in runs.items():
+        argv = [*deepspeed, str(_port()), FINETUNE, f"run_dir={tmp_path / name}", *task, *extra]
+        r = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    zero0, zero3, bf16 = (_best_weights(tmp_path / n) for n in runs)
+    assert zero0.keys() == zero3.keys() == bf16.keys()
+    for k in zero0:
+        assert zero3[k].shape == bf16[k].shape == zero0[k].shape, k
+        assert zero3[k].dtype == bf16[k].dtype == torch.float32, k
+        torch.testing.assert_close(zero3[k], zero0[k], rtol=1e-4, atol=1e-5)
+        assert torch.isfinite(bf16[k]).all(), k
+
+
+@pytest.mark.slow
+def test_a_stop_before_best_is_written_is_recovered_on_resume(tiny, tmp_path):
+    """Killed after the best epoch's checkpoint but before best/ was written (here: best/ removed after the
+    run): the resumed run writes best/ from that checkpoint, the same weights."""
+    train, dev = _classification(tmp_path)
+    args = [f"pretrained={tiny}", f"run_dir={tmp_path / 'run'}", "finetune=classification", f"task.train={train}",
+            f"task.validation={dev}", "task.text_column=text", "epochs=1", *FAST]  # fmt: skip
+    r = _run(*args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    before = _best_weights(tmp_path / "run")
+    import shutil
+
+    shutil.rmtree(tmp_path / "run" / "best")
+    r = _run(*args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "resumed from" in r.stdout
+    after = _best_weights(tmp_path / "run")
+    assert before.keys() == after.keys() and all((before[k] == after[k]).all() for k in before)
+
+
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
     train, dev = _classification(tmp_path)

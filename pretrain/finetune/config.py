@@ -7,6 +7,7 @@ of truth for batch sizes, precision, ZeRO and W&B); only the task and the epoch 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
@@ -98,6 +99,11 @@ class FinetuneConfig:
     """Seed of the head's initialisation, data order and dropout."""
     verbose: bool = False
     """Show DeepSpeed's own per-rank messages."""
+
+    @property
+    def run_name(self) -> str:
+        """The W&B run name: the run directory's name."""
+        return Path(self.run_dir).name
 
     def __post_init__(self) -> None:
         if self.task.kind not in KINDS:

@@ -18,15 +18,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from data_prep.atomic import write_json, write_text
 from pretrain import distributed as D
-from pretrain.checkpoint import _rng_state, _set_rng_state, find_checkpoint, gather, save
+from pretrain.checkpoint import _rng_state, _set_rng_state, find_checkpoint, fp32_weights, gather, save
 from pretrain.config import UserError
 from pretrain.finetune.config import METRICS, FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
 from pretrain.finetune.prepare import Prepared, prepare
 from pretrain.hf import _normalise_keys, _read_state_dict, export_hf, load_model, load_weights
+from pretrain.metrics import MetricsLogger
 from pretrain.model import BertForPreTraining
 
 HF_CLASSES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
@@ -42,6 +44,7 @@ class Progress:
     batch: int = 0  # batches of ``epoch`` already done
     best: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    wandb_id: str | None = None  # the W&B run a resumed fine-tuning continues
 
 
 def _batches(n: int, micro: int, accum: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
@@ -133,7 +136,7 @@ def setup(cfg: FinetuneConfig, env: Any) -> tuple[Any, Any, Prepared, Progress, 
         _, client = engine.load_checkpoint(str(tag.parent), tag=tag.name)
         if not client:
             raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
-        progress = Progress(**{k: client[k] for k in ("step", "epoch", "batch", "best", "history")})
+        progress = Progress(**{k: client.get(k) for k in ("step", "epoch", "batch", "best", "history", "wandb_id")})
         _set_rng_state(client["rng"][env.rank])
         if env.is_main:
             print(f"resumed from {tag} at step {progress.step} (epoch {progress.epoch + 1})", flush=True)
@@ -153,7 +156,11 @@ def finetune(cfg: FinetuneConfig) -> int:
     t, run_dir = cfg.trainer, Path(cfg.run_dir).resolve()
     engine, src, data, p, device = setup(cfg, env)
     metric = cfg.task.metric or METRICS[cfg.task.kind]
-    log = open(run_dir / "metrics.jsonl", "a", encoding="utf-8") if env.is_main else None  # noqa: SIM115
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    if p.history and env.is_main:
+        _recover_best(engine, src, data, run_dir, p, metric, t.precision)
+    log = MetricsLogger(cfg, run_dir, env.is_main, p.wandb_id, config, p.step, t.max_steps)
+    p.wandb_id = log.wandb_id
     t0 = time.time()
     while p.epoch < cfg.epochs:
         accum = engine.gradient_accumulation_steps()
@@ -166,40 +173,66 @@ def finetune(cfg: FinetuneConfig) -> int:
             if p.batch % accum:
                 continue  # mid-accumulation: no optimizer step yet
             p.step += 1
-            if log is not None and p.step % t.log_every == 0:
-                rec = {"kind": "train", "step": p.step, "epoch": p.epoch + 1, "loss": float(out.loss),
-                       "lr": engine.get_lr()[0]}  # fmt: skip
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                print(f"step {p.step}/{t.max_steps}  epoch {p.epoch + 1}  loss {rec['loss']:.4f}", flush=True)
+            log.advance()
+            if p.step % t.log_every == 0:
+                log.log({"kind": "train", "step": p.step, "epoch": p.epoch + 1, "loss": out.loss.item(),
+                         "lr": engine.get_lr()[0]})  # fmt: skip
             if t.stop_at_step is not None and p.step >= t.stop_at_step:
                 _checkpoint(engine, run_dir, p)
+                log.close()
                 if env.is_main:
                     print(f"stopped at step {p.step} (trainer.stop_at_step); rerun to resume", flush=True)
                 D.shutdown()
                 return 0
         scores = evaluate(engine, data, t.micro_batch_size, device)
         p.history.append({"epoch": p.epoch + 1, "step": p.step, **scores})
-        if log is not None:
-            log.write(json.dumps({"kind": "eval", "step": p.step, "epoch": p.epoch + 1, **scores}) + "\n")
-            log.flush()
-            print(f"epoch {p.epoch + 1}: " + "  ".join(f"{k} {v:.4f}" for k, v in scores.items()), flush=True)
-        if p.best is None or scores[metric] > p.best:
+        log.log({"kind": "epoch", "step": p.step, "epoch": p.epoch + 1, **scores})
+        improved = p.best is None or scores[metric] > p.best
+        if improved:
             p.best = scores[metric]
-            if env.is_main:
-                save_best(engine.module, src, data, run_dir / "best", {**scores, "epoch": p.epoch + 1})
         p.epoch, p.batch = p.epoch + 1, 0
-        _checkpoint(engine, run_dir, p)
+        tag = _checkpoint(engine, run_dir, p)
+        if improved and env.is_main:  # a stop between the checkpoint and here: _recover_best on resume
+            save_best(_fp32_model(engine, tag, t.precision), src, data, run_dir / "best", {**scores, "epoch": p.epoch})
+        D.barrier()
+    best = max(p.history, key=lambda h: h[metric])
+    log.close({f"best_{k}": v for k, v in best.items()})
     if env.is_main:
         _results(cfg, run_dir, p, metric, time.time() - t0)
-        log.close()
     D.shutdown()
     return 0
 
 
+def _fp32_model(engine: Any, tag: Path, precision: str) -> BertForTask:
+    """The task model in fp32: the engine's module where it holds fp32 weights whole (ZeRO-0, fp32), else the
+    master weights of checkpoint ``tag`` (bf16/fp16 modules, ZeRO-3's partitioned parameters)."""
+    module = engine.module
+    if engine.zero_optimization_stage() == 0 and precision == "fp32":
+        return module
+    model = BertForTask(module.config, module.kind, module.num_labels)
+    missing, unexpected = model.load_state_dict(fp32_weights(tag), strict=False)
+    if missing or unexpected:
+        raise RuntimeError(f"best model: weights missing {missing[:3]} / unexpected {unexpected[:3]} in {tag}")
+    return model
+
+
+def _recover_best(
+    engine: Any, src: Any, data: Prepared, run_dir: Path, p: Progress, metric: str, precision: str
+) -> None:
+    """A run stopped after the checkpoint of its best epoch but before ``best/`` was written: write it now from
+    that checkpoint (only the newest is kept, and only the newest epoch can be the missing one)."""
+    best = max(p.history, key=lambda h: h[metric])
+    config = run_dir / "best" / "config.json"
+    on_disk = json.loads(config.read_text()).get("finetune_metrics", {}).get("epoch") if config.is_file() else None
+    if on_disk != best["epoch"] and best["epoch"] == p.epoch:
+        tag = find_checkpoint(run_dir / "checkpoints")
+        scores = {k: v for k, v in best.items() if k != "step"}
+        save_best(_fp32_model(engine, tag, precision), src, data, run_dir / "best", scores)
+
+
 def _checkpoint(engine: Any, run_dir: Path, p: Progress) -> Path:
     client = {"step": p.step, "epoch": p.epoch, "batch": p.batch, "best": p.best, "history": p.history,
-              "rng": gather(_rng_state())}  # fmt: skip
+              "wandb_id": p.wandb_id, "rng": gather(_rng_state())}  # fmt: skip
     return save(engine, run_dir / "checkpoints", client, keep_last=1)
 
 
@@ -216,5 +249,5 @@ def _results(cfg: FinetuneConfig, run_dir: Path, p: Progress, metric: str, secon
     new = not table.exists() or table.stat().st_size == 0
     with open(table, "a", encoding="utf-8") as f:
         f.write((header if new else "") + row)
-    print(f"best {metric} {best[metric]:.4f} (epoch {best['epoch']}): {run_dir / 'best'}; results in "
-          f"{run_dir / 'results.json'} and {table}", flush=True)  # fmt: skip
+    print(f"best {metric} {best[metric]:.4f} (epoch {best['epoch']} of {cfg.epochs}, {seconds / 60:.1f} min): "
+          f"{run_dir / 'best'}; results in {run_dir / 'results.json'} and {table}", flush=True)  # fmt: skip
