@@ -198,6 +198,40 @@ def test_a_stop_before_best_is_written_is_recovered_on_resume(tiny, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_directory_saved_by_transformers_fine_tunes(tiny, tmp_path):
+    """The layout of the original BERT checkpoints on the hub (``BertForPreTraining.save_pretrained``: pooler, NSP
+    and MLM heads, vocab.txt only): the task model's encoder and pooler compute what transformers' do, and a
+    fine-tuning run on it completes."""
+    import shutil
+
+    import torch
+    from transformers import BertConfig, BertForPreTraining
+
+    from pretrain.finetune.heads import from_pretrained
+    from pretrain.hf import load_model
+
+    vocab = (tiny / "hf" / "vocab.txt").read_text().splitlines()
+    torch.manual_seed(0)
+    hf = BertForPreTraining(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, intermediate_size=64)).eval()  # fmt: skip
+    hf.save_pretrained(tmp_path / "bert")
+    shutil.copy(tiny / "hf" / "vocab.txt", tmp_path / "bert" / "vocab.txt")
+    ours = from_pretrained(load_model(str(tmp_path / "bert")).model, "classification", 2).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3], [2, 13, 14, 3, 0]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        theirs = hf.bert(input_ids=ids, attention_mask=mask)
+        hidden = ours.bert(ids, None, mask)
+        torch.testing.assert_close(hidden[mask.bool()], theirs.last_hidden_state[mask.bool()], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ours.bert.pooler(hidden[:, 0]), theirs.pooler_output, rtol=1e-4, atol=1e-5)
+    train, dev = _classification(tmp_path)
+    r = _run(f"pretrained={tmp_path / 'bert'}", f"run_dir={tmp_path / 'run'}", "finetune=classification",
+             f"task.train={train}", f"task.validation={dev}", "task.text_column=text", "epochs=1", *FAST)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert 0.0 <= json.loads((tmp_path / "run" / "results.json").read_text())["best"]["accuracy"] <= 1.0
+
+
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
     train, dev = _classification(tmp_path)
     base = [f"run_dir={tmp_path / 'r'}", "finetune=classification", f"task.train={train}", f"task.validation={dev}",
