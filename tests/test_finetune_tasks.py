@@ -1,4 +1,4 @@
-"""Fine-tuning data and metrics (pretrain/finetune/tasks.py, metrics.py): readers, label maps, encoders, QA
+"""Fine-tuning data and metrics (pretrain/finetune/tasks.py, spans.py, metrics.py): readers, label maps, encoders, QA
 windows and their post-processing, and metrics against hand-computed and published reference values."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from data_prep.vocab import SPECIALS, build_tokenizer
 from pretrain.finetune import metrics as M
+from pretrain.finetune.spans import decode_ner, encode_ner, encode_qa, postprocess_qa
 from pretrain.finetune.tasks import (
     IGNORE,
     LabelMap,
@@ -20,11 +21,7 @@ from pretrain.finetune.tasks import (
     TaskError,
     _hub_name,
     collate,
-    decode_ner,
-    encode_ner,
     encode_pairs,
-    encode_qa,
-    postprocess_qa,
     read_conll,
     read_table,
     regression_targets,

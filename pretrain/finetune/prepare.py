@@ -12,6 +12,7 @@ import torch
 
 from pretrain.config import UserError
 from pretrain.finetune import metrics as M
+from pretrain.finetune import spans as S
 from pretrain.finetune import tasks as T
 
 
@@ -58,11 +59,11 @@ def encode(
     t, length = cfg.task, cfg.trainer.max_seq_length
     specials = T.Specials.from_vocab(src.vocab)
     if t.kind == "ner":
-        return T.encode_ner(src.tokenizer, specials, rows, labels if labelled else None, length, t.truncate, where)
+        return S.encode_ner(src.tokenizer, specials, rows, labels if labelled else None, length, t.truncate, where)
     if t.kind == "qa":
         if not labelled:
             rows = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
-        return T.encode_qa(src.tokenizer, specials, rows, length, t.doc_stride, t.max_query_length, where)
+        return S.encode_qa(src.tokenizer, specials, rows, length, t.doc_stride, t.max_query_length, where)
     y = None
     if labelled:
         values = [r["label"] for r in rows]
@@ -89,8 +90,8 @@ def decode(cfg: Any, labels: T.LabelMap | None, rows: list[dict], feats: list[di
         return [float(x) for x in logits]
     if kind == "ner":
         preds = [x.argmax(-1) for x in logits]
-        return T.decode_ner(preds, [f["word_ids"] for f in feats], labels, [f["num_words"] for f in feats])
-    answers = T.postprocess_qa(rows, feats, [x[:, 0] for x in logits], [x[:, 1] for x in logits],
+        return S.decode_ner(preds, [f["word_ids"] for f in feats], labels, [f["num_words"] for f in feats])
+    answers = S.postprocess_qa(rows, feats, [x[:, 0] for x in logits], [x[:, 1] for x in logits],
                                max_answer_length=cfg.task.max_answer_length)  # fmt: skip
     return [answers[i] for i in range(len(rows))]
 
