@@ -262,6 +262,30 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (what, err)
 
 
+def test_length_grouped_batches_hold_every_row_and_pad_less():
+    """group_by_length: the same rows per epoch as the plain shuffle (each rank's share, with the last step's
+    wrap), sorted by length within runs of GROUP_STEPS global batches, seeded per (seed, epoch)."""
+    from pretrain.finetune.loop import GROUP_STEPS, _batches, padding_fraction
+
+    lengths = np.random.default_rng(0).integers(5, 120, size=1000)
+    for world in (1, 2):
+        plain = [_batches(lengths, 8, 2, 7, 3, r, world, False) for r in range(world)]
+        grouped = [_batches(lengths, 8, 2, 7, 3, r, world, True) for r in range(world)]
+        all_plain = np.sort(np.concatenate([b for rank in plain for b in rank]))
+        all_grouped = np.sort(np.concatenate([b for rank in grouped for b in rank]))
+        np.testing.assert_array_equal(all_plain, all_grouped)
+        assert set(all_grouped.tolist()) == set(range(1000))
+        assert all(len(b) == 8 for rank in grouped for b in rank) and len({len(r) for r in grouped}) == 1
+        for rank in grouped:
+            assert padding_fraction(lengths, rank) < 0.1 < 0.3 < padding_fraction(lengths, plain[0])
+    one = _batches(lengths, 8, 2, 7, 3, 0, 1, True)
+    span = [lengths[b] for b in one[: 2 * GROUP_STEPS]]  # the first run: longest first, sorted
+    flat = np.concatenate(span)
+    assert (np.diff(flat) <= 0).all()
+    np.testing.assert_array_equal(np.concatenate(one), np.concatenate(_batches(lengths, 8, 2, 7, 3, 0, 1, True)))
+    assert not np.array_equal(np.concatenate(one), np.concatenate(_batches(lengths, 8, 2, 7, 4, 0, 1, True)))
+
+
 # ------------------------------------------------------------------- pretraining pays: a model pretrained on books
 
 

@@ -70,6 +70,9 @@ class FinetuneConfig:
     """The task and its data (``conf/finetune/*.yaml``: one per task type, and presets such as ``sst2``)."""
     epochs: int = 3
     """Passes over the training data; the validation metric is computed after each."""
+    group_by_length: bool = True
+    """Batch training rows of similar length (sorted within runs of 50 global batches of the seeded shuffle), so
+    batches pad little; ``false``: plain shuffled batches."""
     random_init: bool = False
     """Start from a randomly initialised encoder of the same shape and vocabulary (the baseline that shows what
     pretraining bought)."""

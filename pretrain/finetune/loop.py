@@ -31,6 +31,7 @@ from pretrain.hf import _normalise_keys, _read_state_dict, export_hf, load_model
 from pretrain.metrics import MetricsLogger
 from pretrain.model import BertForPreTraining
 
+GROUP_STEPS = 50  # global batches sorted together by length (group_by_length)
 HF_CLASSES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
               "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}  # fmt: skip
 
@@ -47,15 +48,33 @@ class Progress:
     wandb_id: str | None = None  # the W&B run a resumed fine-tuning continues
 
 
-def _batches(n: int, micro: int, accum: int, seed: int, epoch: int, rank: int, world: int) -> list[np.ndarray]:
+def _batches(
+    lengths: np.ndarray, micro: int, accum: int, seed: int, epoch: int, rank: int, world: int, group: bool
+) -> list[np.ndarray]:
     """This rank's micro-batches of one epoch: a permutation seeded by (seed, epoch), cut in rounds of ``micro x
     world`` dealt out by rank, as many rounds as ``ceil(n / global batch)`` optimizer steps need (every rank gets
-    the same number; the last step wraps to the start of the permutation)."""
+    the same number; the last step wraps to the start of the permutation). With ``group``, each run of
+    ``GROUP_STEPS`` global batches of the permutation is sorted by length, longest first, so a batch holds rows of
+    similar length and pads little (as Hugging Face's ``group_by_length``); the order of the batches stays random
+    at that scale."""
+    n = len(lengths)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     per = micro * world
     rounds = max(1, math.ceil(n / (per * accum))) * accum
     order = np.resize(order, rounds * per)
+    if group:
+        span = per * accum * GROUP_STEPS
+        order = np.concatenate(
+            [c[np.argsort(-lengths[c], kind="stable")] for c in np.split(order, range(span, len(order), span))]
+        )
     return [order[r * per + rank * micro : r * per + (rank + 1) * micro] for r in range(rounds)]
+
+
+def padding_fraction(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
+    """Share of the padded batches' positions that are padding (each batch padded to its longest row)."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    return 1.0 - real / padded
 
 
 def _to(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -161,10 +180,19 @@ def finetune(cfg: FinetuneConfig) -> int:
         _recover_best(engine, src, data, run_dir, p, metric, t.precision)
     log = MetricsLogger(cfg, run_dir, env.is_main, p.wandb_id, config, p.step, t.max_steps)
     p.wandb_id = log.wandb_id
+    lengths = np.array([len(f["input_ids"]) for f in data.train])
+    if env.is_main and p.step == 0:
+        pad = {
+            g: padding_fraction(lengths, _batches(lengths, t.micro_batch_size, 1, cfg.seed, 0, 0, 1, g))
+            for g in (True, False)
+        }
+        what = f"grouped by length ({pad[False]:.0%} shuffled)" if cfg.group_by_length else "shuffled"
+        print(f"batches {what}: padding {pad[cfg.group_by_length]:.0%} of the positions", flush=True)
     t0 = time.time()
     while p.epoch < cfg.epochs:
         accum = engine.gradient_accumulation_steps()
-        batches = _batches(len(data.train), t.micro_batch_size, accum, cfg.seed, p.epoch, env.rank, env.world_size)
+        batches = _batches(lengths, t.micro_batch_size, accum, cfg.seed, p.epoch, env.rank, env.world_size,
+                           cfg.group_by_length)  # fmt: skip
         for i in range(p.batch, len(batches)):
             out = engine(**_to(data.collate([data.train[j] for j in batches[i]]), device))
             engine.backward(out.loss)
