@@ -119,6 +119,24 @@ class ShardDataset(Dataset):
         return self.__getitems__([item])[0]
 
 
+def bucket_by_length(
+    order: np.ndarray, lengths: np.ndarray, batch: int, window: int, rng: np.random.Generator | None
+) -> np.ndarray:
+    """``order`` regrouped so that each batch of ``batch`` holds samples of similar length: every run of ``window``
+    batches is sorted by length and cut into batches, whose order within the run ``rng`` then shuffles (none:
+    longest first). Megabatch sorting, as fairseq and Hugging Face's ``group_by_length`` do; the same samples,
+    deterministic from the order and the generator."""
+    pieces = []
+    for start in range(0, len(order), batch * window):
+        chunk = order[start : start + batch * window]
+        chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches = [chunk[i : i + batch] for i in range(0, len(chunk), batch)]
+        full = len(batches) - (len(batches[-1]) < batch)  # a partial batch stays last, keeping ranks aligned
+        perm = rng.permutation(full) if rng is not None else np.arange(full)
+        pieces += [batches[i] for i in perm] + batches[full:]
+    return np.concatenate(pieces)
+
+
 class ResumableDistributedSampler(Sampler[BatchIndex]):
     """Batch sampler over global micro-batches: this rank's lists of ``(epoch, sample index)``.
 
@@ -178,15 +196,7 @@ class ResumableDistributedSampler(Sampler[BatchIndex]):
             order = order[: n // g * g]
         if self.lengths is None:
             return order
-        window, pieces = g * self.bucket_window, []
-        for start in range(0, len(order), window):
-            chunk = order[start : start + window]
-            chunk = chunk[np.argsort(-self.lengths[chunk], kind="stable")]
-            batches = [chunk[i : i + g] for i in range(0, len(chunk), g)]
-            full = len(batches) - (len(batches[-1]) < g)  # a partial batch stays last, keeping ranks aligned
-            perm = rng.permutation(full) if self.shuffle else np.arange(full)
-            pieces += [batches[i] for i in perm] + batches[full:]
-        return np.concatenate(pieces)
+        return bucket_by_length(order, self.lengths, g, self.bucket_window, rng if self.shuffle else None)
 
     def rank_order(self, epoch: int) -> np.ndarray:
         """This rank's sample indices for an epoch, batch after batch (cached for the current epoch)."""

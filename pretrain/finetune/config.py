@@ -71,8 +71,8 @@ class FinetuneConfig:
     epochs: int = 3
     """Passes over the training data; the validation metric is computed after each."""
     group_by_length: bool = True
-    """Batch training rows of similar length (sorted within runs of 50 global batches of the seeded shuffle), so
-    batches pad little; ``false``: plain shuffled batches."""
+    """Batch training rows of similar length, so batches pad little: runs of 50 optimizer steps of the seeded
+    shuffle are sorted by length and cut into batches, taken in shuffled order. ``false``: plain shuffled batches."""
     random_init: bool = False
     """Start from a randomly initialised encoder of the same shape and vocabulary (the baseline that shows what
     pretraining bought)."""

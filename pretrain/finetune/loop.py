@@ -24,6 +24,7 @@ from data_prep.atomic import write_json, write_text
 from pretrain import distributed as D
 from pretrain.checkpoint import _rng_state, _set_rng_state, find_checkpoint, fp32_weights, gather, save
 from pretrain.config import UserError
+from pretrain.data import bucket_by_length
 from pretrain.finetune.config import METRICS, FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
 from pretrain.finetune.prepare import Prepared, prepare
@@ -53,20 +54,16 @@ def _batches(
 ) -> list[np.ndarray]:
     """This rank's micro-batches of one epoch: a permutation seeded by (seed, epoch), cut in rounds of ``micro x
     world`` dealt out by rank, as many rounds as ``ceil(n / global batch)`` optimizer steps need (every rank gets
-    the same number; the last step wraps to the start of the permutation). With ``group``, each run of
-    ``GROUP_STEPS`` global batches of the permutation is sorted by length, longest first, so a batch holds rows of
-    similar length and pads little (as Hugging Face's ``group_by_length``); the order of the batches stays random
-    at that scale."""
+    the same number; the last step wraps to the start of the permutation). With ``group``, rows of similar length
+    share a round (pretraining's ``bucket_by_length`` over runs of ``GROUP_STEPS`` optimizer steps)."""
     n = len(lengths)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(n)
     per = micro * world
     rounds = max(1, math.ceil(n / (per * accum))) * accum
     order = np.resize(order, rounds * per)
     if group:
-        span = per * accum * GROUP_STEPS
-        order = np.concatenate(
-            [c[np.argsort(-lengths[c], kind="stable")] for c in np.split(order, range(span, len(order), span))]
-        )
+        order = bucket_by_length(order, lengths, per, accum * GROUP_STEPS, rng)
     return [order[r * per + rank * micro : r * per + (rank + 1) * micro] for r in range(rounds)]
 
 
