@@ -60,8 +60,29 @@ def validate(cfg: PrepareConfig) -> None:
             f"num_tasks={cfg.num_tasks}: array tasks must share one vocabulary; train it once (stage=read then "
             "stage=vocab with num_tasks=1) and pass vocab=PATH/vocab.txt"
         )
-    if cfg.vocab is not None and not Path(cfg.vocab).is_file():
-        raise DataPrepError(f"vocab={cfg.vocab}: file not found; give the path of an existing vocab.txt")
+    if cfg.vocab is not None:
+        _checkpoint_vocab(cfg)
+
+
+def _checkpoint_vocab(cfg: PrepareConfig) -> None:
+    """``vocab=`` names a vocab.txt or a model directory (e.g. bert-base-uncased, to continue pretraining it): a
+    directory gives its vocab.txt, and its casing (tokenizer_config.json / tokenizer.json) must match
+    ``lowercase``, else every capitalised word would tokenize differently from the checkpoint's training."""
+    from data_prep.vocab import model_dir_lowercase
+
+    given = Path(cfg.vocab).expanduser()
+    if given.is_dir():
+        if not (given / "vocab.txt").is_file():
+            raise DataPrepError(f"vocab={given}: no vocab.txt in this directory; give a BERT model directory or file")
+        cfg.vocab = str(given / "vocab.txt")
+    elif not given.is_file():
+        raise DataPrepError(f"vocab={cfg.vocab}: file not found; give an existing vocab.txt or model directory")
+    uncased = model_dir_lowercase(Path(cfg.vocab).parent)
+    if uncased is not None and uncased != cfg.lowercase:
+        raise DataPrepError(
+            f"vocab={given}: the model's tokenizer is {'uncased' if uncased else 'cased'} (tokenizer files beside "
+            f"vocab.txt) but lowercase={str(cfg.lowercase).lower()}; set lowercase={str(uncased).lower()}"
+        )
 
 
 def _state_path(out: Path, stage: str) -> Path:

@@ -91,6 +91,21 @@ def build_tokenizer(vocab: dict[str, int], lowercase: bool) -> Tokenizer:
     return tok
 
 
+def model_dir_lowercase(d: str | os.PathLike) -> bool | None:
+    """Whether a model directory's tokenizer is uncased: ``do_lower_case`` in ``tokenizer_config.json``, else a
+    lowercasing normalizer in ``tokenizer.json``; None where neither file says."""
+    d = Path(d)
+    if (d / "tokenizer_config.json").is_file():
+        value = json.loads((d / "tokenizer_config.json").read_text()).get("do_lower_case")
+        if value is not None:
+            return bool(value)
+    if (d / "tokenizer.json").is_file():
+        norm = json.loads((d / "tokenizer.json").read_text()).get("normalizer") or {}
+        parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+        return any(p.get("type") == "Lowercase" or p.get("lowercase", False) for p in parts)
+    return None
+
+
 def read_vocab(path: str | os.PathLike) -> list[str]:
     """The tokens of a BERT ``vocab.txt``, each one's id its line number: the one reader of the format. Lines end
     at "\\n" only ("\\x85" and other Unicode line breaks are tokens), a Windows "\\r\\n" too."""

@@ -15,16 +15,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pretrain.report import ReportError, summary_table, write_report  # noqa: E402
+from pretrain.reference import outside_band, shipped, write_reference  # noqa: E402
+from pretrain.report import ReportError, load_reference, load_run, summary_table, write_report  # noqa: E402
 
 EPILOG = """examples:
   python launch/report.py runs/tiny-cpu
   python launch/report.py runs/bert-base-lr1e-4 runs/bert-base-lr2e-4 --out reports/lr-sweep
   python launch/report.py runs/bert-base --reference google_bert_base.csv
+  python launch/report.py runs/demo-cpu               # overlays docs/reference/demo-cpu.csv by itself
+  python launch/report.py runs/my-demo --reference demo-cpu --check
+  python launch/report.py runs/demo-cpu --write-reference docs/reference/demo-cpu.csv
 
 A reference CSV has a header row with a 'step' and/or 'tokens' column and columns named after metrics.jsonl keys
 (mlm_loss, nsp_loss, loss, val_mlm_acc, nsp_acc, lr, ...); each is drawn as a dashed line labelled 'reference'.
-Exit codes: 0 written, 2 a run directory or file that is missing or unusable (one error line)."""
+A run whose name (demo-cpu, tiny-cpu) has a shipped reference in docs/reference/ gets it overlaid unless
+--reference is given; --reference NAME picks a shipped one. --check compares the first run's training MLM loss
+with the reference at every common log step (band: ±10%) and exits 1 where it leaves the band.
+Exit codes: 0 written (and within the band), 1 outside the band, 2 a run directory or file that is missing or
+unusable (one error line)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,9 +52,16 @@ def main(argv: list[str] | None = None) -> int:
         metavar="CSV",
         help="reference curve to overlay (dashed); repeat the flag for several",
     )
+    parser.add_argument("--check", action="store_true", help="exit 1 where the run leaves the reference's band")
+    parser.add_argument("--write-reference", metavar="CSV", help="write the first run's curves as a reference CSV")
     args = parser.parse_args(argv)
     try:
-        result = write_report(args.run_dirs, args.out, args.reference)
+        if args.write_reference:
+            path = write_reference(args.run_dirs[0], args.write_reference, provenance(args.run_dirs[0]))
+            print(f"reference written: {path}")
+            return 0
+        refs = [shipped(r) or r if not Path(r).suffix else r for r in args.reference] or auto_reference(args.run_dirs)
+        result = write_report(args.run_dirs, args.out, refs)
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -60,7 +75,50 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nreport written to {result['report'].parent}:")
     for path in [result["report"], *result["figures"].values()]:
         print(f"  {path}")
+    if args.check:
+        if not refs:
+            print(f"error: --check: no reference for {args.run_dirs[0]}; give --reference", file=sys.stderr)
+            return 2
+        off = outside_band(load_run(args.run_dirs[0]), load_reference(refs[0]), "mlm_loss", BAND, relative=True)
+        for line in off:
+            print(f"outside the reference band: {line}")
+        print(f"check: {'FAILED' if off else 'within'} ±{BAND:.0%} of {refs[0]} (training MLM loss)")
+        return 1 if off else 0
     return 0
+
+
+BAND = 0.10  # relative, on the training MLM loss: a healthy rerun on another machine stays well inside
+
+
+def auto_reference(run_dirs: list[str]) -> list[str | Path]:
+    """The shipped reference of the first run's recipe name (its config.yaml ``name``), announced; else none."""
+    config = Path(run_dirs[0]) / "config.yaml"
+    if not config.is_file():
+        return []
+    name = next((line.split(":", 1)[1].strip() for line in config.read_text().splitlines() if line.startswith("name:")),
+                None)  # fmt: skip
+    ref = shipped(name) if name else None
+    if ref is not None:
+        print(f"overlaying the shipped reference of {name}: {ref}")
+    return [ref] if ref is not None else []
+
+
+def provenance(run_dir: str) -> str:
+    """Commit, date, machine and command of a run, for a reference CSV's comment line."""
+    import datetime
+    import platform
+    import subprocess
+
+    import torch
+
+    root = Path(__file__).resolve().parent.parent
+    git = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    commit = git.stdout.strip() or "unknown"
+    overrides = Path(run_dir) / "overrides.txt"
+    command = " ".join(overrides.read_text().split()) if overrides.is_file() else "(overrides.txt missing)"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})"
+    return (f"commit {commit}, {datetime.date.today().isoformat()}, {device}, torch {torch.__version__}: "
+            f"python launch/pretrain.py {command}")  # fmt: skip
 
 
 if __name__ == "__main__":

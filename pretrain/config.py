@@ -47,6 +47,11 @@ class DataConfig:
     """Pack each micro-batch's samples into as few rows as they fit (attention kept inside each sample, positions
     restarting, NSP read at each sample's [CLS]): no compute on padding, same losses per sample; the samples per
     step and the data order are unchanged (resumes stay exact)."""
+    pair_task: str = "nsp"
+    """What the sentence-pair head learns from BERT shards (``objective=`` sets it): ``nsp``, the shards'
+    IsNext/NotNext labels; ``sop``, ALBERT's sentence order, drawn at load time from the same shards (an IsNext
+    pair kept or swapped 50/50 per epoch and sample; a NotNext pair cut to its first segment, MLM only). Metrics
+    keep the head's ``nsp_*`` names; logs and summaries say SOP."""
     verify: bool = True
     """Check every shard against the sha256 in ``manifest.json`` before the first step (a rotten or truncated
     shard stops the run with one line naming it); false keeps only the cheap size and index checks. Cost: one
@@ -129,7 +134,10 @@ class TrainerConfig:
     stop_at_step: int | None = None
     """Checkpoint and stop (exit 0) at this step without finishing; simulates an interruption in tests."""
     init_from: str | None = None
-    """Phase 2: weights only from a phase-1 run dir, checkpoint dir (or tag dir) or Hugging Face export."""
+    """Weights only (optimizer, schedule and step start afresh) from a run dir, a checkpoint dir (or tag dir) or a
+    Hugging Face directory: phase 2 from phase 1, or continued pretraining of a published checkpoint
+    (``experiment=continue-bert``), whose ``config.json`` then sets the architecture and whose vocabulary and casing
+    the data must share (prepare it with ``vocab=`` that directory)."""
     peak_tflops: float | None = None
     """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
     activation_checkpointing: bool = False
@@ -433,6 +441,11 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
         )
     info.has_validation = bool(n_val) and cfg.trainer.eval_batches > 0
     model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
+    if cfg.trainer.init_from:  # a Hugging Face directory brings its architecture, vocabulary and heads
+        from pretrain.hf import continue_from
+
+        for note in continue_from(cfg.trainer.init_from, model, cfg.data.dir, info.manifest.lowercase):
+            warnings.warn(f"trainer.init_from: {note}", stacklevel=2)
     if model.get("vocab_size") is None:
         model["vocab_size"] = info.vocab_size
     elif model["vocab_size"] != info.vocab_size:
@@ -453,6 +466,13 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
             "point data.dir at matching shards or raise trainer.max_seq_length"
         )
     nsp = model.get("nsp", True)
+    if cfg.data.pair_task not in ("nsp", "sop"):
+        raise UserError(f"data.pair_task={cfg.data.pair_task!r}: use nsp or sop (or objective=nsp|sop|mlm)")
+    if cfg.data.pair_task == "sop" and not (nsp and info.nsp):
+        raise UserError(
+            f"objective=sop needs sentence pairs and the pair head: model.nsp={str(nsp).lower()}, {cfg.data.dir} "
+            f"holds {'BERT pairs' if info.nsp else 'RoBERTa-mode shards'}; prepare the data with nsp=true"
+        )
     if nsp and not info.nsp:
         raise UserError(
             f"model.nsp=true but {cfg.data.dir} holds RoBERTa-mode shards (no sentence pairs); "

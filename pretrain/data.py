@@ -327,6 +327,7 @@ def build_dataloader(
     drop_last: bool = True,
     bucket_window: int = 100,
     pack: bool = False,
+    sentence_order: bool = False,
 ) -> tuple[DataLoader, ResumableDistributedSampler]:
     """DataLoader of masked micro-batches for this rank, and its sampler (for ``advance``/state/epochs).
 
@@ -348,7 +349,7 @@ def build_dataloader(
         lengths=dataset.lengths() if bucket else None,
         bucket_window=bucket_window,
     )
-    collator: Any = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed)
+    collator: Any = MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt", masking, seed, sentence_order)
     if pack:
         collator = PackingCollator(collator)
     # No worker_init_fn and no loader generator: nothing in a worker is random; every draw is a hash.

@@ -31,6 +31,7 @@ from data_prep.report import DataPrepError
 from data_prep.vocab import read_vocab
 from pretrain.config import UserError
 from pretrain.hf import ROOT, ModelSource, load_model
+from pretrain.masking import IGNORE_INDEX
 
 DEFAULT_SEED = 1234  # the trainer's default seed: a default run evaluated with defaults sees its validation masks
 _CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
@@ -247,8 +248,9 @@ def evaluate_model(
             if out.nsp_logits is not None and "next_sentence_label" in batch:
                 label = batch["next_sentence_label"]
                 s[4] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double().cpu()
-                s[5] += (out.nsp_logits.argmax(-1) == label).sum().cpu()
-                s[6] += label.numel()
+                valid = label != IGNORE_INDEX
+                s[5] += ((out.nsp_logits.argmax(-1) == label) & valid).sum().cpu()
+                s[6] += valid.sum().cpu()
                 s[7] += (label == 0).sum().cpu()
             batches += 1
             if progress is not None:

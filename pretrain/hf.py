@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from data_prep.report import DataPrepError
-from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, read_vocab, special_ids
+from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
 from pretrain.config import UserError
 from pretrain.model import BertConfig, BertForPreTraining
 
@@ -114,12 +114,6 @@ def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
     return model
 
 
-def _lowercase_from_tokenizer_json(tok: Path) -> bool:
-    norm = json.loads(tok.read_text()).get("normalizer") or {}
-    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
-    return any(p.get("type") == "Lowercase" or p.get("lowercase", False) for p in parts)
-
-
 def export_hf(
     model: torch.nn.Module, tokenizer_dir: str | Path | None, out_dir: str | Path, extra: dict[str, Any] | None = None
 ) -> Path:
@@ -152,9 +146,7 @@ def export_hf(
             if (tdir / name).is_file():
                 shutil.copy2(tdir / name, out / name)
         if not (tdir / "tokenizer_config.json").is_file():
-            lower = (
-                _lowercase_from_tokenizer_json(tdir / "tokenizer.json") if (tdir / "tokenizer.json").is_file() else True
-            )
+            lower = model_dir_lowercase(tdir) is not False  # no tokenizer files: uncased, as ours default
             tc = {
                 "tokenizer_class": "BertTokenizer",
                 "do_lower_case": lower,
@@ -208,6 +200,47 @@ class ModelSource:
         return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
 
 
+ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")  # fmt: skip
+
+
+def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_lowercase: bool | None) -> list[str]:
+    """Continued pretraining from a Hugging Face directory (``trainer.init_from``; a run dir's ``hf/`` too): its
+    ``config.json`` fixes the architecture (``model`` is updated in place), its vocabulary and casing must be the
+    data's (else one UserError line saying how to prepare the data), and the pair head stays only where the
+    checkpoint has one. Returns what changed, for the start-up log; nothing for other ``init_from`` kinds."""
+    d = Path(init_from)
+    d = d if (d / "config.json").is_file() else d / "hf"
+    if not (d / "config.json").is_file():
+        return []
+    what = f"trainer.init_from={init_from}"
+    hf = json.loads((d / "config.json").read_text())
+    arch = {k: hf[k] for k in ARCHITECTURE if k in hf}
+    notes = [f"model.{k}={model.get(k)} -> {v}" for k, v in arch.items() if model.get(k) not in (None, v)]
+    model.update(arch)
+    theirs = _vocabulary(d, what)
+    if theirs is not None:
+        ours = read_vocab(Path(data_dir) / "vocab.txt")
+        if ours != theirs[0]:
+            at = next(
+                (i for i, (a, b) in enumerate(zip(ours, theirs[0], strict=False)) if a != b),
+                min(len(ours), len(theirs[0])),
+            )
+            raise UserError(
+                f"data.dir={data_dir} was prepared with another vocabulary than {what} ({len(ours)} vs "
+                f"{len(theirs[0])} tokens, first difference at id {at}); prepare it with vocab={d}"
+            )
+        if data_lowercase is not None and data_lowercase != theirs[2]:
+            raise UserError(
+                f"data.dir={data_dir} is {'uncased' if data_lowercase else 'cased'} but {what} is "
+                f"{'uncased' if theirs[2] else 'cased'}; prepare it with vocab={d} lowercase={str(theirs[2]).lower()}"
+            )
+    if model.get("nsp", True) and "cls.seq_relationship.weight" not in _normalise_keys(_read_state_dict(d)):
+        model["nsp"] = False
+        notes.append("model.nsp=false: the checkpoint has no NSP head (MLM continues alone)")
+    return notes
+
+
 def _vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] | None:
     """(tokens, tokenizer, lowercase, vocab.txt or None) of a directory with ``tokenizer.json`` and/or
     ``vocab.txt``; None where it has neither."""
@@ -219,7 +252,7 @@ def _vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] 
     try:
         if tok_json.is_file():
             tokenizer = Tokenizer.from_file(str(tok_json))
-            lowercase = _lowercase_from_tokenizer_json(tok_json)
+            lowercase = bool(model_dir_lowercase(d))
             if vocab_txt.is_file():
                 vocab = read_vocab(vocab_txt)
             else:

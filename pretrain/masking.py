@@ -10,6 +10,11 @@ Selection is Bernoulli(``mlm_probability``) per eligible token (every real token
 ``[MASK]`` and ``[PAD]``; ``[UNK]`` may be selected), or per word with ``whole_word`` (a word is a token
 plus its following ``##`` continuations; all its pieces are selected together). Selected tokens become
 ``[MASK]`` 80%, a random non-special vocabulary token 10%, and stay unchanged 10% (per token, as in BERT).
+
+Sentence order (ALBERT's SOP, ``sentence_order=True``) is drawn from the same NSP shards, with the same kind of
+hash: an IsNext pair (two consecutive segments of one document) is kept (label 0) or swapped (label 1), 50/50 per
+(seed, epoch, sample); a NotNext pair, whose second segment comes from another document, is cut to its first
+segment and trains MLM only (label -100), so no input ever joins two documents.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15
 _M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
 _S27, _S30, _S31 = np.uint64(27), np.uint64(30), np.uint64(31)
-_STREAM_SELECT, _STREAM_ACTION = 1, 2
+_STREAM_SELECT, _STREAM_ACTION, _STREAM_ORDER = 1, 2, 3
 
 
 def _mix_int(x: int) -> int:
@@ -65,6 +70,9 @@ def sample_keys(seed: int, epochs: Sequence[int], indices: Sequence[int]) -> np.
 def _threshold(p: float) -> np.uint64:
     """t with P(h < t) = p for h uniform over uint64 (exact to 2**-64)."""
     return np.uint64(min(round(p * (1 << 64)), _U64))
+
+
+_HALF = _threshold(0.5)
 
 
 @dataclass
@@ -105,9 +113,11 @@ class MaskingCollator:
     all int64 ``[B, L]``, plus ``next_sentence_label`` int64 ``[B]`` when the samples carry NSP labels.
     """
 
-    def __init__(self, vocab: Sequence[str], cfg: MaskingConfig | None = None, seed: int = 0):
+    def __init__(
+        self, vocab: Sequence[str], cfg: MaskingConfig | None = None, seed: int = 0, sentence_order: bool = False
+    ):
         self.cfg = cfg or MaskingConfig()
-        self.seed = int(seed)
+        self.seed, self.sentence_order = int(seed), sentence_order
         index = {tok: i for i, tok in enumerate(vocab)}
         missing = [n for n in SPECIALS if n not in index]
         if missing:
@@ -130,9 +140,11 @@ class MaskingCollator:
         self._offset_cache: dict[tuple[int, int], np.ndarray] = {}
 
     @classmethod
-    def from_vocab_file(cls, path: str | os.PathLike, cfg: MaskingConfig | None = None, seed: int = 0):
+    def from_vocab_file(
+        cls, path: str | os.PathLike, cfg: MaskingConfig | None = None, seed: int = 0, sentence_order: bool = False
+    ):
         try:
-            return cls(read_vocab(path), cfg, seed)
+            return cls(read_vocab(path), cfg, seed, sentence_order)
         except DataPrepError as e:  # bad input is a ValueError here, as every other one
             raise ValueError(str(e)) from None
 
@@ -183,13 +195,34 @@ class MaskingCollator:
         out = np.where(selected & (h >= self._t_mask) & (h < self._t_random), random_ids, out)
         return out, labels
 
+    def order_pairs(self, samples: Sequence[dict[str, Any]], keys: np.ndarray) -> list[dict[str, Any]]:
+        """Sentence-order samples from NSP samples (see the module docstring), from uint64 per-sample keys [B].
+        ``input_ids`` is ``[CLS] A [SEP] B [SEP]`` with ``a_len = len([CLS] A [SEP])``."""
+        if any(int(s["nsp_label"]) < 0 for s in samples):
+            raise ValueError("sentence order needs sentence-pair shards (RoBERTa-mode shards have no pairs)")
+        swap = mix(keys + np.uint64(_STREAM_ORDER * _GOLDEN & _U64)) < _HALF
+        out = []
+        for s, flip in zip(samples, swap.tolist(), strict=True):
+            ids, a = s["input_ids"], int(s["a_len"])
+            if int(s["nsp_label"]) == 1:  # NotNext: the second segment is from another document
+                out.append({**s, "input_ids": ids[:a], "nsp_label": IGNORE_INDEX})
+            elif flip:  # [CLS] B [SEP] A [SEP]
+                swapped = np.concatenate([ids[:1], ids[a:-1], ids[a - 1 : a], ids[1 : a - 1], ids[-1:]])
+                out.append({**s, "input_ids": swapped, "a_len": len(ids) - a + 1, "nsp_label": 1})
+            else:
+                out.append(s)
+        return out
+
     def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if not samples:
             raise ValueError("cannot collate an empty batch")
-        ids, types, attention = self.pad(samples)
         indices = [int(s["index"]) for s in samples]
         epochs = [0] * len(samples) if self.cfg.static else [int(s.get("epoch", 0)) for s in samples]
-        masked, labels = self.mask(ids, sample_keys(self.seed, epochs, indices))
+        keys = sample_keys(self.seed, epochs, indices)
+        if self.sentence_order:
+            samples = self.order_pairs(samples, keys)
+        ids, types, attention = self.pad(samples)
+        masked, labels = self.mask(ids, keys)
         nsp = [int(s["nsp_label"]) for s in samples]
         # One storage for the whole batch: a worker then hands one shared-memory block to the main process
         # instead of five (the per-tensor transfer cost dominates at these sizes).
@@ -200,7 +233,7 @@ class MaskingCollator:
         tensor = torch.from_numpy(buf)
         views = tensor[: 4 * masked.size].view(4, *masked.shape)
         batch = {"input_ids": views[0], "token_type_ids": views[1], "attention_mask": views[2], "labels": views[3]}
-        if min(nsp) >= 0:
+        if min(nsp) >= 0 or self.sentence_order:  # SOP: -100 where a NotNext pair trains MLM only
             batch["next_sentence_label"] = tensor[4 * masked.size :]
         elif max(nsp) >= 0:
             raise ValueError("batch mixes samples with and without NSP labels (BERT and RoBERTa shards in one split)")

@@ -144,6 +144,8 @@ class MetricsLogger:
         self.wandb_mode = "disabled"
         self.wandb_id = wandb_id
         self.bar = None
+        data = getattr(cfg, "data", None)  # fine-tuning has no pair head
+        self.pair = getattr(data, "pair_task", "nsp")  # nsp or sop: what the pair head's nsp_* figures are
         if not is_main:
             return
         truncate_metrics(self.path, start_step)
@@ -229,7 +231,7 @@ class MetricsLogger:
                 epoch = f"  epoch {r['epoch']}" if "epoch" in r else ""
                 lr = f(r["lr"], ".2e")
                 return f"step {step}/{self.max_steps}{epoch}  loss {f(r['loss'])}  lr {lr}  ETA {_duration(eta)}"
-            nsp = f", nsp {f(r['nsp_loss'])}" if r.get("nsp_loss") is not None else ""  # MLM-only: no NSP part
+            nsp = f", {self.pair} {f(r['nsp_loss'])}" if r.get("nsp_loss") is not None else ""  # MLM-only: none
             return (
                 f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}{nsp})  lr "
                 f"{f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
@@ -244,7 +246,7 @@ class MetricsLogger:
                 f"(unigram {f(r.get('val_unigram_acc'), '.2%')})"
             )
             if r.get("val_nsp_acc") is not None:  # MLM-only runs have no NSP to report
-                line += f"  NSP loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}"
+                line += f"  {self.pair.upper()} loss {f(r.get('val_nsp_loss'))} acc {f(r.get('val_nsp_acc'), '.2%')}"
             return line
         if kind == "skipped":
             return f"step {step}: skipped ({r['reason']}), {r['skipped']} so far"
@@ -296,7 +298,7 @@ def print_startup(
     data += f" ({tokens:,} tokens)" if tokens else ""
     data += f", validation {samples.get('validation', 0):,}; {info.verified.get('shards', 0)} shards"
     data += f", sha256 verified in {info.verified.get('seconds', 0):.1f} s" if cfg.data.verify else ""
-    heads = "MLM + NSP heads" if model.nsp else "MLM head only (RoBERTa-style)"
+    heads = f"MLM + {cfg.data.pair_task.upper()} heads" if model.nsp else "MLM head only (RoBERTa-style)"
     where = f"threads per rank: {threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     epochs = t.max_steps * t.global_batch_size / max(1, samples.get("train", 0))
     extras = [("packed rows", cfg.data.pack), ("compiled", t.compile), ("activation checkpointing",
@@ -360,11 +362,12 @@ def validation_lines(v: dict[str, Any]) -> list[str]:
         f"{'n/a' if uni is None else format(uni, '.2%')}{times})"
     ]
     if v.get("val_nsp_acc") is not None:
-        lines.append(f"               NSP loss {v['val_nsp_loss']:.4f}  acc {v['val_nsp_acc']:.2%}  (chance 50%)")
+        pair = v.get("pair_task", "nsp").upper()
+        lines.append(f"               {pair} loss {v['val_nsp_loss']:.4f}  acc {v['val_nsp_acc']:.2%}  (chance 50%)")
     return lines
 
 
-def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int) -> None:
+def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int, pair: str = "nsp") -> None:
     """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
     records = (
         [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -382,7 +385,8 @@ def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int) -> None:
         f"run {run_dir} is complete at step {step}/{max_steps}: checkpoint {tag}, HF export "
         f"{hf}; final train loss "
         f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}"
-        f"{'' if val.get('val_nsp_acc') is None else ', val NSP acc ' + f('val_nsp_acc', '.2%')}. Nothing to do: "
+        f"{'' if val.get('val_nsp_acc') is None else f', val {pair.upper()} acc ' + f('val_nsp_acc', '.2%')}. "
+        "Nothing to do: "
         "raise trainer.max_steps to train on, or use another run_dir",
         flush=True,
     )

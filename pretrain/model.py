@@ -436,8 +436,11 @@ class BertForPreTraining(nn.Module):
         if nsp:
             cls_hidden = hidden[:n_cls] if keep is not None else hidden.reshape(-1, hidden.size(-1))[cls]  # [N, H]
             nsp_logits = self.cls.seq_relationship(self.bert.pooler(cls_hidden))  # [N, 2]
-            if next_sentence_label is not None:
-                nsp_loss = F.cross_entropy(nsp_logits.float(), next_sentence_label.view(-1))
+            if next_sentence_label is not None:  # -100: no pair label (SOP's NotNext rows); a batch of none: 0
+                label = next_sentence_label.view(-1)
+                nsp_loss = F.cross_entropy(nsp_logits.float(), label, reduction="sum") / label.ne(
+                    IGNORE_INDEX
+                ).sum().clamp(min=1)
         mlm_logits = mlm_labels = mlm_loss = None
         num_masked = 0
         if idx is not None:

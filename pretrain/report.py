@@ -198,8 +198,8 @@ def load_reference(path: str | Path, label: str = "reference") -> Reference:
     and at least one column a panel plots."""
     path = Path(path)
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
+        with open(path, newline="", encoding="utf-8") as f:  # '#' lines: provenance comments
+            rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
     except OSError as e:
         raise ReportError(f"{path}: cannot read the reference CSV ({e.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as e:

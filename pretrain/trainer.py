@@ -55,6 +55,7 @@ from pretrain.config import Config, UserError, build_ds_config, preflight
 from pretrain.data import Batches, build_dataloader, fork_rng
 from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.evaluation import most_frequent_token
+from pretrain.masking import IGNORE_INDEX
 from pretrain.metrics import (
     LogWindow,
     MetricsLogger,
@@ -148,8 +149,9 @@ def evaluate(engine: Any, loader: Any, max_batches: int, device: torch.device, u
             if out.nsp_logits is not None and "next_sentence_label" in batch:
                 label = batch["next_sentence_label"].to(device)
                 s[3] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double()
-                s[4] += (out.nsp_logits.argmax(-1) == label).sum()
-                s[5] += label.numel()
+                valid = label != IGNORE_INDEX  # SOP: NotNext rows carry no pair label
+                s[4] += ((out.nsp_logits.argmax(-1) == label) & valid).sum()
+                s[5] += valid.sum()
     engine.train()
     s = D.all_reduce(s).tolist()
     res = {"val_mlm_loss": s[0] / s[2], "val_mlm_acc": s[1] / s[2], "val_unigram_acc": s[6] / s[2]} if s[2] else {}
@@ -271,7 +273,8 @@ def setup(cfg: Config, env: Any) -> Run:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     masking = cfg.data.masking
-    common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers)
+    common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                  sentence_order=cfg.data.pair_task == "sop")  # fmt: skip
     try:
         loader, sampler = build_dataloader(
             cfg.data.dir,
@@ -429,6 +432,7 @@ def summarize(run: Run, loop: LoopState, hf_dir: Path | None, t_loop: float) -> 
     loop_s = max(time.time() - t_loop, 1e-9)
     return {
         "run_name": run.cfg.run_name,
+        "pair_task": run.cfg.data.pair_task,
         "status": loop.status,
         "step": state.step,
         "max_steps": t.max_steps,
@@ -460,7 +464,7 @@ def finished_before(cfg: Any, env: Any) -> bool:
     if step < cfg.trainer.max_steps or not exported:
         return False
     if env.is_main:
-        print_complete(Path(cfg.run_dir).resolve(), done, step, cfg.trainer.max_steps)
+        print_complete(Path(cfg.run_dir).resolve(), done, step, cfg.trainer.max_steps, cfg.data.pair_task)
     return True
 
 
