@@ -112,8 +112,13 @@ class TrainerConfig:
     """Longest sample the data may hold (the shards' manifest ``max_seq_length`` must not exceed it)."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro x world size)."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward on one device."""
+    micro_batch_size: Any = 8
+    """Sequences per forward/backward on one device, or ``auto``: the largest that fits at ``max_seq_length`` with
+    this precision, ZeRO stage and activation checkpointing (measured at start-up, with a safety margin, cut to a
+    divisor of the global batch per rank; ``pretrain/batch_probe.py``)."""
+    memory_cap_gb: float | None = None
+    """Memory one rank may use for ``micro_batch_size=auto``: default the GPU's memory, on CPU the available memory
+    shared by the ranks of the node."""
     max_steps: int = 40
     """Optimizer steps to train (the schedule ends here)."""
     precision: str = "fp32"
@@ -280,6 +285,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 def gradient_accumulation_steps(cfg: Any, world_size: int) -> int:
     t = cfg.trainer
+    if not isinstance(t.micro_batch_size, int) or isinstance(t.micro_batch_size, bool):
+        raise UserError(f"trainer.micro_batch_size={t.micro_batch_size!r}: give a positive integer or auto")
     per_step = t.micro_batch_size * world_size
     if t.micro_batch_size < 1 or t.global_batch_size % per_step:
         raise UserError(

@@ -237,10 +237,27 @@ def engine_config(cfg: Config, model: torch.nn.Module, world_size: int, cuda: bo
     return client_opt, groups, ds_config, opt_desc
 
 
+def choose_micro_batch(cfg: Config, model: torch.nn.Module, env: Any, device: torch.device) -> None:
+    """``trainer.micro_batch_size=auto``: probe (pretrain/batch_probe.py), agree on the smallest answer across
+    ranks, set it and say what was chosen and why."""
+    from pretrain.batch_probe import memory_cap, probe
+
+    t = cfg.trainer
+    found = probe(model.to(device), cfg, env.world_size, device, memory_cap(cfg, device, D.local_world_size()))
+    agreed = D.all_reduce(torch.tensor([found.micro_batch_size], device=device), dist.ReduceOp.MIN)
+    t.micro_batch_size = found.micro_batch_size = int(agreed.item())
+    if env.is_main:
+        accum = t.global_batch_size // (t.micro_batch_size * env.world_size)
+        print(found.describe(t.max_seq_length, accum, t.global_batch_size, env.world_size), flush=True)
+
+
 def setup(cfg: Config, env: Any) -> Run:
     """Pre-flight checks, process group, model, optimizer, data, DeepSpeed engine, resume, logger."""
     t = cfg.trainer
     threads = D.set_threads()
+    auto_batch = t.micro_batch_size == "auto"
+    if auto_batch:
+        t.micro_batch_size = 1  # for the checks below; probed once the model is on its device
     info, model_kw = preflight(cfg, env.world_size)  # fails before any work
     build_ds_config(cfg, env.world_size)  # a bad deepspeed.config_file fails here, before any work
     deepspeed = import_deepspeed(cfg.verbose)
@@ -267,6 +284,8 @@ def setup(cfg: Config, env: Any) -> Run:
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
     model = build_model(model_kw, t.init_from if resume_tag is None else None)
     model.bert.encoder.checkpoint_layers = t.activation_checkpointing
+    if auto_batch:
+        choose_micro_batch(cfg, model, env, device)
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
     client_opt, groups, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
     if env.is_main:

@@ -140,3 +140,17 @@ def test_finetune_on_gpu_bf16(data_dir: Path, tmp_path: Path):
               if r["kind"] == "train"]  # fmt: skip
     assert sum(losses[-5:]) < sum(losses[:5])
     assert all(t.dtype == torch.float32 for t in load_file(run / "best" / "model.safetensors").values())
+
+
+def test_auto_micro_batch_on_gpu_runs_at_the_probed_size(data_dir: Path, tmp_path: Path):
+    """micro_batch_size=auto on the GPU (BERT-base shape, bf16, 128 tokens, the GPU's whole memory): the probe's
+    choice is large, and training at it does not run out of memory."""
+    run = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"data.dir={data_dir}", f"run_dir={run}",
+            "model=bert-base", "trainer.precision=bf16", "trainer.micro_batch_size=auto",
+            "trainer.global_batch_size=1024", "trainer.max_steps=3", "trainer.eval_every=0"]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "offline"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen = json.loads((run / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"]
+    assert chosen >= 64 and 1024 % chosen == 0, chosen  # and the run at that size finished: no out-of-memory

@@ -132,6 +132,8 @@ def setup(cfg: FinetuneConfig, env: Any) -> tuple[Any, Any, Prepared, Progress, 
     from pretrain.trainer import engine_config
 
     t = cfg.trainer
+    if t.micro_batch_size == "auto":
+        raise UserError("trainer.micro_batch_size=auto is for pretraining; give fine-tuning a number")
     src = load_model(cfg.pretrained)
     data = prepare(cfg, src)
     per_step = t.global_batch_size
