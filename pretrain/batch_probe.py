@@ -81,19 +81,24 @@ def saved_bytes(model: torch.nn.Module, batch: int, seq_len: int, precision: str
     return sum(n for ptr, n in seen.items() if ptr not in params)  # weights are counted in static_bytes
 
 
-def probe(model: torch.nn.Module, cfg: Any, world_size: int, device: torch.device, cap_bytes: int) -> Probe:
-    """The micro-batch for ``cfg.trainer`` (sequence length, precision, activation checkpointing, global batch)
-    under ``cap_bytes`` per rank; UserError when not even one sample fits."""
-    t = cfg.trainer
-    stage = int(cfg.deepspeed.zero_optimization.get("stage", 0))
-    n = sum(p.numel() for p in model.parameters())
-    fixed = static_bytes(n, stage, t.precision, world_size)
+def measure(model: torch.nn.Module, seq_len: int, precision: str, device: torch.device) -> tuple[int, int]:
+    """(activation bytes per sample, activation bytes that do not grow with the batch) of ``model`` as set up
+    (activation checkpointing included), from real passes at 2 and 4 samples."""
     was = model.training
     model.train()
-    two, four = (saved_bytes(model, b, t.max_seq_length, t.precision, device) for b in (2, 4))
+    two, four = (saved_bytes(model, b, seq_len, precision, device) for b in (2, 4))
     model.train(was)
     per_sample = max((four - two) // 2, 1)  # the slope from 2 to 4: at 1 a few shared buffers bend the line
-    intercept = max(two - 2 * per_sample, 0)
+    return per_sample, max(two - 2 * per_sample, 0)
+
+
+def choose(n_params: int, measured: tuple[int, int], cfg: Any, world_size: int, cap_bytes: int) -> Probe:
+    """The micro-batch for ``cfg.trainer`` (sequence length, precision, global batch) and ZeRO stage under
+    ``cap_bytes`` per rank, from ``measure``'s figures; UserError when not even one sample fits."""
+    t = cfg.trainer
+    stage = int(cfg.deepspeed.zero_optimization.get("stage", 0))
+    fixed = static_bytes(n_params, stage, t.precision, world_size)
+    per_sample, intercept = measured
     room = cap_bytes * (1 - MARGIN) - fixed - intercept
     fits = int(room // per_sample) if room > 0 else 0
     if fits < 1:
@@ -103,13 +108,20 @@ def probe(model: torch.nn.Module, cfg: Any, world_size: int, device: torch.devic
             f"{per_sample / GIB:.3f} GiB per sample); use a higher ZeRO stage, activation checkpointing, bf16, "
             "a shorter trainer.max_seq_length or a larger trainer.memory_cap_gb"
         )
-    per_rank = t.global_batch_size // world_size if t.global_batch_size % world_size == 0 else 0
-    if not per_rank:
+    if t.global_batch_size % world_size:
         raise UserError(
             f"trainer.global_batch_size={t.global_batch_size} is not divisible by the world size {world_size}"
         )
+    per_rank = t.global_batch_size // world_size
     best = max(d for d in range(1, min(fits, per_rank) + 1) if per_rank % d == 0)
     return Probe(best, fits, fixed, per_sample, intercept, cap_bytes)
+
+
+def probe(model: torch.nn.Module, cfg: Any, world_size: int, device: torch.device, cap_bytes: int) -> Probe:
+    """``measure`` then ``choose``: the micro-batch of this run on this device."""
+    n = sum(p.numel() for p in model.parameters())
+    return choose(n, measure(model, cfg.trainer.max_seq_length, cfg.trainer.precision, device), cfg, world_size,
+                  cap_bytes)  # fmt: skip
 
 
 def memory_cap(cfg: Any, device: torch.device, local_world_size: int) -> int:
