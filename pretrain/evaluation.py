@@ -287,9 +287,10 @@ def _table(source: ModelSource, where: str, res: dict[str, Any], batch_size: int
             row("MLM accuracy", f"{res['mlm_acc']:.2%}", f"{res['unigram_acc']:.2%}", f"unigram: always {unigram!r}"),
         ]
     if "nsp_loss" in res:
+        pair = res.get("pair_task", "nsp").upper()  # an SOP model is scored on sentence order, drawn as in training
         lines += [
-            row("NSP loss", f"{res['nsp_loss']:.4f}"),
-            row("NSP accuracy", f"{res['nsp_acc']:.2%}", f"{res['nsp_majority_acc']:.2%}", "majority class"),
+            row(f"{pair} loss", f"{res['nsp_loss']:.4f}"),
+            row(f"{pair} accuracy", f"{res['nsp_acc']:.2%}", f"{res['nsp_majority_acc']:.2%}", "majority class"),
         ]
     return "\n".join(lines)
 
@@ -354,8 +355,9 @@ def run_evaluate(
         try:
             # Unigram baseline: the train split's most frequent token (for --text the text's own, all in train).
             unigram_id = most_frequent_token(data_dir, "train")
+            pair = ((source.config or {}).get("data") or {}).get("pair_task", "nsp")
             loader, _ = build_dataloader(data_dir, split, batch_size, seed=seed, masking=MaskingConfig(),
-                                         shuffle=False, drop_last=False)  # fmt: skip
+                                         shuffle=False, drop_last=False, sentence_order=pair == "sop")  # fmt: skip
         except ValueError as e:  # a truncated or corrupt shard: one line naming it
             raise UserError(f"--data {data_dir}: {e}") from None
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -369,7 +371,7 @@ def run_evaluate(
     if not res["masked_tokens"]:
         raise UserError(f"{where}: no token was masked in {res['samples']} samples; evaluate on more text")
     unigram = source.vocab[unigram_id]
-    print(_table(source, where, res, batch_size, seed, unigram), flush=True)
+    print(_table(source, where, {**res, "pair_task": pair}, batch_size, seed, unigram), flush=True)
     record = {
         "kind": "evaluate",
         "step": source.step,

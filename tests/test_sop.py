@@ -120,6 +120,9 @@ def test_sop_run_says_sop_and_its_export_loads_in_transformers(tiny, tmp_path):
     model, info = BertForPreTraining.from_pretrained(run / "hf", output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.cls.seq_relationship.weight.shape == (2, model.config.hidden_size)  # the SOP head, NSP's name
+    r = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), str(run), "--batches", "2"],
+                       capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0 and "SOP accuracy" in r.stdout and "NSP" not in r.stdout, r.stdout + r.stderr[-2000:]
     bad = [f"data.dir={data}", f"run_dir={tmp_path / 'bad'}", *SMALL, "objective=sop", "model.nsp=false"]
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *bad], capture_output=True, text=True,
                        env=_env(), timeout=120, cwd=ROOT)  # fmt: skip
