@@ -115,7 +115,10 @@ def weights_from(path: str) -> dict[str, torch.Tensor]:
         raise UserError(f"trainer.init_from={path}: not found")
     hf = p if (p / "config.json").is_file() else p / "hf"
     if (hf / "config.json").is_file():
-        return load_hf(hf).state_dict()
+        try:
+            return load_hf(hf).state_dict()
+        except ValueError as e:  # weights that contradict their config.json, a model_type that is not BERT
+            raise UserError(f"trainer.init_from={path}: {e}") from None
     tag = tag_dir(path, "trainer.init_from")
     check_format(tag)
     return fp32_weights(tag)

@@ -361,12 +361,15 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
     assert r.returncode == 0 and "built successfully" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
-def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path):
+def test_init_from_weights_that_contradict_their_config_is_one_line(data, tmp_path):
     from pretrain.hf import export_hf
     from pretrain.model import BertConfig, BertForPreTraining
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
     export_hf(BertForPreTraining(BertConfig(vocab_size=len(VOCAB), **small)), data, tmp_path / "hf")
+    # An HF directory brings its architecture (config.json); one whose weights contradict it must be refused.
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
     r = subprocess.run(
         [
             sys.executable,
@@ -387,8 +390,7 @@ def test_init_from_shape_mismatch_lists_tensors_with_both_shapes(data, tmp_path)
     )
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert r.returncode == 2 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert "bert.embeddings.word_embeddings.weight (72, 32) vs model (72, 64)" in errors[0]
-    assert " more; pick the model config" in errors[0]  # more than ten tensors differ: counted, not cut
+    assert "32), config.json implies (" in errors[0] and "64)" in errors[0] and "trainer.init_from=" in errors[0]
 
 
 def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
@@ -601,7 +603,7 @@ def test_log_lines_name_nsp_only_when_the_run_has_it():
     from pretrain.metrics import MetricsLogger, validation_lines
 
     log = MetricsLogger.__new__(MetricsLogger)  # plain_line reads only these
-    log.start_step, log.max_steps, log.t0 = 0, 10, _time.time()
+    log.start_step, log.max_steps, log.t0, log.pair = 0, 10, _time.time(), "nsp"
     train = {"kind": "train", "step": 5, "loss": 2.5, "mlm_loss": 2.5, "lr": 1e-3, "sequences_per_s": 10.0,
              "tokens_per_s": 1000.0}  # fmt: skip
     assert "nsp" not in log.plain_line(train) and "(mlm 2.5000)" in log.plain_line(train)
