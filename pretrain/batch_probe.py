@@ -82,14 +82,27 @@ def saved_bytes(model: torch.nn.Module, batch: int, seq_len: int, precision: str
 
 
 def measure(model: torch.nn.Module, seq_len: int, precision: str, device: torch.device) -> tuple[int, int]:
-    """(activation bytes per sample, activation bytes that do not grow with the batch) of ``model`` as set up
-    (activation checkpointing included), from real passes at 2 and 4 samples."""
-    was = model.training
+    """(activation bytes per sample, activation bytes that do not grow with the batch) of ``model`` as set up,
+    from real passes at 2 and 4 samples. With activation checkpointing, the layer the backward recomputes is
+    added (its share of a pass without checkpointing): what the forward saves is then only the layers' inputs."""
+    was, encoder = model.training, model.bert.encoder
     model.train()
-    two, four = (saved_bytes(model, b, seq_len, precision, device) for b in (2, 4))
+
+    def line() -> tuple[int, int]:
+        two, four = (saved_bytes(model, b, seq_len, precision, device) for b in (2, 4))
+        per_sample = max((four - two) // 2, 1)  # the slope from 2 to 4: at 1 a few shared buffers bend the line
+        return per_sample, max(two - 2 * per_sample, 0)
+
+    per_sample, fixed = line()
+    if encoder.checkpoint_layers:  # the backward recomputes one layer at a time: its activations come back
+        encoder.checkpoint_layers = False
+        try:
+            full, _ = line()
+        finally:
+            encoder.checkpoint_layers = True
+        per_sample += full // len(encoder.layer)
     model.train(was)
-    per_sample = max((four - two) // 2, 1)  # the slope from 2 to 4: at 1 a few shared buffers bend the line
-    return per_sample, max(two - 2 * per_sample, 0)
+    return per_sample, fixed
 
 
 def choose(n_params: int, measured: tuple[int, int], cfg: Any, world_size: int, cap_bytes: int) -> Probe:
