@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 LAUNCH = str(ROOT / "launch" / "pretrain.py")
 PREPARE = str(ROOT / "launch" / "prepare_data.py")
 TIMEOUT_S = 18  # trainer.collective_timeout_minutes=0.3
+RENDEZVOUS_S = 24  # trainer.rendezvous_timeout_minutes=0.4 where a rank never joins
 # 40 steps (~2 s of training here): room to inject a fault between the step-10 checkpoint and the end.
 ARGS = [
     *SMALL,
@@ -78,7 +79,9 @@ def _resumes_exactly(run_dir: Path, data: Path, reference: dict[str, torch.Tenso
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
-def _rank(rank: int, port: int, run_dir: Path, data: Path, log: Path, addr: str = "127.0.0.1") -> subprocess.Popen:
+def _rank(
+    rank: int, port: int, run_dir: Path, data: Path, log: Path, addr: str = "127.0.0.1", extra: tuple[str, ...] = ()
+) -> subprocess.Popen:
     env = {
         **_env(),
         "RANK": str(rank),
@@ -89,7 +92,7 @@ def _rank(rank: int, port: int, run_dir: Path, data: Path, log: Path, addr: str 
     }
     with log.open("w") as out:
         return subprocess.Popen(
-            [sys.executable, LAUNCH, f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+            [sys.executable, LAUNCH, f"run_dir={run_dir}", f"data.dir={data}", *ARGS, *extra],
             stdout=out,
             stderr=subprocess.STDOUT,
             text=True,
@@ -116,8 +119,9 @@ def _errors(text: str) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("sig", "victim"),
-    [(signal.SIGKILL, 1), (signal.SIGSTOP, 1), (signal.SIGKILL, 0), (signal.SIGSTOP, 0)],
-    ids=["killed-rank1", "frozen-rank1", "killed-rank0", "frozen-rank0"],
+    # A killed rank 1 is the killed rank 0 case without the store going down: covered by it (CI time).
+    [(signal.SIGSTOP, 1), (signal.SIGKILL, 0), (signal.SIGSTOP, 0)],
+    ids=["frozen-rank1", "killed-rank0", "frozen-rank0"],
 )
 def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig, victim):
     """A rank killed (its connections break: seen at once) or frozen (seen when its heartbeat, or for rank 0 the
@@ -160,8 +164,9 @@ def test_rank_that_never_joins_is_named(data, tmp_path):
     """Rank 0 alone (rank 1 never started) and rank 1 alone at a wrong port: each exits 69 within the timeout
     with one line naming the address and port, instead of waiting torch's default 30 minutes."""
     good, wrong = _port(), _port()
-    alone0 = _rank(0, good, tmp_path / "a", data, tmp_path / "rank0.log")
-    alone1 = _rank(1, wrong, tmp_path / "b", data, tmp_path / "rank1.log")
+    short = (f"trainer.rendezvous_timeout_minutes={RENDEZVOUS_S / 60}",)  # nobody will come: no need to wait 60 s
+    alone0 = _rank(0, good, tmp_path / "a", data, tmp_path / "rank0.log", extra=short)
+    alone1 = _rank(1, wrong, tmp_path / "b", data, tmp_path / "rank1.log", extra=short)
     t0 = time.time()
     try:
         codes = [p.wait(timeout=TIMEOUT_S + 120) for p in (alone0, alone1)]
@@ -177,7 +182,7 @@ def test_rank_that_never_joins_is_named(data, tmp_path):
         assert errors[0].startswith(f"error: rendezvous at 127.0.0.1:{port} failed after"), errors[0]
     assert "1/2 ranks joined" in _errors((tmp_path / "rank0.log").read_text())[0]
     assert "rank 1 cannot reach rank 0" in _errors((tmp_path / "rank1.log").read_text())[0]
-    assert took < TIMEOUT_S + 60
+    assert took < RENDEZVOUS_S + 60
 
 
 # ---------------------------------------------------------------------------------------------- preemption
