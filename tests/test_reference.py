@@ -67,7 +67,7 @@ def test_report_overlays_the_shipped_reference_and_checks_the_band(tmp_path, cap
 
 @pytest.mark.slow
 def test_a_short_demo_run_stays_within_the_band_of_the_shipped_reference(tmp_path):
-    """The demo recipe (``make demo``'s data and preset) for its first 500 of 4,000 steps, logged every 50: the
+    """The demo recipe (``make demo``'s data and preset) for its first 250 of 4,000 steps, logged every 50: the
     training MLM loss stays within ±10% of docs/reference/demo-cpu.csv at every logged step. A change that breaks
     learning (a collapse to the unigram answer, a NaN, a dead schedule) leaves it by far more."""
     data, run = tmp_path / "data", tmp_path / "run"
@@ -77,7 +77,7 @@ def test_a_short_demo_run_stays_within_the_band_of_the_shipped_reference(tmp_pat
     r = subprocess.run(prep, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     train = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "experiment=demo-cpu", f"data.dir={data}",
-             f"run_dir={run}", "logger=none", "trainer.stop_at_step=500", "trainer.log_every=50"]  # fmt: skip
+             f"run_dir={run}", "logger=none", "trainer.stop_at_step=250", "trainer.log_every=50"]  # fmt: skip
     r = subprocess.run(train, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     r = subprocess.run([sys.executable, str(REPORT), str(run), "--check", "--out", str(tmp_path / "report")],
