@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-gpu lint bench clean
+.PHONY: demo test test-all test-fast test-gpu lint bench clean
 
 $(STAMP): pyproject.toml
 	# Without ensurepip (Debian/Ubuntu pythons lacking python3-venv) the venv borrows the pip found below.
@@ -29,6 +29,9 @@ demo: $(STAMP)
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash launch/demo.sh
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not gpu and not long" tests
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu" tests
 
 test-fast: $(STAMP)

@@ -293,6 +293,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_books_model_gives_words_context_and_paraphrases_their_neighbours(books_run, tmp_path):
     """On the tiny model pretrained on two books (Dickens' banks, Twain's river; conftest's ``books_run``): "bank"
     after the same words has the same vector in layer 0 and a different one in the last layer when the rest of the

@@ -322,6 +322,7 @@ def _word_order_task(books: list[Path], tmp: Path, n_train: int, n_dev: int) -> 
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_pretrained_encoder_beats_random_initialisation(books_run, shared_data, tmp_path):
     """Word order of sentences from the pretraining books (unlabelled text the encoder has read; the labels are
     new): fine-tuned from the books model, accuracy 0.82 on 400 held-out sentences here; the same fine-tuning
