@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError
 
 # Whole documents are held out while their share of the tokens is this close to validation_fraction (a point).
 HOLDOUT_TOLERANCE = 0.01

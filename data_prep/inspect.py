@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report import DataPrepError
+from data_prep.errors import DataPrepError
+
 from .stats import compute_stats, format_stats, plot_stats
 from .store import SplitReader
 from .vocab import load_tokenizer

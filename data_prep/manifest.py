@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.atomic import write_json
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError
 
 MANIFEST_FILE = "manifest.json"
 FORMAT = "bert-pretrain-shards"

@@ -40,9 +40,10 @@ from tqdm import tqdm
 from data_prep import store
 from data_prep.atomic import write_json
 from data_prep.config import PrepareConfig, task_dir
+from data_prep.errors import DataPrepError
 from data_prep.holdout import Bounds, split_units
 from data_prep.procs import die_with_parent
-from data_prep.report import DataPrepError, Report
+from data_prep.report import Report
 from data_prep.store import LENGTH, NSP_LABEL, sha256_file, shard_complete, shard_name, token_dtype, write_shard
 from data_prep.vocab import read_vocab, special_ids
 

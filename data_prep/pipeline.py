@@ -21,8 +21,9 @@ from pathlib import Path
 
 from data_prep.atomic import write_json
 from data_prep.config import PrepareConfig, task_dir
+from data_prep.errors import DISK_ERRNOS, DataPrepError
 from data_prep.manifest import MANIFEST_FILE, MANIFEST_VERSION, Manifest, read_manifest, write_manifest
-from data_prep.report import DISK_ERRNOS, DataPrepError, Report
+from data_prep.report import Report
 from data_prep.store import shard_name
 
 log = logging.getLogger("data_prep")

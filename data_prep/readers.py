@@ -28,7 +28,8 @@ from typing import BinaryIO
 
 from data_prep.config import PrepareConfig
 from data_prep.encodings import EncodingError, as_utf8
-from data_prep.report import DataPrepError, Report
+from data_prep.errors import DataPrepError
+from data_prep.report import Report
 from data_prep.sentences import RawDoc, is_gutenberg
 
 __all__ = ["InputSpec", "RawDoc", "Unit", "parse_input", "expand_units", "iter_unit_documents"]

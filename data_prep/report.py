@@ -6,10 +6,11 @@ and written to ``manifest.json``. With ``strict=True`` the first skip is an erro
 
 from __future__ import annotations
 
-import errno
 import logging
 from collections import Counter
 from dataclasses import dataclass, field
+
+from data_prep.errors import DataPrepError
 
 log = logging.getLogger("data_prep")
 
@@ -17,14 +18,6 @@ log = logging.getLogger("data_prep")
 MAX_WARNINGS = 20
 # The manifest lists at most this many individual skipped items per reason; counts are always exact.
 MAX_LISTED = 1000
-
-
-# Errors of an output disk (full, quota, read-only, not ours): the user's to fix, reported as one line.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
-class DataPrepError(Exception):
-    """A user-facing error: printed as one line (no traceback) by the launchers."""
 
 
 @dataclass

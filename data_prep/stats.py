@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from data_prep.errors import DataPrepError
+
 from .manifest import read_manifest
-from .report import DataPrepError
 from .store import LENGTH, NSP_LABEL, SplitReader
 from .vocab import SPECIALS, load_tokenizer
 

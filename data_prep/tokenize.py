@@ -49,10 +49,12 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from data_prep.errors import DataPrepError
+
 from .atomic import AtomicFile, atomic_path, save_npy, write_json
 from .config import PrepareConfig, task_dir
 from .procs import die_with_parent
-from .report import DataPrepError, Report
+from .report import Report
 from .store import sha256_file, token_dtype
 from .vocab import SPECIALS, completed_parts
 

@@ -24,9 +24,11 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from data_prep.errors import DataPrepError
+
 from .atomic import atomic_path, write_text
 from .config import PrepareConfig, task_dir
-from .report import DataPrepError, Report
+from .report import Report
 from .store import sha256_file
 
 log = logging.getLogger("data_prep")

@@ -32,7 +32,7 @@ cli.strip_local_rank_arg()
 import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from pretrain.config import UserError  # noqa: E402
+from data_prep.errors import UserError  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

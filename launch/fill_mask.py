@@ -13,10 +13,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from data_prep.errors import UserError  # noqa: E402
 from data_prep.vocab import SPECIAL_TOKENS  # noqa: E402
-from pretrain.config import UserError  # noqa: E402
 from pretrain.evaluation import cli  # noqa: E402
-from pretrain.hf import fill_mask, load_model  # noqa: E402
+from pretrain.hf import fill_mask  # noqa: E402
+from pretrain.weights import load_model  # noqa: E402
 
 MASK = SPECIAL_TOKENS["mask_token"]
 

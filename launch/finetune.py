@@ -12,7 +12,9 @@ Groups (conf/): finetune (classification, regression, ner, qa; presets sst2, mrp
 scheduler, deepspeed, logger; fields documented in pretrain/finetune/config.py. After each epoch the validation
 metric is logged; the best model is kept in RUN_DIR/best (a Hugging Face directory), results in
 RUN_DIR/results.json and a row of results.md beside the run dir. resume=auto continues a stopped run.
-Exit codes: 0 done, 2 a configuration or data mistake (one ``error:`` line).
+Exit codes (one ``error:`` line each, no traceback): 0 done (or stopped at trainer.stop_at_step), 2 a
+configuration, data or disk mistake, 3 stopped on non-finite losses, 69 a rank is missing, 75 preempted
+(SIGUSR1/SIGTERM or trainer.max_time_minutes: checkpoint saved, the same command resumes), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from pretrain.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
+
+catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
+
 from pretrain import cli  # noqa: E402
 
 cli.strip_local_rank_arg()  # the DeepSpeed launcher appends --local_rank=N
@@ -35,7 +41,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from pretrain.config import UserError  # noqa: E402
+from data_prep.errors import UserError  # noqa: E402
 from pretrain.finetune.config import register  # noqa: E402
 
 register()
@@ -43,26 +49,29 @@ register()
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
 def main(cfg: DictConfig) -> None:
-    try:
-        try:
-            config = OmegaConf.to_object(cfg)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-        except OmegaConfBaseException as e:  # e.g. pretrained=??? not given
-            key = getattr(e, "full_key", None) or "config"
-            raise UserError(f"{key}: {str(e).splitlines()[0]} (e.g. pretrained=runs/my-run)") from None
-        if int(os.environ.get("RANK", "0")) == 0 and config.mode == "train":  # predict reads the run's config
-            Path(config.run_dir).mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, Path(config.run_dir) / "config.yaml")
-        from pretrain.finetune.loop import finetune
-        from pretrain.finetune.predict import predict
+    cli.run_entry(lambda: _run(cfg), lambda: cli.resume_hint(Path(cfg.run_dir).resolve()))
 
-        code = predict(config) if config.mode == "predict" else finetune(config)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    sys.exit(code)
+
+def _run(cfg: DictConfig) -> int:
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    except OmegaConfBaseException as e:  # e.g. pretrained=??? not given
+        key = getattr(e, "full_key", None) or "config"
+        raise UserError(f"{key}: {str(e).splitlines()[0]} (e.g. pretrained=runs/my-run)") from None
+    if int(os.environ.get("RANK", "0")) == 0 and config.mode == "train":  # predict reads the run's config
+        Path(config.run_dir).mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, Path(config.run_dir) / "config.yaml")
+    from pretrain.finetune.loop import finetune
+    from pretrain.finetune.predict import predict
+
+    return predict(config) if config.mode == "predict" else finetune(config)
 
 
 if __name__ == "__main__":
+    problem = cli.check_overrides(Path(ROOT) / "conf", "finetune", "pretrain/finetune/config.py")
+    if problem:
+        print(f"error: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     main()

@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from data_prep.config import PrepareConfig  # noqa: E402
+from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.pipeline import prepare  # noqa: E402
-from data_prep.report import DataPrepError  # noqa: E402
 
 ConfigStore.instance().store(name="prepare_data_schema", node=PrepareConfig)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import os
 import sys
-import warnings
 from pathlib import Path
 
 # This file is named pretrain.py: its own folder on sys.path would shadow the ``pretrain`` package.
@@ -37,10 +36,12 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain import cli  # noqa: E402
-from pretrain import distributed as D  # noqa: E402  (no torch import: it is lazy there)
+from pretrain.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
 
-D.catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
+catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
+
+from pretrain import cli  # noqa: E402
+
 cli.strip_local_rank_arg()  # before Hydra parses argv: the DeepSpeed launcher appends --local_rank=N
 
 import hydra  # noqa: E402
@@ -48,86 +49,42 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
-from pretrain.config import UserError, register_configs  # noqa: E402
+from data_prep.errors import UserError  # noqa: E402
+from pretrain.config import register_configs  # noqa: E402
 
 register_configs()
 
 
-def _one_line_warnings() -> None:
-    def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001 - warnings API
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = show
-
-
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    _one_line_warnings()
-    try:
-        overrides = HydraConfig.get().overrides.task
-        if HydraConfig.get().runtime.choices.get("trainer") == "smoke" and any(
-            o.startswith("trainer.phase=") for o in overrides
-        ):
-            # trainer.phase only labels a recipe; without this a "phase 1" run would quietly be the 40-step smoke run
-            raise UserError(
-                "trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
-                "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)"
-            )
-        try:
-            cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-            config = OmegaConf.to_object(cfg)  # typed: pretrain.config.Config, model a BertConfig
-        except ValueError as e:  # a dataclass's own check (heads must divide hidden_size, masking rates)
-            raise UserError(str(e)) from None
-        except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
-            raise UserError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
-        if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-            run_dir = Path(cfg.run_dir)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg_dict, run_dir / "config.yaml")
-            (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
-        from pretrain.trainer import train
+    cli.run_entry(lambda: _train(cfg), lambda: cli.resume_hint(Path(cfg.run_dir).resolve()))
 
-        D.set_failure_hint(lambda: _resume_hint(Path(cfg.run_dir).resolve()))
-        code = train(config)
-        D.ignore_preempt_signals()  # every rank is past its save: a late signal must not replace the exit code
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except D.RendezvousError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(D.LOST_RANK_EXIT_CODE)  # not sys.exit: a store client may still be connecting on a thread
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is kept; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:
-        from data_prep.report import DISK_ERRNOS
 
-        if e.errno not in DISK_ERRNOS:
-            raise
-        print(
-            f"error: {e.filename or cfg.run_dir}: {e.strerror}; free space or fix the permissions (or point "
-            "run_dir elsewhere), then rerun the same command",
-            file=sys.stderr,
-            flush=True,
+def _train(cfg: DictConfig) -> int:
+    overrides = HydraConfig.get().overrides.task
+    if HydraConfig.get().runtime.choices.get("trainer") == "smoke" and any(
+        o.startswith("trainer.phase=") for o in overrides
+    ):
+        # trainer.phase only labels a recipe; without this a "phase 1" run would quietly be the 40-step smoke run
+        raise UserError(
+            "trainer.phase alone keeps the 40-step smoke recipe: choose the phase recipe with "
+            "trainer=phase1 or trainer=phase2 (batch, steps, precision, sequence length)"
         )
-        sys.exit(2)
-    except Exception as e:
-        lost = D.explain_failure(e)  # None: not a communication failure, a bug: Hydra prints the traceback
-        if lost is None:
-            raise
-        D.exit_lost_rank(lost)  # one line with _resume_hint, exit 69 at once (no teardown of a broken group)
-    sys.exit(code)
+    try:
+        cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+        config = OmegaConf.to_object(cfg)  # typed: pretrain.config.Config, model a BertConfig
+    except ValueError as e:  # a dataclass's own check (heads must divide hidden_size, masking rates)
+        raise UserError(str(e)) from None
+    except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
+        raise UserError(f"{getattr(e, 'full_key', None) or 'config'}: {str(e).splitlines()[0]}") from None
+    if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg_dict, run_dir / "config.yaml")
+        (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
+    from pretrain.trainer import train
 
-
-def _resume_hint(run_dir: Path) -> str:
-    from pretrain.trainer import find_checkpoint
-
-    tag = find_checkpoint(run_dir / "checkpoints")
-    if tag is None:
-        return f"no complete checkpoint in {run_dir / 'checkpoints'} yet; rerun the same command to start again"
-    return f"the last complete checkpoint is {tag}; rerun the same command to resume"
+    return train(config)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from pretrain.config import UserError
+from data_prep.errors import UserError
 
 GIB = 1 << 30
 

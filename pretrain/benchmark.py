@@ -192,14 +192,15 @@ def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | N
 def run(cfg: Any, env: Any) -> list[str]:
     """Build engines as training does, run ``bench.warmup`` then ``bench.steps`` steps (interleaved with the
     ``transformers`` reference when ``bench.compare=hf``), and return the report lines."""
+    from data_prep.errors import UserError
     from pretrain import distributed as D
-    from pretrain.checkpoint import build_model
-    from pretrain.config import UserError, preflight
+    from pretrain.config import preflight
     from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
     from pretrain.metrics import peak_tflops
     from pretrain.model import BertConfig
     from pretrain.optim import scheduler_factory
     from pretrain.trainer import engine_config
+    from pretrain.weights import pretraining_model
 
     t, b = cfg.trainer, cfg.bench
     if b.compare not in ("none", "hf"):
@@ -217,7 +218,7 @@ def run(cfg: Any, env: Any) -> list[str]:
     impls = ["ours"] + (["transformers"] if b.compare == "hf" else [])
     for name in impls:
         torch.manual_seed(cfg.seed)
-        model = build_model(model_kw, None) if name == "ours" else hf_model(model_kw)
+        model = pretraining_model(model_kw) if name == "ours" else hf_model(model_kw)
         if t.activation_checkpointing:  # the reference too: the same memory budget for both
             if name == "ours":
                 model.bert.encoder.checkpoint_layers = True

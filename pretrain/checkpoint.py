@@ -28,8 +28,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic import fsync_dir, write_json
+from data_prep.errors import UserError
 from pretrain import distributed as D
-from pretrain.config import UserError
 
 CHECKPOINT_FORMAT = 1
 
@@ -106,24 +106,6 @@ def tag_dir(path: str, what: str) -> Path:
     return found
 
 
-def weights_from(path: str) -> dict[str, torch.Tensor]:
-    """fp32 model weights from a HF export, a run dir (its ``hf/``, else newest checkpoint) or a checkpoint dir."""
-    from pretrain.hf import load_hf
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(f"trainer.init_from={path}: not found")
-    hf = p if (p / "config.json").is_file() else p / "hf"
-    if (hf / "config.json").is_file():
-        try:
-            return load_hf(hf).state_dict()
-        except ValueError as e:  # weights that contradict their config.json, a model_type that is not BERT
-            raise UserError(f"trainer.init_from={path}: {e}") from None
-    tag = tag_dir(path, "trainer.init_from")
-    check_format(tag)
-    return fp32_weights(tag)
-
-
 def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
     try:  # ZeRO checkpoints (and bf16): the fp32 master weights, whatever the stage and world size
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -134,14 +116,18 @@ def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
         return {k: v.float() for k, v in sd.items()}
 
 
-def state_dict(state: TrainState, sampler: Any, cfg_dict: dict, wandb_id: str | None) -> dict[str, Any]:
-    """``client_state`` of a checkpoint. Per-rank entries (log window, sampler, RNG) are gathered from every rank:
-    DeepSpeed writes the client state from one rank (ZeRO 0-2) and every rank reads that copy back."""
+def client_state(
+    state: TrainState, position: Any, cfg_dict: dict, wandb_id: str | None, extra: dict[str, Any]
+) -> dict[str, Any]:
+    """``client_state`` of a checkpoint: the counters, a trainer's ``extra`` keys, and per-rank entries (log window,
+    data position, RNG) gathered from every rank: DeepSpeed writes the client state from one rank (ZeRO 0-2) and
+    every rank reads that copy back."""
     return {
         "format": CHECKPOINT_FORMAT,
+        **extra,
         **asdict(state),
         "window": gather(state.window),
-        "sampler": gather(sampler.state_dict()),
+        "sampler": gather(position.state_dict()),
         "rng": gather(_rng_state()),
         "world_size": dist.get_world_size(),
         "config": cfg_dict,
@@ -231,16 +217,17 @@ def universal_tag(tag: Path, stage: int, world_size: int, is_main: bool) -> Path
     return out
 
 
-def restore(engine: Any, tag: Path, sampler: Any, load_tag: Path | None = None) -> tuple[TrainState, dict]:
-    """Load ``tag`` (or its universal conversion ``load_tag``) into the engine; the sampler, RNG and counters
-    from its client state. Another world size keeps the data position in samples and restarts the RNG streams."""
+def restore(engine: Any, tag: Path, position: Any, load_tag: Path | None = None) -> tuple[TrainState, dict]:
+    """Load ``tag`` (or its universal conversion ``load_tag``) into the engine; the data position, RNG and
+    counters from its client state. Another world size keeps the data position in samples (rank 0's state: a
+    position object must read it for any world size) and restarts the RNG streams."""
     load = load_tag or tag
     load_path, client = engine.load_checkpoint(str(load.parent), tag=load.name)
     if load_path is None or not client:
         raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
     rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()
     try:
-        sampler.load_state_dict(client["sampler"][rank if same_world else 0])
+        position.load_state_dict(client["sampler"][rank if same_world else 0])
     except ValueError as e:
         raise UserError(f"resume from {tag}: {e} (or start a new run dir / resume=none)") from None
     if same_world:
@@ -252,53 +239,3 @@ def restore(engine: Any, tag: Path, sampler: Any, load_tag: Path | None = None) 
     if same_world:  # per-rank loss sums of the open log window
         state.window = dict(client["window"][rank])
     return state, client
-
-
-def build_model(model_kw: dict[str, Any], init_from: str | None):
-    from pretrain.model import BertConfig, BertForPreTraining
-
-    try:
-        model = BertForPreTraining(BertConfig(**model_kw))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if init_from:
-        sd = weights_from(init_from)
-        ours = model.state_dict()
-        bad = [
-            f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
-            for k, v in sd.items()
-            if k in ours and v.shape != ours[k].shape
-        ]
-        if bad:  # whole names and both shapes, not a cut-off torch message
-            more = f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            raise UserError(
-                f"trainer.init_from={init_from}: {len(bad)} tensor(s) do not fit the model: "
-                f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with"
-            )
-        missing, _ = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
-        if missing:
-            print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
-    return model
-
-
-def export(
-    engine: Any, model_kw: dict[str, Any], tag: Path | None, data_dir: str, out: Path, fp32_module: bool
-) -> Path:
-    """The finished run's fp32 weights as a Hugging Face directory ``out``, with the tokenizer files
-    of ``data_dir``: the engine's module where it holds
-    them (ZeRO-0 in fp32), else the master weights of the checkpoint ``tag``. Rank 0 writes; all ranks wait."""
-    from pretrain.hf import export_hf
-    from pretrain.model import BertConfig, BertForPreTraining
-
-    main = dist.get_rank() == 0
-    if main:
-        sd = engine.module.state_dict() if fp32_module else fp32_weights(tag)
-        model = BertForPreTraining(BertConfig(**model_kw))
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
-        if missing or unexpected:
-            raise RuntimeError(f"HF export: weights missing {missing[:3]} / unexpected {unexpected[:3]}")
-        export_hf(model, data_dir, out)
-    D.barrier()
-    return out

@@ -1,5 +1,10 @@
-"""Command line of the entry points: the DeepSpeed launcher's ``--local_rank`` argument, and Hydra overrides
-checked before Hydra runs, so a typo is one ``error:`` line with the close match and exit code 2.
+"""Command line of the entry points: ``run_entry``, the one wrapper every launcher's main runs in (one line and
+the documented exit code for whatever a user can meet, never a traceback for a user mistake, a signal or a full
+disk), the DeepSpeed launcher's ``--local_rank`` argument, and Hydra overrides checked before Hydra runs, so a
+typo is one ``error:`` line with the close match and exit code 2.
+
+Exit codes: 0 done; 2 a configuration, data or disk mistake (``UserError``, a full or read-only disk); 3 stopped
+on non-finite losses; 69 a rank is missing; 75 preempted, checkpoint saved; 130 interrupted (Ctrl-C).
 
 Imports nothing heavy at module level: the entry points call it before torch is imported.
 """
@@ -12,8 +17,72 @@ import inspect
 import os
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
+
+from data_prep.errors import DISK_ERRNOS, UserError, first_line
+from pretrain import distributed as D
+from pretrain.signals import ignore_preempt_signals
+
+USER_ERROR_EXIT_CODE = 2
+INTERRUPTED_EXIT_CODE = 130
+
+
+def one_line_warnings() -> None:
+    """Warnings as one ``warning:`` line on stderr, from rank 0 only (not Python's two-line format per rank)."""
+    import warnings
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings API
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    warnings.showwarning = show
+
+
+def resume_hint(run_dir: Path) -> str:
+    """Where a rerun of the same command would continue from: the tail of a lost-rank or interrupted line."""
+    from pretrain.checkpoint import find_checkpoint  # torch: only once the run is under way
+
+    tag = find_checkpoint(run_dir / "checkpoints")
+    if tag is None:
+        return f"no complete checkpoint in {run_dir / 'checkpoints'} yet; rerun the same command to start again"
+    return f"the last complete checkpoint is {tag}; rerun the same command to resume"
+
+
+def run_entry(main: Callable[[], int], where: Callable[[], str] | None = None) -> None:
+    """Run an entry point's ``main`` and exit with its code, or with one ``error:`` line and the documented code:
+    2 for a ``UserError`` or a full/read-only disk, 69 for a lost rank (``where`` says what to rerun from),
+    130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
+    one_line_warnings()
+    if where is not None:
+        D.set_failure_hint(where)  # the heartbeat thread may report a lost rank before main returns
+    try:
+        code = main()
+        ignore_preempt_signals()  # past its last save: a late signal must not replace the exit code
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except D.RendezvousError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(D.LOST_RANK_EXIT_CODE)  # not sys.exit: a store client may still be connecting on a thread
+    except KeyboardInterrupt:
+        rerun = f": {where()}" if where else ""
+        print(f"interrupted{rerun}", file=sys.stderr, flush=True)
+        sys.exit(INTERRUPTED_EXIT_CODE)
+    except OSError as e:
+        if e.errno not in DISK_ERRNOS:
+            raise
+        print(f"error: {e.filename or 'output'}: {e.strerror}; free space or fix the permissions (or point run_dir "
+              "elsewhere), then rerun the same command", file=sys.stderr, flush=True)  # fmt: skip
+        sys.exit(USER_ERROR_EXIT_CODE)
+    except Exception as e:
+        lost = D.explain_failure(e)  # None: not a communication failure but a bug, which keeps its traceback
+        if lost is None:
+            raise
+        D.exit_lost_rank(lost)  # one line, exit 69 at once (no teardown of a broken group)
+    sys.exit(code)
 
 
 def strip_local_rank_arg(argv: list[str] | None = None) -> None:
@@ -36,11 +105,6 @@ def strip_local_rank_arg(argv: list[str] | None = None) -> None:
 def _close(word: str, options: list[str], prefix: str = "") -> str:
     match = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
     return f"did you mean {prefix}{match[0]}?" if match else f"choose from {', '.join(options)}"
-
-
-def first_line(text: object) -> str:
-    """The first non-blank line of an error message, without its final full stop."""
-    return next((s.strip() for s in str(text).splitlines() if s.strip()), "").rstrip(".")
 
 
 def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[str] | None = None) -> str | None:

@@ -22,15 +22,12 @@ from typing import TYPE_CHECKING, Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from data_prep.errors import UserError
 from pretrain.masking import MaskingConfig
 from pretrain.model import BertConfig
 
 if TYPE_CHECKING:
     from data_prep.manifest import Manifest
-
-
-class UserError(Exception):
-    """A mistake in the config or the data: reported as one line on stderr, exit code 2, no traceback."""
 
 
 @dataclass
@@ -392,8 +389,8 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"data.dir={d}: directory not found; run `python launch/prepare_data.py output_dir={d}` first")
+    from data_prep.errors import DataPrepError
     from data_prep.manifest import Manifest, read_manifest
-    from data_prep.report import DataPrepError
 
     try:
         manifest = read_manifest(d) or Manifest()
@@ -449,7 +446,7 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
     info.has_validation = bool(n_val) and cfg.trainer.eval_batches > 0
     model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
     if cfg.trainer.init_from:  # a Hugging Face directory brings its architecture, vocabulary and heads
-        from pretrain.hf import continue_from
+        from pretrain.weights import continue_from
 
         for note in continue_from(cfg.trainer.init_from, model, cfg.data.dir, info.manifest.lowercase):
             warnings.warn(f"trainer.init_from: {note}", stacklevel=2)

@@ -42,7 +42,7 @@ def check_cpu_comm_build_lock(now: float | None = None) -> None:
     silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
     from torch.utils.cpp_extension import _get_build_directory
 
-    from pretrain.config import UserError
+    from data_prep.errors import UserError
 
     try:
         lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")

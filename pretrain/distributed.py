@@ -1,4 +1,4 @@
-"""Launcher detection, process-group set-up, lost-rank detection and preemption signals.
+"""Launcher detection, process-group set-up and lost-rank detection (preemption signals: pretrain/signals.py).
 
 The same script runs under ``deepspeed``, ``torchrun`` and ``srun``: DeepSpeed's launcher and torchrun export
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; under ``srun`` we derive them from SLURM_PROCID,
@@ -8,14 +8,13 @@ Faults: the rendezvous and every collective are bounded by ``trainer.collective_
 beats a heartbeat into the rendezvous store, so when a collective fails the survivors name the rank that died or
 froze (``explain_failure``) instead of hanging or printing a backend traceback.
 
-torch is imported lazily: ``catch_preempt_signals`` runs at the top of the entry point, before any heavy import.
+torch is imported lazily: the entry points import this module before any heavy import.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -29,68 +28,13 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
+from data_prep.errors import first_line
 from pretrain import deepspeed_env
-from pretrain.cli import first_line
 
 if TYPE_CHECKING:
     import torch
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, requeue the job with the same run dir to continue
 LOST_RANK_EXIT_CODE = 69  # EX_UNAVAILABLE: a rank died, froze or never joined; rerun the same command to resume
-PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-
-# ---------------------------------------------------------------------------------------------- signals
-
-_early_signals: list[str] = []  # preemption signals that arrived before the trainer's StopFlag existed
-
-
-def _remember_signal(signum: int, frame: Any) -> None:
-    _early_signals.append(signal.Signals(signum).name)
-
-
-def catch_preempt_signals() -> None:
-    """Record SIGUSR1/SIGTERM from now on instead of dying (their default action): SLURM may signal a job while
-    it is still importing torch; ``StopFlag`` picks the signal up and the run checkpoints at its first step."""
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, _remember_signal)
-
-
-def ignore_preempt_signals() -> None:
-    """Once the run is over (finished, or checkpointed for exit 75): ignore further SIGUSR1/SIGTERM. Python puts
-    the default action (terminate) back while it shuts down, so a late signal would turn exit 75 into a death
-    by signal, which SLURM does not requeue; an ignored signal stays ignored."""
-    for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-
-
-class StopFlag:
-    """SIGUSR1 (SLURM ``--signal=USR1@120``) and SIGTERM set a local flag; ``agreed`` all-reduces it (MAX) so
-    every rank stops at the same step boundary, whichever rank got the signal. A signal caught earlier by
-    ``catch_preempt_signals`` counts as received here; later signals (a second one during the save) only set the
-    flag again."""
-
-    def __init__(self) -> None:
-        self.local = False
-        self.signal_name: str | None = None
-        for sig in PREEMPT_SIGNALS:  # install first, then drain: a signal in between lands in _handler
-            signal.signal(sig, self._handler)
-        if _early_signals:
-            self.local, self.signal_name = True, _early_signals[0]
-            _early_signals.clear()
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self.local = True
-        self.signal_name = self.signal_name or signal.Signals(signum).name
-
-    def agreed(self, extra: bool, device: torch.device) -> bool:
-        """True on every rank when any rank got a signal (or ``extra``, e.g. a time limit, is set anywhere)."""
-        import torch
-        import torch.distributed as dist
-
-        t = torch.tensor([1.0 if (self.local or extra) else 0.0], device=device)
-        return bool(all_reduce(t, dist.ReduceOp.MAX).item() > 0)
-
-
 # ---------------------------------------------------------------------------------------------- launcher env
 
 

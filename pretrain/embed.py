@@ -29,9 +29,9 @@ import numpy as np
 import torch
 
 from data_prep.atomic import atomic_path, save_npy
-from pretrain.config import UserError
+from data_prep.errors import UserError
 from pretrain.evaluation import Progress
-from pretrain.hf import load_model
+from pretrain.weights import load_model
 
 POOLINGS = ("mean", "cls", "tokens")
 OUTPUTS = (".npy", ".parquet")

@@ -1,6 +1,6 @@
 """Evaluation after training: the unigram baseline, a single-process evaluation loop and the ``launch/evaluate.py``
 run (checks of the data against the model, a table on stdout, a record in the run's ``metrics.jsonl``). The model
-comes from ``pretrain.hf.load_model`` (a run directory, a checkpoint or a Hugging Face directory).
+comes from ``pretrain.weights.load_model`` (a run directory, a checkpoint or a Hugging Face directory).
 
 Every model is evaluated with the same masking (BERT's: 15%, 80/10/10, static, seeded by ``seed``) so numbers
 compare across runs and sources; the unigram baseline (always the most frequent token of the training split) is
@@ -25,13 +25,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import read_vocab
-from pretrain.config import UserError
-from pretrain.hf import ROOT, ModelSource, load_model
-from pretrain.masking import IGNORE_INDEX
+from pretrain.hf import ROOT
+from pretrain.scores import PRETRAINING_SUMS, Sums, evaluate, pretraining_metrics, pretraining_scores
+from pretrain.weights import ModelSource, load_model
 
 DEFAULT_SEED = 1234  # the trainer's default seed: a default run evaluated with defaults sees its validation masks
 _CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
@@ -207,7 +206,6 @@ class Progress:
             self.bar.close()
 
 
-@torch.no_grad()
 def evaluate_model(
     model: Any,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -217,54 +215,27 @@ def evaluate_model(
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, float | int]:
     """MLM loss/accuracy, the unigram baseline's accuracy at the same masked positions, NSP loss/accuracy and the
-    majority-class NSP accuracy over the first ``num_batches`` batches; one process, ``model`` (a
-    ``BertForPreTraining`` or a DeepSpeed engine around one) in eval mode meanwhile. The RNG streams are left as
-    they were (a loader iterator draws a seed from them). Keys: batches, samples, masked_tokens, mlm_loss, mlm_acc,
-    perplexity, unigram_acc (with ``unigram_id``), and nsp_loss, nsp_acc, nsp_majority_acc where the model has the
-    NSP head and the data NSP labels."""
-    from pretrain.data import fork_rng
-
+    majority-class NSP accuracy over the first ``num_batches`` batches; one process, through the one evaluation
+    pass (``pretrain.scores``). Keys: batches, samples, masked_tokens, mlm_loss, mlm_acc, perplexity, unigram_acc
+    (with ``unigram_id``), and nsp_loss, nsp_acc, nsp_majority_acc where the model has the NSP head and the data
+    NSP labels."""
     config = getattr(model, "module", model).config
-    s = torch.zeros(9, dtype=torch.float64)  # MLM loss, correct, count, unigram correct; NSP loss, correct, count,
-    batches = 0  # IsNext labels; samples
-    was_training = model.training
-    model.eval()
-    with fork_rng(device):
-        for batch in loader:
-            if batches >= num_batches:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if config.type_vocab_size < 2:  # a RoBERTa-style model on sentence pairs: it has one segment embedding
-                batch.pop("token_type_ids", None)
-            out = model(**batch)
-            s[8] += batch["input_ids"].size(0)
-            if out.num_masked:
-                logits, labels = out.mlm_logits.float(), out.mlm_labels
-                s[0] += F.cross_entropy(logits, labels, reduction="sum").double().cpu()
-                s[1] += (logits.argmax(-1) == labels).sum().cpu()
-                s[2] += out.num_masked
-                if unigram_id is not None:
-                    s[3] += (labels == unigram_id).sum().cpu()
-            if out.nsp_logits is not None and "next_sentence_label" in batch:
-                label = batch["next_sentence_label"]
-                s[4] += F.cross_entropy(out.nsp_logits.float(), label, reduction="sum").double().cpu()
-                valid = label != IGNORE_INDEX
-                s[5] += ((out.nsp_logits.argmax(-1) == label) & valid).sum().cpu()
-                s[6] += valid.sum().cpu()
-                s[7] += (label == 0).sum().cpu()
-            batches += 1
-            if progress is not None:
-                progress(f"MLM acc {s[1] / max(s[2], 1):.2%}")
-    model.train(was_training)
-    s = s.tolist()
-    res: dict[str, float | int] = {"batches": batches, "samples": int(s[8]), "masked_tokens": int(s[2])}
-    if s[2]:
-        res.update(mlm_loss=s[0] / s[2], mlm_acc=s[1] / s[2], perplexity=math.exp(s[0] / s[2]))
-        if unigram_id is not None:
-            res["unigram_acc"] = s[3] / s[2]
-    if s[6]:
-        res.update(nsp_loss=s[4] / s[6], nsp_acc=s[5] / s[6], nsp_majority_acc=max(s[7], s[6] - s[7]) / s[6])
-    return res
+
+    def one_segment(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if config.type_vocab_size < 2:  # a RoBERTa-style model on sentence pairs: it has one segment embedding
+            batch.pop("token_type_ids", None)
+        return batch
+
+    def show(s: Sums) -> None:
+        if progress is not None:
+            correct, masked = (float(s.values[s.index[k]]) for k in ("mlm_correct", "masked"))
+            progress(f"MLM acc {correct / max(masked, 1):.2%}")
+
+    s = evaluate(model, loader, device, pretraining_scores(unigram_id), PRETRAINING_SUMS, num_batches,
+                 progress=show, prepare=one_segment)  # fmt: skip
+    res: dict[str, float | int] = {"batches": int(s["batches"]), "samples": int(s["samples"]),
+                                   "masked_tokens": int(s["masked"])}  # fmt: skip
+    return {**res, **pretraining_metrics(s, unigram=unigram_id is not None)}
 
 
 # ------------------------------------------------------------------------------------------------ the tool

@@ -1,32 +1,22 @@
-"""Hugging Face checkpoints: ``load_hf`` reads a ``transformers`` BERT directory into ``BertForPreTraining``,
-``export_hf`` writes one (``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained`` load it), and
-``fill_mask`` predicts masked tokens from a prompt. Parameter names map 1:1 (pretrain/model.py keeps HF's).
-
-``load_model(path)`` takes any source the tools accept: a run directory (its newest complete checkpoint), a
-checkpoint tag directory (``RUN_DIR/checkpoints/stepNNNNNNNN``) or a Hugging Face directory (the trainer's
-``RUN_DIR/hf`` export, or any BERT directory with ``config.json`` + weights + ``vocab.txt`` or ``tokenizer.json``),
-and returns the model in eval mode with its vocabulary and tokenizer. Checkpoints are read through
-``pretrain.checkpoint`` (``find_checkpoint``, ``check_format``, ``build_model`` -> ``fp32_weights``); their model
-shape is the resolved config that every checkpoint's client state carries."""
+"""The Hugging Face directory format: ``load_hf`` reads a ``transformers`` BERT directory into
+``BertForPreTraining``, ``export_hf`` writes one (``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained``
+load it), ``vocabulary`` reads its tokenizer files, and ``fill_mask`` predicts masked tokens from a prompt.
+Parameter names map 1:1 (pretrain/model.py keeps HF's). Which weights a path means (a run, a checkpoint or such a
+directory) is ``pretrain/weights.py``'s to say."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
-import sys
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
-from pretrain.config import UserError
 from pretrain.model import BertConfig, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +52,11 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A Hugging Face directory's state dict with our key names (``_normalise_keys``)."""
+    return _normalise_keys(_read_state_dict(path))
+
+
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> tuple[list[str], list[str]]:
     """Copy a Hugging Face state dict (``_normalise_keys``'d) into ``model`` (ours, keys as HF's; its ``config`` a
     ``BertConfig``), padding the vocabulary rows with zeros; returns (missing, unexpected) keys. A shape that
@@ -84,12 +79,39 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path
     return missing, unexpected
 
 
-def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
+def weight_keys(path: Path) -> list[str]:
+    """The (normalised) tensor names of a directory's weights, without reading the tensors where they are
+    safetensors (a header read, not 440 MB for BERT-base)."""
+    from safetensors import safe_open
+
+    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else []
+    if (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+        files = [path / s for s in sorted(set(index.values()))]
+    if not files:
+        return list(_normalise_keys(_read_state_dict(path)))
+    keys = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            keys += list(st.keys())
+    return list(_normalise_keys(dict.fromkeys(keys)))  # type: ignore[arg-type] - names only
+
+
+def has_nsp_head(keys: Any) -> bool:
+    """Whether weights with these names carry a next-sentence head: ``cls.seq_relationship`` where there are
+    heads, the pooler for an encoder-only directory (``BertModel``: the pooler is what NSP fine-tunes from)."""
+    keys = set(keys)
+    if any(k.startswith("cls.") for k in keys):
+        return "cls.seq_relationship.weight" in keys
+    return "bert.pooler.dense.weight" in keys
+
+
+def load_hf(path: str | Path, heads: bool = True, **overrides: Any) -> BertForPreTraining:
     """Load a Hugging Face BERT directory (``config.json`` + safetensors or ``pytorch_model.bin``).
 
     Keys map 1:1. Encoder-only checkpoints load too: missing heads keep their fresh BERT initialisation and a
-    warning names them; unexpected keys are warned about and skipped. ``nsp`` is True when the checkpoint has
-    ``cls.seq_relationship`` (or, for encoder-only checkpoints, a pooler) unless given in ``overrides``.
+    warning names them (unless ``heads=False``: the caller will not use them); unexpected keys are warned about
+    and skipped. ``nsp`` is ``has_nsp_head`` of its weights unless given in ``overrides``.
     The vocabulary is padded to ``pad_vocab_size_multiple`` with zero rows.
     """
     path = Path(path)
@@ -102,11 +124,12 @@ def load_hf(path: str | Path, **overrides: Any) -> BertForPreTraining:
         raise ValueError(f"{path}: model_type={hf.get('model_type')!r}, only 'bert' checkpoints map onto this model")
     sd = _normalise_keys(_read_state_dict(path))
     if "nsp" not in overrides:
-        has_heads = any(k.startswith("cls.") for k in sd)
-        overrides["nsp"] = "cls.seq_relationship.weight" in sd if has_heads else "bert.pooler.dense.weight" in sd
+        overrides["nsp"] = has_nsp_head(sd)
     config = BertConfig.from_hf_dict(hf, **overrides)
     model = BertForPreTraining(config)
     missing, unexpected = load_weights(model, sd, path)
+    if not heads:  # the caller uses the encoder alone: heads it will not use are nobody's concern
+        missing = [k for k in missing if not k.startswith("cls.")]
     if missing:
         warnings.warn(f"{path}: not in the checkpoint, freshly initialised: {', '.join(missing)}", stacklevel=2)
     if unexpected:
@@ -181,67 +204,7 @@ def fill_mask(
     return out
 
 
-@dataclass
-class ModelSource:
-    """A loaded model and what came with it."""
-
-    model: BertForPreTraining  # eval mode, on the CPU
-    vocab: list[str]  # token of each id
-    tokenizer: Any  # tokenizers.Tokenizer
-    lowercase: bool
-    path: Path  # the directory the model was read from: a checkpoint tag dir or a HF dir
-    kind: str  # "checkpoint" or "hf"
-    run_dir: Path | None = None  # the run a checkpoint belongs to (its metrics.jsonl gets the record)
-    step: int | None = None
-    config: dict | None = None  # the run's resolved config (checkpoints)
-    vocab_file: Path | None = None  # a vocab.txt holding ``vocab``, where there is one
-
-    def describe(self) -> str:
-        return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
-
-
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")  # fmt: skip
-
-
-def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_lowercase: bool | None) -> list[str]:
-    """Continued pretraining from a Hugging Face directory (``trainer.init_from``; a run dir's ``hf/`` too): its
-    ``config.json`` fixes the architecture (``model`` is updated in place), its vocabulary and casing must be the
-    data's (else one UserError line saying how to prepare the data), and the pair head stays only where the
-    checkpoint has one. Returns what changed, for the start-up log; nothing for other ``init_from`` kinds."""
-    d = Path(init_from)
-    d = d if (d / "config.json").is_file() else d / "hf"
-    if not (d / "config.json").is_file():
-        return []
-    what = f"trainer.init_from={init_from}"
-    hf = json.loads((d / "config.json").read_text())
-    arch = {k: hf[k] for k in ARCHITECTURE if k in hf}
-    notes = [f"model.{k}={model.get(k)} -> {v}" for k, v in arch.items() if model.get(k) not in (None, v)]
-    model.update(arch)
-    theirs = _vocabulary(d, what)
-    if theirs is not None:
-        ours = read_vocab(Path(data_dir) / "vocab.txt")
-        if ours != theirs[0]:
-            at = next(
-                (i for i, (a, b) in enumerate(zip(ours, theirs[0], strict=False)) if a != b),
-                min(len(ours), len(theirs[0])),
-            )
-            raise UserError(
-                f"data.dir={data_dir} was prepared with another vocabulary than {what} ({len(ours)} vs "
-                f"{len(theirs[0])} tokens, first difference at id {at}); prepare it with vocab={d}"
-            )
-        if data_lowercase is not None and data_lowercase != theirs[2]:
-            raise UserError(
-                f"data.dir={data_dir} is {'uncased' if data_lowercase else 'cased'} but {what} is "
-                f"{'uncased' if theirs[2] else 'cased'}; prepare it with vocab={d} lowercase={str(theirs[2]).lower()}"
-            )
-    if model.get("nsp", True) and "cls.seq_relationship.weight" not in _normalise_keys(_read_state_dict(d)):
-        model["nsp"] = False
-        notes.append("model.nsp=false: the checkpoint has no NSP head (MLM continues alone)")
-    return notes
-
-
-def _vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] | None:
+def vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] | None:
     """(tokens, tokenizer, lowercase, vocab.txt or None) of a directory with ``tokenizer.json`` and/or
     ``vocab.txt``; None where it has neither."""
     from tokenizers import Tokenizer
@@ -271,113 +234,3 @@ def _vocabulary(d: Path, what: str) -> tuple[list[str], Any, bool, Path | None] 
     except Exception as e:
         raise UserError(f"{what}: {tok_json} is not a tokenizers file ({str(e).splitlines()[0]})") from None
     return vocab, tokenizer, lowercase, vocab_txt if vocab_txt.is_file() else None
-
-
-def _client_state(tag: Path) -> dict:
-    """The client state DeepSpeed stores beside the module in ``*model_states.pt`` (memory-mapped: the weights in
-    it are not read here)."""
-    files = sorted(tag.glob("*model_states.pt"))
-    if not files:
-        raise UserError(f"{tag}: no DeepSpeed model states (*model_states.pt); not a checkpoint of this trainer")
-    try:
-        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated or overwritten mid-copy
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
-        raise UserError(f"{files[0]}: unreadable ({why}); the checkpoint is damaged, give an older one") from None
-
-
-def _run_config(tag: Path, run_dir: Path | None) -> dict:
-    config = _client_state(tag).get("config")
-    if config is None and run_dir is not None and (run_dir / "config.yaml").is_file():  # older bundles
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"), resolve=True)
-    if not isinstance(config, dict) or "model" not in config:
-        raise UserError(f"{tag}: the checkpoint records no model config; evaluate its run's hf/ export instead")
-    return config
-
-
-def _load_checkpoint(given: Path, tag: Path) -> ModelSource:
-    from pretrain.checkpoint import build_model, check_format, checkpoint_step
-    from pretrain.deepspeed_env import import_deepspeed
-
-    check_format(tag)
-    run_dir = tag.parent.parent if tag.parent.name == "checkpoints" else None
-    config = _run_config(tag, run_dir)
-    data_dir = str((config.get("data") or {}).get("dir") or "")
-    # The run's export holds the tokenizer files of its data; the data directory itself is the other place. A
-    # relative data.dir was relative to where training ran: the checkout, usually.
-    places = ([run_dir / "hf"] if run_dir else []) + ([Path(data_dir), ROOT / data_dir] if data_dir else [])
-    places = list(dict.fromkeys(places))  # an absolute data.dir is the same path twice
-    found = next((v for v in (_vocabulary(p, str(given)) for p in places) if v is not None), None)
-    if found is None:
-        raise UserError(
-            f"{given}: no vocabulary for this checkpoint: no vocab.txt or tokenizer.json in "
-            f"{' or '.join(map(str, places)) or 'its run (no data.dir recorded)'}; restore the run's data directory"
-        )
-    vocab, tokenizer, lowercase, vocab_file = found
-    model_kw = dict(config["model"])
-    if model_kw.get("vocab_size") is None:  # the usual null: taken from the data when the run started
-        model_kw["vocab_size"] = len(vocab)
-    elif model_kw["vocab_size"] != len(vocab):
-        raise UserError(
-            f"{given}: model.vocab_size={model_kw['vocab_size']} but its vocabulary ({vocab_file or places}) has "
-            f"{len(vocab)} tokens; restore the data directory the run was trained on"
-        )
-    import_deepspeed()  # fp32_weights reads ZeRO checkpoints through DeepSpeed: import it without the chatter
-    out = io.StringIO()
-    # DeepSpeed's notes and progress bars while it gathers ZeRO partitions: seconds, and not this tool's output
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        model = build_model(model_kw, str(tag))
-    for line in out.getvalue().splitlines():
-        if line.startswith("init_from:"):  # tensors the checkpoint lacked
-            print(f"warning: {line.removeprefix('init_from: ')}", file=sys.stderr)
-    return ModelSource(
-        model.eval(), vocab, tokenizer, lowercase, tag, "checkpoint", run_dir, checkpoint_step(tag), config, vocab_file
-    )
-
-
-def _load_hf_dir(path: Path) -> ModelSource:
-    found = _vocabulary(path, str(path))
-    if found is None:
-        raise UserError(f"{path}: no vocab.txt or tokenizer.json beside config.json; copy the model's tokenizer there")
-    vocab, tokenizer, lowercase, vocab_file = found
-    try:
-        model = load_hf(path)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if model.config.vocab_size != len(vocab):
-        raise UserError(
-            f"{path}: config.json has vocab_size={model.config.vocab_size} but the tokenizer has {len(vocab)} "
-            "tokens; the tokenizer files belong to another model"
-        )
-    return ModelSource(model.eval(), vocab, tokenizer, lowercase, path, "hf", vocab_file=vocab_file)
-
-
-def load_model(path: str | os.PathLike) -> ModelSource:
-    """The model a path names: a HF directory, a checkpoint tag dir, or a run dir (its newest complete checkpoint).
-    Raises UserError (one line) for anything else."""
-    from pretrain.checkpoint import find_checkpoint
-
-    p = Path(path)
-    if not p.exists():
-        raise UserError(
-            f"{p}: not found; give a run directory, a checkpoint (RUN_DIR/checkpoints/stepNNNNNNNN) or a Hugging "
-            "Face model directory (RUN_DIR/hf)"
-        )
-    if (p / "config.json").is_file():
-        return _load_hf_dir(p)
-    if (p / "COMPLETE").is_file():
-        return _load_checkpoint(p, p)
-    tag = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
-    if tag is not None:
-        return _load_checkpoint(p, tag)
-    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or list(p.glob("step*")):
-        hint = f"evaluate its export {p / 'hf'}" if (p / "hf" / "config.json").is_file() else "train it to a checkpoint"
-        raise UserError(
-            f"{p}: a run without a complete checkpoint (no step*/COMPLETE under {p / 'checkpoints'}); {hint}"
-        )
-    raise UserError(
-        f"{p}: not a model: no config.json (Hugging Face directory), no COMPLETE marker (checkpoint) and no "
-        "checkpoints/ (run directory)"
-    )

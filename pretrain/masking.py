@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError
 from data_prep.vocab import SPECIALS, read_vocab
 
 IGNORE_INDEX = -100

@@ -48,6 +48,13 @@ def peak_tflops(configured: float | None, device: torch.device) -> float | None:
     return None
 
 
+def mfu(flops_per_token: float, tokens_per_s: float, peak: float | None, world_size: int) -> float | None:
+    """Model FLOPs utilisation, the one definition everything prints: training FLOPs per token
+    (``BertForPreTraining.flops_per_token`` at the run's sequence length) times the REAL (non-padding) tokens per
+    second of all ranks, over the peak of all ranks' devices. Padding does no useful work, so it earns none."""
+    return flops_per_token * tokens_per_s / (peak * 1e12 * world_size) if peak else None
+
+
 def memory_gb(device: torch.device) -> float:
     """CUDA peak allocated memory on GPU, the process's peak resident set size on CPU."""
     if device.type == "cuda":
@@ -193,7 +200,7 @@ class MetricsLogger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:  # a full or vanished disk: one line, not a traceback from deep in the loop
-            from pretrain.config import UserError
+            from data_prep.errors import UserError
 
             raise UserError(
                 f"{self.path}: cannot write metrics ({e.strerror}); free space or point run_dir "

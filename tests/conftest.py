@@ -1,13 +1,25 @@
-"""Shared fixtures: the path to ../shared/data and small helpers."""
+"""Shared fixtures: the path to ../shared/data, DeepSpeed's CPU op, and the tiny and books pretraining runs. Plain
+helpers (constants and functions) live in tests/helpers.py."""
 
 from __future__ import annotations
 
-import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import (
+    BOOKS_RUN_BOOKS,
+    LAUNCH,
+    ROOT,
+    SMALL,
+    TINY_EVAL_BATCHES,
+    TINY_MICRO,
+    run_env,
+    tiny_corpus,
+)
+
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
@@ -35,12 +47,8 @@ def books_run(shared_data, tmp_path_factory) -> Path:
     the unigram plateau: 2,000 steps of 64 x 32 tokens at lr 3e-3, about 100 s on 2 cores, validation MLM
     accuracy near 25% (unigram 5%). Shared by the embedding and fine-tuning tests. Shorter sequences leave the
     plateau in fewer steps than 64 tokens do, and dropout only slows so short a run (docs/benchmarks.md)."""
-    import subprocess
-    import sys
-
     from data_prep.config import PrepareConfig
     from data_prep.pipeline import prepare
-    from tests.test_trainer import LAUNCH, _env
 
     tmp = tmp_path_factory.mktemp("books")
     data, run = tmp / "data", tmp / "run"
@@ -53,21 +61,30 @@ def books_run(shared_data, tmp_path_factory) -> Path:
                "trainer.global_batch_size=64", "trainer.micro_batch_size=64", "optim.lr=3e-3",
                "scheduler.warmup_steps=100", "logger=none"]  # fmt: skip
     argv = [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run}", *model, *trainer]
-    env = {**_env(), "OMP_NUM_THREADS": "2"}  # one process at a time here: both cores
+    env = {**run_env(), "OMP_NUM_THREADS": "2"}  # one process at a time here: both cores
     r = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return run
 
 
-BOOKS_RUN_BOOKS = ("tale_of_two_cities", "huckleberry_finn")
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, run dir): shards prepared by the pipeline from a small corpus of TINY_WORDS and a 4-step tiny
+    training run (about 5 s), batches of TINY_MICRO, TINY_EVAL_BATCHES validation batches. Built once per session
+    for the evaluate, fill-mask, embed, SOP and fine-tuning tests."""
+    from data_prep.config import PrepareConfig
+    from data_prep.pipeline import prepare
 
-
-def run_main(capsys, script: Path, *argv: object) -> tuple[int, str, str]:
-    """A ``launch/`` script's ``main(argv)`` in this process: exit code, stdout, stderr."""
-    spec = importlib.util.spec_from_file_location(f"launch_{script.stem}", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    capsys.readouterr()
-    code = module.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    root = tmp_path_factory.mktemp("evaluate")
+    data = root / "data"
+    prepare(PrepareConfig(inputs=[str(tiny_corpus(root / "corpus.txt", 40))], output_dir=str(data), vocab_size=200,
+                          max_seq_length=64, text_documents="blank_line", num_workers=1, seed=1,
+                          validation_fraction=0.1))  # fmt: skip
+    run = root / "run"
+    args = [f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=4", "trainer.eval_every=4",
+            "trainer.checkpoint_every=4", f"trainer.eval_batches={TINY_EVAL_BATCHES}",
+            f"trainer.global_batch_size={TINY_MICRO}", f"trainer.micro_batch_size={TINY_MICRO}"]  # fmt: skip
+    r = subprocess.run([sys.executable, LAUNCH, *args], capture_output=True, text=True, env=run_env(), timeout=300,
+                       cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    return data, run

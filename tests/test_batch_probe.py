@@ -11,10 +11,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from data_prep.errors import UserError
 from pretrain.batch_probe import GIB, MARGIN, probe, saved_bytes, static_bytes
-from pretrain.config import UserError
 from pretrain.model import BertConfig, BertForPreTraining
-from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, make_data
+from tests.helpers import LAUNCH, ROOT, SMALL, make_data, run_env
 
 
 def _model() -> BertForPreTraining:
@@ -68,7 +68,7 @@ def test_a_run_with_auto_micro_batch_uses_the_probed_size(tmp_path):
     data, run = make_data(tmp_path), tmp_path / "run"
     args = [f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=2", "trainer.global_batch_size=16",
             "trainer.micro_batch_size=auto", "trainer.memory_cap_gb=0.05", "trainer.eval_every=0"]  # fmt: skip
-    r = subprocess.run([sys.executable, LAUNCH, *args], capture_output=True, text=True, env=_env(), timeout=300,
+    r = subprocess.run([sys.executable, LAUNCH, *args], capture_output=True, text=True, env=run_env(), timeout=300,
                        cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     line = next(x for x in r.stdout.splitlines() if x.startswith("micro_batch_size=auto: "))

@@ -14,7 +14,7 @@ from data_prep.store import LENGTH, NSP_LABEL
 from pretrain.benchmark import hf_model, parameter_split, step_flops, synthetic_data
 from pretrain.config import inspect_data
 from pretrain.model import BertConfig, BertForPreTraining
-from tests.test_trainer import ROOT, _env
+from tests.helpers import ROOT, run_env
 
 KW = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
@@ -49,12 +49,12 @@ def test_benchmark_runs_the_engine_and_compares_with_transformers(tmp_path):
             "trainer.global_batch_size=16", "bench.steps=2", "bench.warmup=1", "bench.synthetic_samples=128",
             "bench.compare=hf", f"data.dir={tmp_path / 'none'}"]  # fmt: skip
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), *args], capture_output=True,
-                       text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+                       text=True, env=run_env(), timeout=300, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     lines = r.stdout.strip().splitlines()
     assert any(x.startswith("| ours | cpu") for x in lines) and any(x.startswith("| transformers | cpu") for x in lines)
     m = re.fullmatch(r"seq_per_s=([\d.]+) tokens_per_s=(\d+) mfu=n/a ratio_vs_hf=([\d.]+)", lines[-1])
     assert m and float(m[1]) > 0 and int(m[2]) > 0 and float(m[3]) > 0, lines[-1]
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "benchmark.py"), "bench.compare=tf"],
-                       capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT)  # fmt: skip
+                       capture_output=True, text=True, env=run_env(), timeout=120, cwd=ROOT)  # fmt: skip
     assert r.returncode == 2 and "bench.compare='tf': use none or hf" in r.stderr

@@ -10,7 +10,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from pretrain.config import UserError, _run_slug, build_ds_config, gradient_accumulation_steps
+from data_prep.errors import UserError
+from pretrain.config import _run_slug, build_ds_config, gradient_accumulation_steps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

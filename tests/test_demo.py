@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_trainer import ROOT, _env
+from tests.helpers import ROOT, run_env
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end(tmp_path):
-    env = {**_env(), "DEMO_DIR": str(tmp_path / "demo"), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **run_env(),
+        "DEMO_DIR": str(tmp_path / "demo"),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     r = subprocess.run(["bash", str(ROOT / "launch" / "demo.sh"), "trainer.max_steps=4", "trainer.eval_every=4",
                         "trainer.checkpoint_every=4", "trainer.eval_batches=2"], capture_output=True, text=True,
                        env=env, timeout=600, cwd=ROOT)  # fmt: skip

@@ -17,10 +17,8 @@ import pytest
 import torch
 
 from pretrain.embed import run_embed
-from pretrain.hf import ModelSource, load_model
-from tests.conftest import run_main
-from tests.test_evaluate import ROOT, tiny_run
-from tests.test_trainer import _env
+from pretrain.weights import ModelSource, load_model
+from tests.helpers import ROOT, run_env, run_main
 
 EMBED = ROOT / "launch" / "embed.py"
 # Lengths out of order on purpose (the tool sorts them), a blank line in the middle; words of tiny_run's corpus.
@@ -38,8 +36,8 @@ LINES = [i + 1 for i, s in enumerate(SENTENCES) if s]  # 1-based lines of the no
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_run(tmp_path_factory)
+def trained(tiny_run) -> tuple[Path, Path]:
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +220,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, sentences, tmp_path, capsys):
         assert not out.exists() and "embedded" not in stdout
     # As a user runs it: a real process, an unknown output extension, no traceback.
     argv = [sys.executable, str(EMBED), str(run), "--input", str(sentences), "--output", str(tmp_path / "out.csv")]
-    r = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=120)
+    r = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: --output {tmp_path / 'out.csv'}: unknown extension '.csv'; use .npy or .parquet"
     ]

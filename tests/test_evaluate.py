@@ -15,56 +15,22 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.config import PrepareConfig
-from data_prep.pipeline import prepare
 from data_prep.store import SplitReader
 from data_prep.vocab import read_vocab
 from pretrain.data import build_dataloader
 from pretrain.evaluation import evaluate_model, most_frequent_token, run_evaluate, token_counts
-from pretrain.hf import export_hf, load_model
+from pretrain.hf import export_hf
 from pretrain.masking import IGNORE_INDEX, MaskingConfig
-from tests.conftest import run_main
-from tests.test_trainer import ROOT, SMALL, _env, make_data
+from pretrain.weights import load_model
+from tests.helpers import ROOT, SMALL, TINY_EVAL_BATCHES, TINY_MICRO, make_data, run_env, run_main, tiny_corpus
 
 EVALUATE = ROOT / "launch" / "evaluate.py"
-WORDS = "the a river stone light house north old green quiet city wind came went over under".split()
-MICRO, EVAL_BATCHES, SEED = 8, 2, 1234  # the run's micro batch, eval batches and (default) seed
-_CACHE: dict[str, Path] = {}
-
-
-def corpus(path: Path, docs: int, seed: int = 3) -> Path:
-    rng = np.random.default_rng(seed)
-    text = [
-        " ".join("The " + " ".join(rng.choice(WORDS, size=rng.integers(5, 12)).tolist()) + "." for _ in range(20))
-        for _ in range(docs)
-    ]
-    path.write_text("\n\n".join(text) + "\n")
-    return path
-
-
-def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(data dir, run dir): shards prepared by the pipeline from a small corpus and a 4-step tiny training run
-    (about 5 s). Built once per session; tests/test_fill_mask.py uses it too."""
-    if "run" not in _CACHE:
-        root = tmp_path_factory.mktemp("evaluate")
-        data = root / "data"
-        prepare(PrepareConfig(inputs=[str(corpus(root / "corpus.txt", 40))], output_dir=str(data), vocab_size=200,
-                              max_seq_length=64, text_documents="blank_line", num_workers=1, seed=1,
-                              validation_fraction=0.1))  # fmt: skip
-        run = root / "run"
-        args = [f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=4", "trainer.eval_every=4",
-                "trainer.checkpoint_every=4", f"trainer.eval_batches={EVAL_BATCHES}",
-                f"trainer.global_batch_size={MICRO}", f"trainer.micro_batch_size={MICRO}"]  # fmt: skip
-        r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], capture_output=True,
-                           text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
-        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-        _CACHE.update(data=data, run=run)
-    return _CACHE["data"], _CACHE["run"]
+SEED = 1234  # the seed the tiny run trained with (the default)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_run(tmp_path_factory)
+def trained(tiny_run) -> tuple[Path, Path]:
+    return tiny_run
 
 
 def _records(run: Path, kind: str) -> list[dict]:
@@ -111,7 +77,7 @@ def test_accuracy_and_unigram_baseline_are_scored_at_the_same_masked_positions(t
 def test_run_dir_checkpoint_and_export_agree_with_the_trainers_own_validation(trained, capsys):
     data, run = trained
     before = len(_records(run, "evaluate"))
-    kw = dict(batches=EVAL_BATCHES, batch_size=MICRO, seed=SEED, device="cpu")  # where the test run trained
+    kw = dict(batches=TINY_EVAL_BATCHES, batch_size=TINY_MICRO, seed=SEED, device="cpu")  # where the test run trained
     from_run = run_evaluate(str(run), **kw)  # the run's own data (data.dir of its config)
     from_tag = run_evaluate(str(run / "checkpoints" / "step00000004"), str(data), **kw)
     from_hf = run_evaluate(str(run / "hf"), str(data), **kw)
@@ -137,7 +103,7 @@ def test_run_dir_checkpoint_and_export_agree_with_the_trainers_own_validation(tr
 
 def test_text_file_is_prepared_with_the_models_vocabulary(trained, tmp_path, capsys):
     _, run = trained
-    text = corpus(tmp_path / "held_out.txt", 6, seed=11)
+    text = tiny_corpus(tmp_path / "held_out.txt", 6, seed=11)
     rec = run_evaluate(str(run), text=str(text), log=False)
     captured = capsys.readouterr()
     assert rec["data"] == str(text.resolve()) and rec["split"] is None and rec["masked_tokens"] > 20
@@ -159,7 +125,7 @@ def test_plain_bert_directories_load_with_vocab_txt_or_tokenizer_json(trained, t
     shutil.copy(data / "vocab.txt", only_vocab / "vocab.txt")
     only_json = export_hf(model, None, tmp_path / "json_only")
     shutil.copy(data / "tokenizer.json", only_json / "tokenizer.json")
-    loader, _ = build_dataloader(data, "validation", MICRO, seed=SEED, shuffle=False, drop_last=False)
+    loader, _ = build_dataloader(data, "validation", TINY_MICRO, seed=SEED, shuffle=False, drop_last=False)
     results = []
     for d in (run / "hf", only_vocab, only_json):
         src = load_model(d)
@@ -200,13 +166,13 @@ def test_zero3_checkpoint_is_read_through_deepspeed(trained, tmp_path, capsys):
     data, _ = trained
     run = tmp_path / "zero3"
     args = [f"data.dir={data}", f"run_dir={run}", "deepspeed=zero3", *SMALL, "trainer.max_steps=2",
-            "trainer.eval_every=2", f"trainer.eval_batches={EVAL_BATCHES}", f"trainer.global_batch_size={MICRO}",
-            f"trainer.micro_batch_size={MICRO}"]  # fmt: skip
+            "trainer.eval_every=2", f"trainer.eval_batches={TINY_EVAL_BATCHES}",
+            f"trainer.global_batch_size={TINY_MICRO}", f"trainer.micro_batch_size={TINY_MICRO}"]  # fmt: skip
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], capture_output=True,
-                       text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+                       text=True, env=run_env(), timeout=300, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert list((run / "checkpoints" / "step00000002").glob("zero_pp_rank_0_*model_states.pt"))
-    kw = dict(batches=EVAL_BATCHES, batch_size=MICRO, device="cpu", log=False)
+    kw = dict(batches=TINY_EVAL_BATCHES, batch_size=TINY_MICRO, device="cpu", log=False)
     from_run, from_hf = run_evaluate(str(run), **kw), run_evaluate(str(run / "hf"), str(data), **kw)
     trainer = _records(run, "eval")[-1]
     for k in ("val_mlm_loss", "val_mlm_acc", "val_nsp_loss", "val_nsp_acc"):

@@ -11,6 +11,7 @@ import torch
 from pretrain.data import PackingCollator, real_lengths
 from pretrain.masking import MaskingCollator, MaskingConfig
 from pretrain.model import BertConfig, BertForPreTraining
+from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, make_data, run_env
 
 
 def _batch(cfg: BertConfig, b: int = 4, length: int = 24) -> dict[str, torch.Tensor]:
@@ -146,11 +147,9 @@ def test_packed_training_resumes_exactly(tmp_path):
     import subprocess
     import sys
 
-    from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, _weights, make_data
-
     def launch(run_dir, *more):
         return subprocess.run([sys.executable, LAUNCH, f"run_dir={run_dir}", *args, *more], capture_output=True,
-                              text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+                              text=True, env=run_env(), timeout=300, cwd=ROOT)  # fmt: skip
 
     data = make_data(tmp_path / "data", max_len=32)
     args = [f"data.dir={data}", *SMALL, "data.pack=true", "trainer.max_steps=8", "trainer.checkpoint_every=4",
@@ -162,5 +161,5 @@ def test_packed_training_resumes_exactly(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     r = launch(tmp_path / "two")
     assert r.returncode == 0 and "resumed from" in r.stdout, r.stderr[-3000:]
-    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    a, b = hf_weights(tmp_path / "one"), hf_weights(tmp_path / "two")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

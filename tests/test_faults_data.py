@@ -13,10 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from data_prep.errors import UserError
 from data_prep.store import Shard, ShardError, sha256_file, verify_data
-from pretrain.config import UserError, inspect_data
+from pretrain.config import inspect_data
 from pretrain.data import ShardDataset
-from tests.test_trainer import LAUNCH, ROOT, SMALL, _env, make_data
+from tests.helpers import LAUNCH, ROOT, SMALL, make_data, run_env
 
 pytestmark = pytest.mark.faults
 
@@ -89,7 +90,7 @@ FAULTS = {
 
 def pretrain(d: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, LAUNCH, f"data.dir={d}", f"run_dir={run_dir}", *SMALL, *overrides],
-                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=300)  # fmt: skip
+                          capture_output=True, text=True, env=run_env(), cwd=ROOT, timeout=300)  # fmt: skip
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, path: Path, what: str, run_dir: Path) -> str:

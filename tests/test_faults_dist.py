@@ -20,11 +20,10 @@ import pytest
 import torch
 
 from pretrain import distributed as D
+from pretrain import signals as S
 from pretrain.trainer import find_checkpoint
-from tests.test_trainer import SMALL, _children, _cmd, _env, _port, _weights, make_data
+from tests.helpers import LAUNCH, ROOT, SMALL, child_pids, free_port, hf_weights, launch_cmd, make_data, run_env
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = str(ROOT / "launch" / "pretrain.py")
 PREPARE = str(ROOT / "launch" / "prepare_data.py")
 TIMEOUT_S = 18  # trainer.collective_timeout_minutes=0.3
 RENDEZVOUS_S = 24  # trainer.rendezvous_timeout_minutes=0.4 where a rank never joins
@@ -51,10 +50,10 @@ def data(deepspeed_cpu_comm, tmp_path_factory) -> Path:
 
 def _launch(run_dir: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS, *extra],
+        [*launch_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS, *extra],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=run_env(),
         timeout=400,
         cwd=ROOT,
     )
@@ -66,7 +65,7 @@ def reference(data, tmp_path_factory) -> dict[str, torch.Tensor]:
     run_dir = tmp_path_factory.mktemp("ref") / "run"
     r = _launch(run_dir, data)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    return _weights(run_dir)
+    return hf_weights(run_dir)
 
 
 def _resumes_exactly(run_dir: Path, data: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -75,7 +74,7 @@ def _resumes_exactly(run_dir: Path, data: Path, reference: dict[str, torch.Tenso
     assert tag is not None
     r = _launch(run_dir, data)
     assert r.returncode == 0 and f"resumed from {tag}" in r.stdout, (r.stdout + r.stderr)[-4000:]
-    ours = _weights(run_dir)
+    ours = hf_weights(run_dir)
     assert ours.keys() == reference.keys() and all(torch.equal(ours[k], reference[k]) for k in reference)
 
 
@@ -83,7 +82,7 @@ def _rank(
     rank: int, port: int, run_dir: Path, data: Path, log: Path, addr: str = "127.0.0.1", extra: tuple[str, ...] = ()
 ) -> subprocess.Popen:
     env = {
-        **_env(),
+        **run_env(),
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": "2",
@@ -127,7 +126,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
     """A rank killed (its connections break: seen at once) or frozen (seen when its heartbeat, or for rank 0 the
     store it hosts, has been silent for the collective timeout): the survivor exits 69 with one line naming the
     lost rank and the checkpoint to resume from; the same command then resumes to the uninterrupted weights."""
-    run_dir, port, survivor = tmp_path / "run", _port(), 1 - victim
+    run_dir, port, survivor = tmp_path / "run", free_port(), 1 - victim
     ranks = [_rank(r, port, run_dir, data, tmp_path / f"rank{r}.log") for r in (0, 1)]
     try:
         _wait(
@@ -163,7 +162,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
 def test_rank_that_never_joins_is_named(data, tmp_path):
     """Rank 0 alone (rank 1 never started) and rank 1 alone at a wrong port: each exits 69 within the timeout
     with one line naming the address and port, instead of waiting torch's default 30 minutes."""
-    good, wrong = _port(), _port()
+    good, wrong = free_port(), free_port()
     short = (f"trainer.rendezvous_timeout_minutes={RENDEZVOUS_S / 60}",)  # nobody will come: no need to wait 60 s
     alone0 = _rank(0, good, tmp_path / "a", data, tmp_path / "rank0.log", extra=short)
     alone1 = _rank(1, wrong, tmp_path / "b", data, tmp_path / "rank1.log", extra=short)
@@ -192,7 +191,7 @@ def _rank_pids(launcher: subprocess.Popen) -> list[int]:
     def find() -> list[int]:
         try:
             return sorted(
-                p for p in _children(launcher.pid) if "--local_rank=" in Path(f"/proc/{p}/cmdline").read_text()
+                p for p in child_pids(launcher.pid) if "--local_rank=" in Path(f"/proc/{p}/cmdline").read_text()
             )
         except (FileNotFoundError, ProcessLookupError):
             return []
@@ -216,11 +215,11 @@ def test_sigusr1_during_startup_checkpoints_first_step(data, reference, tmp_path
     would kill them. They train one step, checkpoint it, exit 75; the same command resumes to the reference."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+        [*launch_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=run_env(),
         cwd=ROOT,
     )
     try:
@@ -235,7 +234,7 @@ def test_sigusr1_during_startup_checkpoints_first_step(data, reference, tmp_path
     finally:
         launcher.kill()
     assert any(early), "the signal was meant to arrive before torch was imported"
-    assert launcher.returncode == D.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert launcher.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
     assert "preempted (SIGUSR1) at step 1:" in out
     assert find_checkpoint(run_dir / "checkpoints").name == "step00000001"
     _resumes_exactly(run_dir, data, reference)
@@ -249,11 +248,11 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
     checkpoint resumes to the reference weights."""
     run_dir = tmp_path / "run"
     launcher = subprocess.Popen(
-        [*_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
+        [*launch_cmd("deepspeed"), f"run_dir={run_dir}", f"data.dir={data}", *ARGS],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=run_env(),
         cwd=ROOT,
     )
     ckpts, during_save = run_dir / "checkpoints", 0
@@ -277,7 +276,7 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
         out = launcher.communicate(timeout=300)[0]
     finally:
         launcher.kill()
-    assert launcher.returncode == D.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert launcher.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
     # rank 0 prints the summary: it got no signal itself, and stopped at the step where it learnt of rank 1's
     match = re.search(r"preempted \(signal on another rank\) at step (\d+):", out)
     assert match, out[-4000:]
@@ -319,7 +318,7 @@ def test_user_mistake_is_one_line_exit_2(case, data, roberta, tmp_path):
     args = [o.format(tmp=tmp_path, data=data, roberta=roberta) for o in overrides]
     extra = ["--local_rank=0", f"run_dir={tmp_path / 'run'}"] if script == LAUNCH else [f"output_dir={tmp_path}/o"]
     r = subprocess.run(
-        [sys.executable, script, *extra, *args], capture_output=True, text=True, env=_env(), timeout=120, cwd=ROOT
+        [sys.executable, script, *extra, *args], capture_output=True, text=True, env=run_env(), timeout=120, cwd=ROOT
     )
     assert r.returncode == 2, (r.stdout + r.stderr)[-3000:]
     errors = _errors(r.stderr)

@@ -22,7 +22,7 @@ import pytest
 from data_prep.report import Report
 from data_prep.tokenize import run_tokenize
 from data_prep.vocab import run_vocab
-from tests.conftest import ROOT
+from tests.helpers import ROOT, MemCorpus, build_shards, cfg_for, random_parts, read_documents, small_vocab, write_parts
 
 LAUNCH = str(ROOT / "launch" / "prepare_data.py")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0"}
@@ -139,10 +139,9 @@ def test_long_document_is_tokenized_in_pieces_with_identical_output(tmp_path, mo
     """A document much longer than a tokenize chunk (a 50 MB line becomes one) is cut between sentences so that
     no task holds it whole; the token store must come out byte-identical to the one-chunk run."""
     from data_prep import tokenize as tokenize_mod
-    from tests.test_vocab_tokenize import cfg_for, corpus, small_vocab, write_parts
 
-    docs = corpus(n_parts=1, n_docs=6, seed=5)[0]
-    docs[2] = [s for doc in corpus(n_parts=1, n_docs=30, seed=6)[0] for s in doc] + ["\u200b"]  # empty at the end
+    docs = random_parts(n_parts=1, n_docs=6, seed=5)[0]
+    docs[2] = [s for doc in random_parts(n_parts=1, n_docs=30, seed=6)[0] for s in doc] + ["\u200b"]  # empty at the end
     docs[3] = ["\u200b", *docs[3]]  # and one at a start
     runs = {}
     for chunk in (1 << 20, 64):  # one chunk for the part; then a cut every ~256 bytes, inside document 2
@@ -241,19 +240,18 @@ def test_hostile_inputs_complete_in_bounded_memory_and_counts_add_up(vocab, shar
 def test_rerun_after_the_shards_were_written_reports_the_same_counts(tmp_path):
     """Killed after its shards were complete but before the manifest: the re-run keeps the shards and must still
     report what it dropped while building them (chunks that make no pair), which the shard files do not hold."""
-    from tests.test_pairs import MemCorpus, build
 
     # One long document per split: its sentences longer than a sample make chunks without a NotNext partner.
     corpus = MemCorpus([[70, 5, 5, 70, 70, 5, 5, 5] * 6 + [70, 5, 5, 70, 5] * 4], seed=1)  # one document
-    first, report = build(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
+    first, report = build_shards(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
     assert report.counts["chunks_without_pair"] > 0 and len(first["splits"]["train"]["shards"]) >= 1
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "train").iterdir()}
-    again, report2 = build(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
+    again, report2 = build_shards(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "train").iterdir()} == mtimes  # kept, not rebuilt
     assert report2.counts == report.counts and again == first
     record = next((tmp_path / "work" / "shards").glob("train-*.json"))
     record.unlink()  # killed between the shard's rename and its record: rebuilt, same bytes, same counts
-    third, report3 = build(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
+    third, report3 = build_shards(tmp_path, corpus, validation_fraction=0.5, samples_per_shard=4)
     assert report3.counts == report.counts and third == first and record.exists()
 
 
@@ -264,9 +262,8 @@ def test_shared_sentence_offsets_are_used_only_for_the_parts_they_were_built_fro
     import numpy as np
 
     from data_prep.tokenize import OFFSETS, TokenStore
-    from tests.test_vocab_tokenize import cfg_for, corpus, small_vocab, write_parts
 
-    write_parts(tmp_path, corpus(n_parts=3, n_docs=10, seed=2))
+    write_parts(tmp_path, random_parts(n_parts=3, n_docs=10, seed=2))
     run_vocab(cfg_for(tmp_path, vocab=str(small_vocab(tmp_path / "v.txt", specials_first=True))), Report())
     run_tokenize(cfg_for(tmp_path), Report())
     shared = TokenStore(tmp_path).sentence_offsets
@@ -288,14 +285,12 @@ def test_utf16_files_are_decoded_and_broken_ones_skipped(tmp_path):
     document modes and compressed; one whose bytes break the encoding is skipped and counted, not a crash."""
     import gzip
 
-    from tests.test_readers import read
-
     bert = "".join(f"Sentence {i} of the first document.\n" for i in range(5)) + "\n" + \
         "".join(f"Zweites Dokument, Satz {i}, schön.\n" for i in range(5))  # fmt: skip
     (tmp_path / "be.txt").write_bytes(bert.encode("utf-16-be").join([b"\xfe\xff", b""]))
     (tmp_path / "le32.txt.gz").write_bytes(gzip.compress("Ein Text in UTF-32. Mit zwei Sätzen.\n".encode("utf-32")))
     (tmp_path / "bad.txt").write_bytes("Gut bis hier. ".encode("utf-16") + b"\x00\xd8\x41\x00")  # a lone surrogate
-    docs, report = read(str(tmp_path))
+    docs, report = read_documents(str(tmp_path))
     assert [(d.doc_id, d.text.splitlines()[0]) for d in docs] == [
         ("line1", "Sentence 0 of the first document."), ("line7", "Zweites Dokument, Satz 0, schön."),
         ("le32.txt.gz", "Ein Text in UTF-32. Mit zwei Sätzen.")]  # fmt: skip

@@ -17,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
 
+from data_prep.errors import UserError
 from pretrain import deepspeed_env
-from pretrain.config import UserError
 from pretrain.data import ResumableDistributedSampler
 from pretrain.trainer import find_checkpoint
-from tests.test_trainer import LAUNCH, ROOT, SMALL, _cmd, _env, make_data
+from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, run_env
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -58,7 +57,7 @@ elif spec.startswith("record:"):  # append every training micro-batch's (epoch, 
 elif spec.startswith("kill:"):
     import signal
     import pretrain.checkpoint as c
-    import pretrain.trainer as t
+    import pretrain.engine as t
     where, step = spec[5:].split("@")
     step = int(step)
     def die():
@@ -107,7 +106,7 @@ def inject_dir(tmp_path_factory) -> Path:
 def _run(
     run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None, timeout: int = 300
 ) -> subprocess.CompletedProcess:
-    env = _env()
+    env = run_env()
     if fault:
         env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
     return subprocess.run(
@@ -122,10 +121,6 @@ def _run(
 
 def _records(run_dir: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "hf" / "model.safetensors"))
 
 
 def _error_lines(r: subprocess.CompletedProcess) -> list[str]:
@@ -146,7 +141,7 @@ def test_nonfinite_step_skipped_and_spike_logged(data, inject_dir, tmp_path):
     train = _records(run, "train")
     assert [x["step"] for x in train] == [s for s in range(1, 17) if s != 3]  # no log line for the skipped step
     assert all(np.isfinite(x["loss"]) for x in train)
-    assert all(torch.isfinite(v).all() for v in _weights(run).values())
+    assert all(torch.isfinite(v).all() for v in hf_weights(run).values())
     spikes = _records(run, "spike")
     assert [s["step"] for s in spikes] == [14] and spikes[0]["loss"] > 10 * spikes[0]["running_mean"]
     sampler = ResumableDistributedSampler(96, 4, seed=1234)  # the trainer's: 96 train samples, seed, micro batch
@@ -196,7 +191,7 @@ def test_bf16_zero2_nonfinite_step_skipped_by_deepspeed(data, inject_dir, tmp_pa
     )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert [(s["step"], s["reason"]) for s in _records(run, "skipped")] == [(2, "non-finite loss")]
-    assert all(torch.isfinite(v).all() for v in _weights(run).values())
+    assert all(torch.isfinite(v).all() for v in hf_weights(run).values())
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +216,7 @@ def test_killed_inside_save_resumes_from_complete_checkpoint(data, inject_dir, r
     assert (ckpts / "step00000004" / "COMPLETE").is_file()  # retention waits for a complete successor
     r = _run(run, data, *args)
     assert r.returncode == 0 and f"resumed from {ckpts / expected}" in r.stdout, (r.stdout + r.stderr)[-3000:]
-    ours, ref = _weights(run), _weights(reference)
+    ours, ref = hf_weights(run), hf_weights(reference)
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     assert sorted(p.name for p in ckpts.glob("step*")) == ["step00000008"]
 
@@ -280,10 +275,10 @@ RESIZE = [
 
 
 def _run_ranks(ranks: int, run_dir: Path, data: Path, *overrides: str, fault: str = "", inject: Path | None = None):
-    env = _env()
+    env = run_env()
     if fault:
         env.update(FAULT=fault, PYTHONPATH=f"{inject}:{ROOT}")
-    launcher = _cmd("deepspeed") if ranks == 2 else [sys.executable, LAUNCH]
+    launcher = launch_cmd("deepspeed") if ranks == 2 else [sys.executable, LAUNCH]
     return subprocess.run(
         [*launcher, f"data.dir={data}", f"run_dir={run_dir}", *RESIZE, *overrides],
         capture_output=True,
@@ -328,7 +323,7 @@ def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_pat
     ref_loss = {x["step"]: x["loss"] for x in _records(resize_reference, "train")}
     ours = {x["step"]: x["loss"] for x in _records(run, "train") if x["step"] > 4}
     np.testing.assert_allclose([ours[k] for k in sorted(ours)], [ref_loss[k] for k in sorted(ours)], rtol=1e-4)
-    ref, got = _weights(resize_reference), _weights(run)
+    ref, got = hf_weights(resize_reference), hf_weights(run)
     for k, v in ref.items():
         torch.testing.assert_close(got[k], v, rtol=1e-3, atol=1e-5)
 
@@ -356,7 +351,7 @@ def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
     lock.touch()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    env = {**_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
+    env = {**run_env(), "TORCH_EXTENSIONS_DIR": str(ext)}
     started = time.monotonic()
     r = subprocess.run(
         [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={tmp_path / 'run'}", *ARGS, "trainer.max_steps=2"],

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from data_prep.vocab import read_vocab
-from tests.conftest import run_main
-from tests.test_evaluate import ROOT, tiny_run
+from tests.helpers import ROOT, run_main
 
 FILL_MASK = ROOT / "launch" / "fill_mask.py"
 PROMPTS = ["the old [MASK] came over the city.", "the [MASK] went [MASK] the river."]
@@ -22,8 +21,8 @@ PREDICTION = re.compile(r"(\S+) \((\d\.\d\d)\)")
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
-    return tiny_run(tmp_path_factory)
+def trained(tiny_run) -> tuple[Path, Path]:
+    return tiny_run
 
 
 def _main(capsys, *argv: str) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@ export, exact resume, predictions, and one-line errors."""
 
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
@@ -12,46 +11,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_trainer import ROOT, _env
-
-FINETUNE = str(ROOT / "launch" / "finetune.py")
-FAST = ["trainer.micro_batch_size=16", "trainer.global_batch_size=16", "trainer.log_every=1", "optim.lr=1e-3",
-        "trainer.max_seq_length=64"]  # fmt: skip
+from tests.helpers import (
+    BOOKS_RUN_BOOKS,
+    FINETUNE,
+    FINETUNE_FAST,
+    ROOT,
+    TINY_WORDS,
+    classification_task,
+    free_port,
+    run_env,
+    write_csv,
+)
 
 
 def _run(*overrides: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, FINETUNE, *overrides], capture_output=True, text=True, env=_env(),
+    return subprocess.run([sys.executable, FINETUNE, *overrides], capture_output=True, text=True, env=run_env(),
                           timeout=timeout, cwd=ROOT)  # fmt: skip
-
-
-def _write_csv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["text", "label"])
-        w.writerows(rows)
-    return path
 
 
 # ----------------------------------------------------------------------------- built data on the tiny test run
 
-WORDS = "the a river stone light house north old green quiet city wind came went over under".split()
-
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    from tests.test_evaluate import tiny_run
-
-    return tiny_run(tmp_path_factory)[1]
-
-
-def _classification(tmp: Path, n: int = 96, seed: int = 0) -> tuple[Path, Path]:
-    """Does the sentence mention a river: learnable from one word."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(n):
-        words = rng.choice(WORDS, size=int(rng.integers(4, 10))).tolist()
-        rows.append((" ".join(words), "yes" if "river" in words else "no"))
-    return _write_csv(tmp / "train.csv", rows[: n * 3 // 4]), _write_csv(tmp / "dev.csv", rows[n * 3 // 4 :])
+def tiny(tiny_run) -> Path:
+    return tiny_run[1]
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -65,18 +48,18 @@ def test_ner_and_qa_end_to_end_on_built_data(tiny, tmp_path):
     tag = {"river": "B-LOC", "city": "B-LOC", "north": "B-DIR"}
     ner = []
     for _ in range(60):
-        words = rng.choice(WORDS, size=int(rng.integers(4, 9))).tolist()
+        words = rng.choice(TINY_WORDS, size=int(rng.integers(4, 9))).tolist()
         ner.append({"tokens": words, "tags": [tag.get(w, "O") for w in words]})
     train, dev = _jsonl(tmp_path / "ner_train.jsonl", ner[:45]), _jsonl(tmp_path / "ner_dev.jsonl", ner[45:])
     r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'ner'}", "finetune=ner", f"task.train={train}",
-             f"task.validation={dev}", "epochs=2", *FAST)  # fmt: skip
+             f"task.validation={dev}", "epochs=2", *FINETUNE_FAST)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     best = json.loads((tmp_path / "ner" / "results.json").read_text())["best"]
     assert 0.0 <= best["f1"] <= 1.0 and 0.0 <= best["precision"] <= 1.0 and 0.0 <= best["accuracy"] <= 1.0
 
     qa = []
     for i in range(40):  # contexts longer than one 64-token window: the answer lands in varied windows
-        filler = [" ".join(rng.choice(WORDS, size=8).tolist()) + " ." for _ in range(12)]
+        filler = [" ".join(rng.choice(TINY_WORDS, size=8).tolist()) + " ." for _ in range(12)]
         k = int(rng.integers(0, len(filler)))
         filler[k] = "the green house came north ."
         context = " ".join(filler)
@@ -84,11 +67,12 @@ def test_ner_and_qa_end_to_end_on_built_data(tiny, tmp_path):
         qa.append({"id": str(i), "question": "what came north ?", "context": context, "answers": answers})
     train, dev = _jsonl(tmp_path / "qa_train.jsonl", qa[:30]), _jsonl(tmp_path / "qa_dev.jsonl", qa[30:])
     r = _run(f"pretrained={tiny}", f"run_dir={tmp_path / 'qa'}", "finetune=qa", f"task.train={train}",
-             f"task.validation={dev}", "epochs=1", "task.doc_stride=16", "task.max_query_length=16", *FAST)  # fmt: skip
+             f"task.validation={dev}", "epochs=1", "task.doc_stride=16", "task.max_query_length=16",
+             *FINETUNE_FAST)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     best = json.loads((tmp_path / "qa" / "results.json").read_text())["best"]
     assert 0.0 <= best["exact_match"] <= 100.0 and 0.0 <= best["f1"] <= 100.0
-    r = _run(f"run_dir={tmp_path / 'qa'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FAST)
+    r = _run(f"run_dir={tmp_path / 'qa'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FINETUNE_FAST)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     preds = [json.loads(x) for x in (tmp_path / "qa" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 10 and all(isinstance(p["prediction"], str) for p in preds)
@@ -98,9 +82,9 @@ def test_ner_and_qa_end_to_end_on_built_data(tiny, tmp_path):
 def test_export_gives_the_same_first_loss_and_resume_the_same_weights(tiny, tmp_path):
     import torch
 
-    train, dev = _classification(tmp_path)
+    train, dev = classification_task(tmp_path)
     task = ["finetune=classification", f"task.train={train}", f"task.validation={dev}", "task.text_column=text",
-            "epochs=2", *FAST]  # fmt: skip
+            "epochs=2", *FINETUNE_FAST]  # fmt: skip
 
     def first_loss(run: Path) -> float:
         return next(r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
@@ -123,7 +107,9 @@ def test_export_gives_the_same_first_loss_and_resume_the_same_weights(tiny, tmp_
     assert "resumed from" in r.stdout
     a, b = weights(tmp_path / "whole"), weights(tmp_path / "resumed")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    r = _run(f"run_dir={tmp_path / 'whole'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FAST)
+    r = _run(
+        f"run_dir={tmp_path / 'whole'}", "pretrained=unused", "mode=predict", f"predict_file={dev}", *FINETUNE_FAST
+    )
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     preds = [json.loads(x)["prediction"] for x in (tmp_path / "whole" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 24 and set(preds) <= {"yes", "no"}
@@ -154,9 +140,7 @@ def test_two_ranks_under_zero3_write_the_whole_best_model(tiny, tmp_path, deepsp
     weights, not the partitioned module)."""
     import torch
 
-    from tests.test_trainer import _port
-
-    train, dev = _classification(tmp_path)
+    train, dev = classification_task(tmp_path)
     deepspeed = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port"]
     task = [f"pretrained={tiny}", "finetune=classification", f"task.train={train}", f"task.validation={dev}",
             "task.text_column=text", "epochs=2", "trainer.log_every=1", "optim.lr=1e-3", "trainer.max_seq_length=64",
@@ -164,8 +148,8 @@ def test_two_ranks_under_zero3_write_the_whole_best_model(tiny, tmp_path, deepsp
     zero3 = ["deepspeed=zero3", "deepspeed.zero_optimization.stage3_param_persistence_threshold=0"]  # all split
     runs = {"zero0": ["deepspeed=zero0"], "zero3": zero3}
     for name, extra in runs.items():
-        argv = [*deepspeed, str(_port()), FINETUNE, f"run_dir={tmp_path / name}", *task, *extra]
-        r = subprocess.run(argv, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
+        argv = [*deepspeed, str(free_port()), FINETUNE, f"run_dir={tmp_path / name}", *task, *extra]
+        r = subprocess.run(argv, capture_output=True, text=True, env=run_env(), timeout=600, cwd=ROOT)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     zero0, zero3 = (_best_weights(tmp_path / n) for n in runs)
     assert zero0.keys() == zero3.keys()
@@ -181,9 +165,10 @@ def test_a_stop_before_best_is_written_is_recovered_on_resume(tiny, tmp_path):
     master weights of the checkpoint, not the bf16 module."""
     import torch
 
-    train, dev = _classification(tmp_path)
+    train, dev = classification_task(tmp_path)
     args = [f"pretrained={tiny}", f"run_dir={tmp_path / 'run'}", "finetune=classification", f"task.train={train}",
-            f"task.validation={dev}", "task.text_column=text", "epochs=1", "trainer.precision=bf16", *FAST]  # fmt: skip
+            f"task.validation={dev}", "task.text_column=text", "epochs=1", "trainer.precision=bf16",
+            *FINETUNE_FAST]  # fmt: skip
     r = _run(*args)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     before = _best_weights(tmp_path / "run")
@@ -209,7 +194,7 @@ def test_a_directory_saved_by_transformers_fine_tunes(tiny, tmp_path):
     from transformers import BertConfig, BertForPreTraining
 
     from pretrain.finetune.heads import from_pretrained
-    from pretrain.hf import load_model
+    from pretrain.weights import load_model
 
     vocab = (tiny / "hf" / "vocab.txt").read_text().splitlines()
     torch.manual_seed(0)
@@ -225,19 +210,20 @@ def test_a_directory_saved_by_transformers_fine_tunes(tiny, tmp_path):
         hidden = ours.bert(ids, None, mask)
         torch.testing.assert_close(hidden[mask.bool()], theirs.last_hidden_state[mask.bool()], rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ours.bert.pooler(hidden[:, 0]), theirs.pooler_output, rtol=1e-4, atol=1e-5)
-    train, dev = _classification(tmp_path)
+    train, dev = classification_task(tmp_path)
     r = _run(f"pretrained={tmp_path / 'bert'}", f"run_dir={tmp_path / 'run'}", "finetune=classification",
-             f"task.train={train}", f"task.validation={dev}", "task.text_column=text", "epochs=1", *FAST)  # fmt: skip
+             f"task.train={train}", f"task.validation={dev}", "task.text_column=text", "epochs=1",
+             *FINETUNE_FAST)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert 0.0 <= json.loads((tmp_path / "run" / "results.json").read_text())["best"]["accuracy"] <= 1.0
 
 
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
-    train, dev = _classification(tmp_path)
+    train, dev = classification_task(tmp_path)
     base = [f"run_dir={tmp_path / 'r'}", "finetune=classification", f"task.train={train}", f"task.validation={dev}",
-            *FAST]  # fmt: skip
-    long_text = _write_csv(tmp_path / "long.csv", [(" ".join(["river"] * 200), "yes")] * 4)
+            *FINETUNE_FAST]  # fmt: skip
+    long_text = write_csv(tmp_path / "long.csv", [(" ".join(["river"] * 200), "yes")] * 4)
     cases = {
         "label column": ([f"pretrained={tiny}", *base, "task.text_column=text", "task.label_column=stars"], "stars"),
         "label outside": ([f"pretrained={tiny}", *base, "task.text_column=text", "task.labels=[no]"], "'yes'"),
@@ -250,7 +236,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
                 f"task.validation={long_text}",
                 "task.text_column=text",
                 "task.truncate=false",
-                *FAST,
+                *FINETUNE_FAST,
             ],
             "max_length",
         ),  # fmt: skip
@@ -263,28 +249,44 @@ def test_bad_input_is_one_line_and_exit_2(tiny, tmp_path):
         assert len(err) == 1 and err[0].startswith("error:") and needle in err[0], (what, err)
 
 
+def _task_batches(lengths: np.ndarray, rank: int, world: int, group: bool, seed: int = 7):
+    from types import SimpleNamespace
+
+    from pretrain.finetune.loop import TaskBatches
+
+    data = SimpleNamespace(train=[{"input_ids": [0] * n} for n in lengths])
+    trainer = SimpleNamespace(global_batch_size=32, micro_batch_size=8)
+    return TaskBatches(data, SimpleNamespace(seed=seed, group_by_length=group, trainer=trainer), rank, world)
+
+
 def test_length_grouped_batches_hold_every_row_and_pad_less():
-    """group_by_length: the same rows per epoch as the plain shuffle (each rank's share, with the last step's
-    wrap), batches cut from runs sorted by length, seeded per (seed, epoch)."""
-    from pretrain.finetune.loop import GROUP_STEPS, _batches, padding_fraction
+    """group_by_length: the same rows per epoch as the plain shuffle (the last step wraps), batches cut from runs
+    of global batches sorted by length, seeded per (seed, epoch); a step holds the same samples for 1 or 2 ranks."""
+    from pretrain.finetune.loop import GROUP_STEPS
 
     lengths = np.random.default_rng(0).integers(5, 120, size=1000)
-    for world in (1, 2):
-        plain = [_batches(lengths, 8, 2, 7, 3, r, world, False) for r in range(world)]
-        grouped = [_batches(lengths, 8, 2, 7, 3, r, world, True) for r in range(world)]
-        all_plain = np.sort(np.concatenate([b for rank in plain for b in rank]))
-        all_grouped = np.sort(np.concatenate([b for rank in grouped for b in rank]))
-        np.testing.assert_array_equal(all_plain, all_grouped)
-        assert set(all_grouped.tolist()) == set(range(1000))
-        assert all(len(b) == 8 for rank in grouped for b in rank) and len({len(r) for r in grouped}) == 1
-        for rank in grouped:
-            assert padding_fraction(lengths, rank) < 0.1 < 0.3 < padding_fraction(lengths, plain[0])
-    one = _batches(lengths, 8, 2, 7, 3, 0, 1, True)
-    run = one[: 2 * GROUP_STEPS]  # the first run of GROUP_STEPS optimizer steps: its rows sorted, then cut
-    cut = np.sort(lengths[np.concatenate(run)])[::-1].reshape(-1, 8)
+    one = _task_batches(lengths, 0, 1, True)
+    two = [_task_batches(lengths, r, 2, True) for r in range(2)]
+    assert one.steps_per_epoch == two[0].steps_per_epoch == 32 and one.accum == 4 and two[0].accum == 2
+    for step in range(one.steps_per_epoch):  # the samples of a step do not depend on the number of ranks
+        mine = np.concatenate(one.micro_batches(3, step))
+        ours = np.concatenate([b for t in two for b in t.micro_batches(3, step)])
+        np.testing.assert_array_equal(mine, ours)
+    plain = _task_batches(lengths, 0, 1, False)
+    rows = {g: np.sort(t.plan(3).reshape(-1)) for g, t in (("plain", plain), ("grouped", one))}
+    np.testing.assert_array_equal(rows["plain"], rows["grouped"])
+    assert set(rows["grouped"].tolist()) == set(range(1000))
+    assert one.padding(True) < 0.1 < 0.3 < one.padding(False)
+    run = one.plan(3)[:GROUP_STEPS]  # the first run of GROUP_STEPS global batches: its rows sorted, then cut
+    cut = np.sort(lengths[run.reshape(-1)])[::-1].reshape(-1, 32)
     assert sorted(map(tuple, cut)) == sorted(tuple(np.sort(lengths[b])[::-1]) for b in run)
-    np.testing.assert_array_equal(np.concatenate(one), np.concatenate(_batches(lengths, 8, 2, 7, 3, 0, 1, True)))
-    assert not np.array_equal(np.concatenate(one), np.concatenate(_batches(lengths, 8, 2, 7, 4, 0, 1, True)))
+    np.testing.assert_array_equal(one.plan(3), _task_batches(lengths, 0, 1, True).plan(3))
+    assert not np.array_equal(one.plan(3), one.plan(4))
+    batches = _task_batches(lengths, 0, 1, True)  # the position: every micro-batch once, then the next epoch
+    batches.data.collate = len
+    assert sum(batches() for _ in range(4 * batches.steps_per_epoch)) == 32 * 32 and batches.epoch_done
+    batches.load_state_dict({"epoch": 1, "step": 5})
+    assert batches.state_dict() == {"epoch": 1, "step": 5} and not batches.epoch_done
 
 
 # ------------------------------------------------------------------- pretraining pays: a model pretrained on books
@@ -318,7 +320,7 @@ def _word_order_task(books: list[Path], tmp: Path, n_train: int, n_dev: int) -> 
         else:
             rows.append((s, "original"))
     rows = [rows[i] for i in rng.permutation(len(rows))]
-    return _write_csv(tmp / "train.csv", rows[:n_train]), _write_csv(tmp / "dev.csv", rows[n_train:])
+    return write_csv(tmp / "train.csv", rows[:n_train]), write_csv(tmp / "dev.csv", rows[n_train:])
 
 
 @pytest.mark.slow
@@ -328,7 +330,6 @@ def test_pretrained_encoder_beats_random_initialisation(books_run, shared_data, 
     new): fine-tuned from the books model, accuracy 0.82 on 400 held-out sentences here; the same fine-tuning
     from random initialisation stays near chance (0.57), since the two classes share every word. A which-book
     task is no such test: a bag of words from scratch separates two books as well (docs/benchmarks.md)."""
-    from tests.conftest import BOOKS_RUN_BOOKS
 
     books = [shared_data / "books" / f"{b}.txt.gz" for b in BOOKS_RUN_BOOKS]
     train, dev = _word_order_task(books, tmp_path, n_train=2000, n_dev=400)
@@ -337,7 +338,7 @@ def test_pretrained_encoder_beats_random_initialisation(books_run, shared_data, 
     best, procs = {}, {}
     for name, extra in (("pretrained", []), ("random", ["random_init=true"])):  # side by side, a core each
         argv = [sys.executable, FINETUNE, f"pretrained={books_run}", f"run_dir={tmp_path / name}", *common, *extra]
-        procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(),
+        procs[name] = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=run_env(),
                                        cwd=ROOT)  # fmt: skip
     for name, proc in procs.items():
         out = proc.communicate(timeout=600)[0]

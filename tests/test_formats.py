@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from data_prep import atomic
+from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import MANIFEST_VERSION, Manifest, read_manifest, write_manifest
-from data_prep.report import DataPrepError
 from data_prep.vocab import SPECIALS, read_vocab, special_ids
 from pretrain.checkpoint import CHECKPOINT_FORMAT, check_format
-from pretrain.config import UserError, inspect_data
-from tests.test_trainer import make_data
+from pretrain.config import inspect_data
+from tests.helpers import make_data
 
 
 def test_atomic_write_commits_whole_or_not_at_all(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ import torch
 from data_prep.config import PrepareConfig
 from data_prep.pipeline import prepare
 from pretrain.model import BertConfig, BertForPreTraining
-from tests.conftest import ROOT
+from tests.helpers import FINETUNE, FINETUNE_FAST, ROOT, classification_task
 
 pytestmark = [
     pytest.mark.gpu,
@@ -122,18 +122,16 @@ def test_finetune_on_gpu_bf16(data_dir: Path, tmp_path: Path):
     """Fine-tuning on the GPU in bf16 under ZeRO-2: the loss falls, best/ holds fp32 weights, predict works."""
     from safetensors.torch import load_file
 
-    from tests.test_finetune import FAST, FINETUNE, _classification
-
     env = {**os.environ, "WANDB_MODE": "offline"}
     pre = tmp_path / "pre"
     argv = [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"data.dir={data_dir}", f"run_dir={pre}",
             "trainer.max_steps=20"]  # fmt: skip
     assert subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env).returncode == 0
-    train, dev = _classification(tmp_path, n=256)
+    train, dev = classification_task(tmp_path, n=256)
     run = tmp_path / "ft"
     argv = [sys.executable, FINETUNE, f"pretrained={pre}", f"run_dir={run}", "finetune=classification",
             f"task.train={train}", f"task.validation={dev}", "task.text_column=text", "epochs=3",
-            "deepspeed=zero2", "trainer.precision=bf16", *FAST]  # fmt: skip
+            "deepspeed=zero2", "trainer.precision=bf16", *FINETUNE_FAST]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())

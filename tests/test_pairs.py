@@ -13,78 +13,19 @@ import numpy as np
 import pytest
 
 from data_prep.config import PrepareConfig
+from data_prep.errors import DataPrepError
 from data_prep.holdout import split_documents
 from data_prep.pairs import plan_shards, run_shards
-from data_prep.report import DataPrepError, Report
+from data_prep.report import Report
 from data_prep.store import Shard, SplitReader
+from tests.helpers import SPECIAL_BASE, MemCorpus, build_shards
 
-SPECIAL_BASE = 100  # [PAD] [UNK] [CLS] [SEP] [MASK] at ids 100..104: never assume 0..4
 CLS, SEP = SPECIAL_BASE + 2, SPECIAL_BASE + 3
-
-
-class MemCorpus:
-    """A tiny token store over numpy arrays; calling it returns itself (the picklable opener workers use)."""
-
-    def __init__(self, docs: list[list[int]], seed: int = 0):
-        lens = [n for doc in docs for n in doc]
-        pos = np.arange(sum(lens), dtype=np.int64)
-        self.tokens = np.where(pos < SPECIAL_BASE, pos, pos + 5)  # unique ids around the specials
-        self.num_docs = len(docs)
-        self.sent_bounds = np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
-        self.doc_bounds = np.concatenate(([0], np.cumsum([len(d) for d in docs]))).astype(np.int64)
-        self.doc_offsets, self.sentence_offsets = self.doc_bounds, self.sent_bounds  # n + 1 boundaries, as TokenStore
-        self.vocab_size = int(self.tokens.max(initial=SPECIAL_BASE + 4)) + 1
-
-    def __call__(self) -> MemCorpus:
-        return self
-
-    def doc_sentences(self, d: int) -> tuple[int, int]:
-        return int(self.doc_bounds[d]), int(self.doc_bounds[d + 1])
-
-    def sentence_tokens(self, s: int) -> np.ndarray:
-        return self.tokens[self.sent_bounds[s] : self.sent_bounds[s + 1]]
-
-    def doc_num_tokens(self, d: int) -> int:
-        a, b = self.doc_sentences(d)
-        return int(self.sent_bounds[b] - self.sent_bounds[a])
-
-    # provenance helpers for the tests
-    def position(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        return np.where(ids < SPECIAL_BASE, ids, ids - 5)
-
-    def doc_of(self, pos: np.ndarray) -> np.ndarray:
-        sent = np.searchsorted(self.sent_bounds, pos, side="right") - 1
-        return np.searchsorted(self.doc_bounds, sent, side="right") - 1
 
 
 def random_docs(n_docs: int, seed: int = 0, sents: tuple[int, int] = (2, 40), lens: tuple[int, int] = (3, 25)):
     rng = np.random.default_rng(seed)
     return [rng.integers(*lens, size=rng.integers(*sents)).tolist() for _ in range(n_docs)]
-
-
-def write_vocab(out: Path, size: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    names = [f"t{i}" for i in range(size)]
-    names[SPECIAL_BASE : SPECIAL_BASE + 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    (out / "vocab.txt").write_text("\n".join(names) + "\n")
-
-
-def build(out: Path, corpus: MemCorpus, **kw) -> tuple[dict, Report]:
-    write_vocab(out, max(corpus.vocab_size, 200))
-    cfg = PrepareConfig(
-        output_dir=str(out),
-        **{
-            "max_seq_length": 64,
-            "samples_per_shard": 200,
-            "num_workers": 1,
-            "validation_fraction": 0.05,
-            "seed": 3,
-            **kw,
-        },
-    )
-    report = Report()
-    return run_shards(cfg, report, open_corpus=corpus), report
 
 
 def samples(out: Path, split: str = "train"):
@@ -98,7 +39,7 @@ def samples(out: Path, split: str = "train"):
 def bert_run(tmp_path_factory):
     corpus = MemCorpus(random_docs(150, sents=(40, 100)))
     out = tmp_path_factory.mktemp("bert")
-    result, report = build(out, corpus, num_workers=2)
+    result, report = build_shards(out, corpus, num_workers=2)
     return corpus, out, result, report
 
 
@@ -134,7 +75,7 @@ def test_bert_samples_are_well_formed_and_isnext_continues_a(bert_run):
 def test_isnext_rate_is_one_half(bert_run, tmp_path):
     # Google's algorithm forces NotNext for one-sentence chunks (short targets make most of them), which biases
     # the rate a little; with full-length targets the coin dominates.
-    result, _ = build(tmp_path, bert_run[0], short_seq_prob=0.0)
+    result, _ = build_shards(tmp_path, bert_run[0], short_seq_prob=0.0)
     n = result["is_next"] + result["not_next"]
     assert n > 2500 and abs(result["is_next"] / n - 0.5) < 0.03
     assert abs(bert_run[2]["is_next"] / sum(bert_run[2]["samples"].values()) - 0.5) < 0.05
@@ -161,10 +102,10 @@ def test_notnext_draws_from_the_whole_split_and_validation_is_held_out(bert_run)
 
 def test_shards_do_not_depend_on_workers_but_on_seed(bert_run, tmp_path):
     corpus, out, result, _ = bert_run
-    one, _ = build(tmp_path / "one", corpus, num_workers=1)
+    one, _ = build_shards(tmp_path / "one", corpus, num_workers=1)
     for split in ("train", "validation"):
         assert one["splits"][split]["shards"] == result["splits"][split]["shards"]  # sha256 of both files
-    other, _ = build(tmp_path / "seed", corpus, num_workers=1, seed=4)
+    other, _ = build_shards(tmp_path / "seed", corpus, num_workers=1, seed=4)
     assert other["splits"]["train"]["shards"] != result["splits"]["train"]["shards"]
     a = [s.input_ids.tolist() for _, s in samples(out)]
     b = [s.input_ids.tolist() for _, s in samples(tmp_path / "seed")]
@@ -174,15 +115,15 @@ def test_shards_do_not_depend_on_workers_but_on_seed(bert_run, tmp_path):
 def test_interrupted_run_is_finished_by_rerun_and_config_change_clears_shards(bert_run, tmp_path):
     corpus, _, result, _ = bert_run
     out = tmp_path / "run"
-    first, _ = build(out, corpus)
+    first, _ = build_shards(out, corpus)
     assert first["splits"] == result["splits"]
     victim = out / "train" / f"{first['splits']['train']['shards'][2]['name']}.index.npy"
     victim.unlink()
     mtime = (out / "train" / "shard-00000.index.npy").stat().st_mtime_ns
-    again, _ = build(out, corpus)
+    again, _ = build_shards(out, corpus)
     assert again["splits"] == first["splits"] and victim.exists()
     assert (out / "train" / "shard-00000.index.npy").stat().st_mtime_ns == mtime  # complete shards were kept
-    fewer, _ = build(out, corpus, samples_per_shard=1000)
+    fewer, _ = build_shards(out, corpus, samples_per_shard=1000)
     names = sorted(p.name for p in (out / "train").iterdir())
     expected = sorted(
         f"{e['name']}{x}" for e in fewer["splits"]["train"]["shards"] for x in (".tokens.npy", ".index.npy")
@@ -197,7 +138,7 @@ def test_roberta_packs_every_token_once_with_sep_between_documents(tmp_path):
     docs[7][0] = 150  # sentences longer than a sample are split into pieces
     docs[50] = [62, 62]
     corpus = MemCorpus(docs)
-    result, _ = build(tmp_path, corpus, nsp=False, samples_per_shard=40, num_workers=2)
+    result, _ = build_shards(tmp_path, corpus, nsp=False, samples_per_shard=40, num_workers=2)
     seen = []
     for split in ("train", "validation"):
         for _, s in samples(tmp_path, split):
@@ -224,19 +165,19 @@ def test_small_vocabulary_writes_uint16(tmp_path):
     corpus = MemCorpus(random_docs(20, seed=2))
     corpus.tokens = corpus.tokens % 90  # ids below the specials
     corpus.vocab_size = 200
-    result, _ = build(tmp_path, corpus)
+    result, _ = build_shards(tmp_path, corpus)
     shard = Shard(tmp_path / "train", result["splits"]["train"]["shards"][0]["name"])
     assert shard.tokens.dtype == np.uint16 and len(shard) > 0
 
 
 def test_single_document_and_empty_corpus(tmp_path):
-    result, report = build(tmp_path / "one", MemCorpus([[5, 6, 7, 8, 9, 10]]))
+    result, report = build_shards(tmp_path / "one", MemCorpus([[5, 6, 7, 8, 9, 10]]))
     assert result["samples"]["validation"] == 0 and result["samples"]["train"] > 0 and result["not_next"] == 0
     assert any("no validation documents" in w for w in report.warnings)
     with pytest.raises(DataPrepError, match="empty"):
-        build(tmp_path / "empty", MemCorpus([[0, 0], []]))
+        build_shards(tmp_path / "empty", MemCorpus([[0, 0], []]))
     with pytest.raises(DataPrepError, match="no training sample"):
-        build(tmp_path / "lone", MemCorpus([[12]]))
+        build_shards(tmp_path / "lone", MemCorpus([[12]]))
 
 
 def test_plan_cuts_whole_documents():
@@ -310,7 +251,7 @@ def long_docs_run(tmp_path_factory):
     """A corpus of few long documents (as books are): 16 documents of 600 to 1400 sentences."""
     corpus = MemCorpus(random_docs(16, seed=11, sents=(600, 1400), lens=(3, 40)))
     out = tmp_path_factory.mktemp("long")
-    result, report = build(out, corpus, num_workers=2, validation_fraction=0.02, samples_per_shard=1000)
+    result, report = build_shards(out, corpus, num_workers=2, validation_fraction=0.02, samples_per_shard=1000)
     return corpus, out, result, report
 
 
@@ -353,7 +294,7 @@ def test_few_long_documents_hold_out_document_tails(long_docs_run, tmp_path):
     for d in range(16):
         assert positions[("train", d)][1] < positions[("validation", d)][0]
     # same bytes with one worker
-    one, _ = build(tmp_path, corpus, num_workers=1, validation_fraction=0.02, samples_per_shard=1000)
+    one, _ = build_shards(tmp_path, corpus, num_workers=1, validation_fraction=0.02, samples_per_shard=1000)
     assert one["splits"] == result["splits"]
 
 

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from data_prep.config import PrepareConfig
+from data_prep.errors import DataPrepError
 from data_prep.pipeline import prepare
-from data_prep.report import DataPrepError
 from data_prep.store import LENGTH, NSP_LABEL, SplitReader
 from data_prep.vocab import load_tokenizer
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 LAUNCHER = [sys.executable, str(ROOT / "launch" / "prepare_data.py")]
 

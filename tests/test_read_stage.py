@@ -8,8 +8,9 @@ import os
 import pytest
 
 from data_prep.config import PrepareConfig
+from data_prep.errors import DataPrepError
 from data_prep.read import documents_dir, run_read, task_dir
-from data_prep.report import DataPrepError, Report
+from data_prep.report import Report
 
 
 def make_corpus(root):

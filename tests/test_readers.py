@@ -9,20 +9,12 @@ import re
 
 import pytest
 
-from data_prep.config import PrepareConfig
-from data_prep.readers import InputSpec, expand_units, iter_unit_documents, looks_like_sentence_per_line, parse_input
-from data_prep.report import DataPrepError, Report
+from data_prep.errors import DataPrepError
+from data_prep.readers import InputSpec, expand_units, looks_like_sentence_per_line, parse_input
 from data_prep.sentences import RawDoc, clean_book, clean_document, clean_wikitext, split_sentences
+from tests.helpers import read_documents
 
 WIKI = "wikipedia/enwiki-sample-pages-articles.xml.bz2"
-
-
-def read(spec, **overrides):
-    report = Report(strict=overrides.pop("strict", False))
-    hf_loader = overrides.pop("hf", None)
-    cfg = PrepareConfig(**overrides)
-    docs = [d for u in expand_units(spec) for d in iter_unit_documents(u, cfg, report, hf_loader)]
-    return docs, report
 
 
 def sentences_of(doc: RawDoc, cap: int = 100_000) -> list[str]:
@@ -108,7 +100,7 @@ def test_wiki_synthetic_drops_and_cleaning(tmp_path):
     ]
     path = tmp_path / "dump.xml.bz2"
     path.write_bytes(bz2.compress((HEAD + "".join(pages) + "</mediawiki>\n").encode()))
-    docs, report = read(str(path))
+    docs, report = read_documents(str(path))
     assert [d.doc_id for d in docs] == ["1", "8"] and {d.kind for d in docs} == {"wiki"}
     assert report.counts["wiki_non_article_dropped"] == 1
     assert report.counts["wiki_redirects_dropped"] == 2
@@ -124,7 +116,7 @@ def test_wiki_synthetic_drops_and_cleaning(tmp_path):
 
 
 def test_wiki_sample(shared_data):
-    docs, report = read(str(shared_data / WIKI))
+    docs, report = read_documents(str(shared_data / WIKI))
     assert len(docs) == 31 and report.counts["wiki_redirects_dropped"] == 11
     assert report.counts["wiki_disambiguation_dropped"] == 2
     assert report.counts["wiki_redirects_dropped"] + report.counts["wiki_disambiguation_dropped"] + len(docs) == 44
@@ -146,7 +138,7 @@ def test_books_gutenberg_header_footer_and_wrapping(shared_data):
         raw = gzip.open(path).read().decode("utf-8-sig")
         text = "\n".join(clean_book(raw))
         assert "PROJECT GUTENBERG" not in text and "*** START OF" not in text and "gutenberg.org" not in text, path
-    docs, _ = read(str(shared_data / "books" / "alice_in_wonderland.txt.gz"))
+    docs, _ = read_documents(str(shared_data / "books" / "alice_in_wonderland.txt.gz"))
     assert len(docs) == 1 and docs[0].kind == "books" and not docs[0].text.startswith("\ufeff")
     sentences = sentences_of(docs[0])
     assert sentences[0].startswith("Alice was beginning to get very tired of sitting by her sister on the bank")
@@ -163,13 +155,13 @@ def test_text_bom_empty_and_invalid_utf8(tmp_path):
     (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfHello there. A second line.\n")
     (tmp_path / "empty.txt").write_bytes(b"\xef\xbb\xbf  \n\n")
     (tmp_path / "bad.txt").write_bytes(b"Fine text here.\nBroken \xff\xfe byte.\n")
-    docs, report = read(str(tmp_path))
+    docs, report = read_documents(str(tmp_path))
     assert [d.doc_id for d in docs] == ["bom.txt"] and docs[0].text == "Hello there. A second line.\n"
     assert report.skipped["file: empty file"] == [str(tmp_path / "empty.txt")]
     assert report.skipped["file: not valid UTF-8"] == [f"{tmp_path / 'bad.txt'} (byte offset 23)"]
     assert report.counts["files_skipped"] == 2
     with pytest.raises(DataPrepError, match=r"bad\.txt: not valid UTF-8"):
-        read(str(tmp_path / "bad.txt"), strict=True)
+        read_documents(str(tmp_path / "bad.txt"), strict=True)
 
 
 def test_text_documents_modes(tmp_path):
@@ -178,25 +170,25 @@ def test_text_documents_modes(tmp_path):
     assert looks_like_sentence_per_line(bert) and not looks_like_sentence_per_line(wrapped)
     (tmp_path / "bert.txt").write_text(bert)
     (tmp_path / "prose.txt").write_text(wrapped)
-    docs, _ = read(str(tmp_path))
+    docs, _ = read_documents(str(tmp_path))
     assert [d.doc_id for d in docs] == ["line1", "line7", "line13", "prose.txt"]
     assert sentences_of(docs[3]) == [
         "This paragraph is hard wrapped over lines and ends here.",
         "Another paragraph follows it.",
     ]
-    docs, _ = read(str(tmp_path / "bert.txt"), text_documents="file")
+    docs, _ = read_documents(str(tmp_path / "bert.txt"), text_documents="file")
     assert len(docs) == 1
-    docs, _ = read(str(tmp_path / "prose.txt"), text_documents="blank_line")
+    docs, _ = read_documents(str(tmp_path / "prose.txt"), text_documents="blank_line")
     assert len(docs) == 2
     (tmp_path / "bert.txt").write_bytes(bert.encode().replace(b"doc 1.", b"doc \xff."))
-    docs, report = read(str(tmp_path / "bert.txt"))
+    docs, report = read_documents(str(tmp_path / "bert.txt"))
     assert [d.doc_id for d in docs] == ["line1", "line13"] and report.counts["documents_skipped"] == 1
 
 
 def test_huge_single_line_is_capped(tmp_path):
     path = tmp_path / "huge.txt"
     path.write_text("word " * 2_000_000 + "end.")  # 10 MB, no sentence break
-    docs, _ = read(str(path))
+    docs, _ = read_documents(str(path))
     pieces = sentences_of(docs[0], cap=100_000)
     assert all(0 < len(p) <= 100_000 for p in pieces) and len(pieces) >= 100
     assert sum(len(p) for p in pieces) >= 10_000_000 - len(pieces)
@@ -208,15 +200,15 @@ def test_truncated_compressed_streams_keep_earlier_documents(tmp_path):
     tail = bz2.compress(second.encode())
     path = tmp_path / "cut.xml.bz2"
     path.write_bytes(bz2.compress(first.encode()) + tail[: len(tail) // 2])  # two streams, the second cut
-    docs, report = read(str(path))
+    docs, report = read_documents(str(path))
     assert [d.doc_id for d in docs] == ["0", "1", "2"]
     assert report.skipped["file: truncated or corrupt compressed stream"] == [f"{path} (after 3 documents)"]
     with pytest.raises(DataPrepError, match=r"cut\.xml\.bz2: truncated"):
-        read(str(path), strict=True)
+        read_documents(str(path), strict=True)
     lines = "".join(json.dumps({"text": f"Record {i}."}) + "\n" for i in range(4)).encode()
     gz = tmp_path / "cut.jsonl.gz"
     gz.write_bytes(gzip.compress(lines) + gzip.compress(lines)[:20])
-    docs, report = read(str(gz))
+    docs, report = read_documents(str(gz))
     assert len(docs) == 4 and report.counts["files_skipped"] == 1
 
 
@@ -226,16 +218,16 @@ def test_jsonl_and_parquet_records(tmp_path):
 
     path = tmp_path / "recs.jsonl"
     path.write_text('{"text": "First doc.", "id": "a"}\n{bad json\n\n{"body": "no text"}\n{"text": "Last doc."}\n')
-    docs, report = read(str(path))
+    docs, report = read_documents(str(path))
     assert [(d.doc_id, d.text, d.kind) for d in docs] == [("a", "First doc.", "jsonl"), ("line5", "Last doc.", "jsonl")]
     assert report.skipped["document: bad JSON"] == [f"{path} (line 2)"]
     assert report.skipped["document: no text field 'text'"] == [f"{path} (line 4)"]
     with pytest.raises(DataPrepError, match="line 2"):
-        read(str(path), strict=True)
+        read_documents(str(path), strict=True)
     pq.write_table(pa.table({"content": ["Doc one.", "Doc two."], "n": [1, 2]}), tmp_path / "t.parquet")
-    docs, _ = read(str(tmp_path / "t.parquet"), text_field="content")
+    docs, _ = read_documents(str(tmp_path / "t.parquet"), text_field="content")
     assert [(d.doc_id, d.text, d.kind) for d in docs] == [("0", "Doc one.", "parquet"), ("1", "Doc two.", "parquet")]
-    docs, report = read(str(tmp_path / "t.parquet"))
+    docs, report = read_documents(str(tmp_path / "t.parquet"))
     assert docs == [] and "no text column 'text'" in next(iter(report.skipped))
 
 
@@ -244,7 +236,7 @@ def test_datasets_through_arrow_and_hub_code_paths(tmp_path):
 
     ds = datasets.Dataset.from_dict({"text": ["Alpha doc.", "Beta doc.", "Gamma doc."], "id": ["x", "y", "z"]})
     ds.save_to_disk(str(tmp_path / "saved"))
-    docs, _ = read(str(tmp_path / "saved"))
+    docs, _ = read_documents(str(tmp_path / "saved"))
     assert [(d.doc_id, d.text) for d in docs] == [("x", "Alpha doc."), ("y", "Beta doc."), ("z", "Gamma doc.")]
     assert {d.kind for d in docs} == {"arrow"}
     local = tmp_path / "hub.jsonl"
@@ -255,7 +247,7 @@ def test_datasets_through_arrow_and_hub_code_paths(tmp_path):
         calls.append((name, config, split, streaming))
         return datasets.load_dataset("json", data_files=str(local), split=split, streaming=streaming)
 
-    docs, _ = read("hf:someone/corpus:en", hf=loader)
+    docs, _ = read_documents("hf:someone/corpus:en", hf=loader)
     assert calls == [("someone/corpus", "en", "train", True)]
     assert [(d.source, d.doc_id, d.text, d.kind) for d in docs] == [
         ("hf:someone/corpus:en", str(i), f"Hub doc {i}.", "hf") for i in range(3)
@@ -265,11 +257,11 @@ def test_datasets_through_arrow_and_hub_code_paths(tmp_path):
         raise ConnectionError("hub unreachable\nmore")
 
     with pytest.raises(DataPrepError, match="hf:nope: hub dataset failed after 0 documents.*hub unreachable"):
-        read("hf:nope", hf=failing)
+        read_documents("hf:nope", hf=failing)
 
 
 def test_builtin_pydocs_is_real_prose():
-    docs, report = read("builtin:pydocs")
+    docs, report = read_documents("builtin:pydocs")
     assert len(docs) > 300 and sum(len(d.text) for d in docs) > 2_000_000
     assert [d.doc_id for d in docs] == sorted(d.doc_id for d in docs if not d.doc_id.startswith("topic:")) + sorted(
         d.doc_id for d in docs if d.doc_id.startswith("topic:"))  # fmt: skip

@@ -13,8 +13,7 @@ import pytest
 
 from pretrain.reference import REFERENCE_DIR, outside_band, shipped, write_reference
 from pretrain.report import load_reference, load_run
-from tests.conftest import run_main
-from tests.test_trainer import ROOT, _env
+from tests.helpers import ROOT, run_env, run_main
 
 REPORT = ROOT / "launch" / "report.py"
 
@@ -73,7 +72,7 @@ def test_a_short_demo_run_stays_within_the_band_of_the_shipped_reference(tmp_pat
     data, run = tmp_path / "data", tmp_path / "run"
     prep = [sys.executable, str(ROOT / "launch" / "prepare_data.py"), "inputs=[builtin:pydocs]", f"output_dir={data}",
             "vocab_size=2000", "max_seq_length=64", "samples_per_shard=40000", "validation_fraction=0.05"]  # fmt: skip
-    env = {**_env(), "OMP_NUM_THREADS": "2"}
+    env = {**run_env(), "OMP_NUM_THREADS": "2"}
     r = subprocess.run(prep, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     train = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "experiment=demo-cpu", f"data.dir={data}",

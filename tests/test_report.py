@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from pretrain.report import build_figure, load_reference, load_run, load_runs, summarize
+from tests.helpers import LAUNCH, SMALL, make_data, run_env
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORT = ROOT / "launch" / "report.py"
@@ -177,14 +178,13 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
 @pytest.mark.slow
 def test_report_of_a_real_tiny_run(tmp_path: Path) -> None:
     """A 12-step run of the real trainer (about 30 s on 2 cores), then its report."""
-    from tests.test_trainer import LAUNCH, SMALL, _env, make_data
 
     data = make_data(tmp_path / "data")
     run = tmp_path / "run"
     args = [sys.executable, LAUNCH, f"data.dir={data}", f"run_dir={run}", *SMALL, "trainer.max_steps=12",
             "trainer.log_every=2", "trainer.eval_every=4", "trainer.eval_batches=2", "trainer.global_batch_size=16",
             "trainer.micro_batch_size=4", "optim.lr=5e-3", "scheduler.warmup_steps=1"]  # fmt: skip
-    r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    r = subprocess.run(args, capture_output=True, text=True, env=run_env(), timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     r = subprocess.run([sys.executable, str(REPORT), str(run)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr

@@ -13,8 +13,7 @@ import torch
 
 from pretrain.data import ShardDataset, build_dataloader
 from pretrain.masking import IGNORE_INDEX, MaskingCollator, sample_keys
-from tests.test_masking import CLS, SEP, VOCAB, make_sample
-from tests.test_trainer import ROOT, SMALL, _env
+from tests.helpers import CLS_ID, MASKING_VOCAB, ROOT, SEP_ID, SMALL, make_sample, run_env
 
 
 def _ordered(collator: MaskingCollator, samples: list[dict]) -> list[dict]:
@@ -25,7 +24,7 @@ def _ordered(collator: MaskingCollator, samples: list[dict]) -> list[dict]:
 def test_half_of_the_isnext_pairs_are_swapped_and_notnext_pairs_lose_their_second_segment():
     rng = np.random.default_rng(0)
     samples = [make_sample(rng, i) for i in range(8000)]  # nsp_label = index % 2: half IsNext, half NotNext
-    out = _ordered(MaskingCollator(VOCAB, seed=3, sentence_order=True), samples)
+    out = _ordered(MaskingCollator(MASKING_VOCAB, seed=3, sentence_order=True), samples)
     isnext = [(s, o) for s, o in zip(samples, out, strict=True) if s["nsp_label"] == 0]
     swapped = np.mean([o["nsp_label"] == 1 for _, o in isnext])
     assert abs(swapped - 0.5) < 0.03, swapped
@@ -38,8 +37,8 @@ def test_half_of_the_isnext_pairs_are_swapped_and_notnext_pairs_lose_their_secon
             b = ids[a:-1]
             assert o["a_len"] == len(b) + 2 and len(o["input_ids"]) == len(ids)
             np.testing.assert_array_equal(o["input_ids"][1 : o["a_len"] - 1], b)
-            np.testing.assert_array_equal(o["input_ids"][o["a_len"] :], ids[1:a].tolist()[:-1] + [SEP])
-            assert o["input_ids"][0] == CLS and o["input_ids"][o["a_len"] - 1] == SEP
+            np.testing.assert_array_equal(o["input_ids"][o["a_len"] :], ids[1:a].tolist()[:-1] + [SEP_ID])
+            assert o["input_ids"][0] == CLS_ID and o["input_ids"][o["a_len"] - 1] == SEP_ID
         else:
             assert o is s
 
@@ -47,13 +46,13 @@ def test_half_of_the_isnext_pairs_are_swapped_and_notnext_pairs_lose_their_secon
 def test_swaps_are_seeded_per_epoch_and_sample_not_per_batch():
     rng = np.random.default_rng(1)
     samples = [make_sample(rng, 2 * i) for i in range(2000)]  # all IsNext
-    collator = MaskingCollator(VOCAB, seed=5, sentence_order=True)
+    collator = MaskingCollator(MASKING_VOCAB, seed=5, sentence_order=True)
     whole = [o["nsp_label"] for o in _ordered(collator, samples)]
     pieces = [o["nsp_label"] for k in range(0, 2000, 7) for o in _ordered(collator, samples[k : k + 7][::-1])[::-1]]
     assert whole == pieces  # the same sample draws the same order, whatever batch it is in
     later = [o["nsp_label"] for o in _ordered(collator, [{**s, "epoch": 1} for s in samples])]
     assert 0.4 < np.mean(np.array(whole) != np.array(later)) < 0.6  # a new epoch draws afresh
-    other = [o["nsp_label"] for o in _ordered(MaskingCollator(VOCAB, seed=6, sentence_order=True), samples)]
+    other = [o["nsp_label"] for o in _ordered(MaskingCollator(MASKING_VOCAB, seed=6, sentence_order=True), samples)]
     assert whole != other
 
 
@@ -75,10 +74,8 @@ def test_pair_loss_skips_unlabelled_rows_and_a_batch_of_none_is_zero():
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from tests.test_evaluate import tiny_run
-
-    return tiny_run(tmp_path_factory)
+def tiny(tiny_run):
+    return tiny_run
 
 
 def test_sop_batches_from_real_shards_pair_only_consecutive_segments(tiny):
@@ -113,7 +110,7 @@ def test_sop_run_says_sop_and_its_export_loads_in_transformers(tiny, tmp_path):
     args = [f"data.dir={data}", f"run_dir={run}", *SMALL, "objective=sop", "trainer.max_steps=4", "trainer.log_every=2",
             "trainer.eval_every=4", "trainer.checkpoint_every=4", "trainer.eval_batches=2"]  # fmt: skip
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *args], capture_output=True, text=True,
-                       env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+                       env=run_env(), timeout=300, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "MLM + SOP heads" in r.stdout and " SOP loss " in r.stdout and "NSP" not in r.stdout
     assert "(mlm " in r.stdout and ", sop " in r.stdout
@@ -121,10 +118,10 @@ def test_sop_run_says_sop_and_its_export_loads_in_transformers(tiny, tmp_path):
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     assert model.cls.seq_relationship.weight.shape == (2, model.config.hidden_size)  # the SOP head, NSP's name
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "evaluate.py"), str(run), "--batches", "2"],
-                       capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)  # fmt: skip
+                       capture_output=True, text=True, env=run_env(), timeout=300, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0 and "SOP accuracy" in r.stdout and "NSP" not in r.stdout, r.stdout + r.stderr[-2000:]
     bad = [f"data.dir={data}", f"run_dir={tmp_path / 'bad'}", *SMALL, "objective=sop", "model.nsp=false"]
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "pretrain.py"), *bad], capture_output=True, text=True,
-                       env=_env(), timeout=120, cwd=ROOT)  # fmt: skip
+                       env=run_env(), timeout=120, cwd=ROOT)  # fmt: skip
     assert r.returncode == 2 and "objective=sop needs sentence pairs and the pair head" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr

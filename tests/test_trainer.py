@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,22 +17,27 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from data_prep.store import write_shard
+from data_prep.errors import UserError
 from pretrain import cli
 from pretrain import distributed as D
-from pretrain.config import UserError, preflight
+from pretrain import signals as S
+from pretrain.config import preflight
 from pretrain.metrics import truncate_metrics
 from pretrain.optim import Lamb, lr_lambda, param_groups
 from pretrain.trainer import find_checkpoint
+from tests.helpers import (
+    LAUNCH,
+    ROOT,
+    SHARD_VOCAB,
+    SMALL,
+    child_pids,
+    free_port,
+    hf_weights,
+    launch_cmd,
+    make_data,
+    run_env,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-LAUNCH = str(ROOT / "launch" / "pretrain.py")
-SMALL = [
-    "model.hidden_size=32",
-    "model.num_attention_heads=2",
-    "model.intermediate_size=64",
-    "model.num_hidden_layers=1",
-]
 COMMON = [
     *SMALL,
     "trainer.max_steps=12",
@@ -46,31 +50,6 @@ COMMON = [
     "optim.lr=5e-3",
     "scheduler.warmup_steps=1",
 ]
-VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)] + [f"##s{i}" for i in range(8)]
-
-
-def make_data(out: Path, nsp: bool = True, n_train: int = 96, n_val: int = 24, max_len: int = 32) -> Path:
-    """Tiny learnable shards (runs of consecutive word ids), vocab.txt and manifest.json."""
-    (out).mkdir(parents=True, exist_ok=True)
-    (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("validation", n_val)):
-        toks, rows, off = [], [], 0
-        for i in range(n):
-            length = int(rng.integers(12, max_len + 1))
-            start = int(rng.integers(0, 59))
-            body = [5 + (start + k) % 59 for k in range(length - 3)]
-            a = len(body) // 2
-            ids = [2, *body[:a], 3, *body[a:], 3] if nsp else [2, *body, 3]
-            a_len = a + 2 if nsp else len(ids)
-            rows.append([off, len(ids), a_len, i % 2 if nsp else -1, i, i if nsp else -1])
-            toks += ids
-            off += len(ids)
-        index = np.array(rows, dtype=np.int64).reshape(-1, 6)
-        write_shard(out / split, "shard-00000", np.array(toks, dtype=np.uint16), index)
-    manifest = {"vocab_size": len(VOCAB), "nsp": nsp, "max_seq_length": max_len, "mode": "bert" if nsp else "roberta"}
-    (out / "manifest.json").write_text(json.dumps(manifest))
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -170,9 +149,9 @@ def test_detect_env_srun(monkeypatch):
 
 
 def test_stop_flag_on_sigusr1():
-    old = {s: signal.getsignal(s) for s in D.PREEMPT_SIGNALS}
+    old = {s: signal.getsignal(s) for s in S.PREEMPT_SIGNALS}
     try:
-        flag = D.StopFlag()
+        flag = S.StopFlag()
         assert not flag.agreed(False, torch.device("cpu")) and flag.agreed(True, torch.device("cpu"))
         os.kill(os.getpid(), signal.SIGUSR1)
         assert flag.local and flag.signal_name == "SIGUSR1" and flag.agreed(False, torch.device("cpu"))
@@ -198,7 +177,7 @@ def test_truncate_metrics_and_find_checkpoint(tmp_path):
 
 def test_preflight_fills_vocab_and_checks(data, tmp_path):
     info, model = preflight(_cfg(f"data.dir={data}"), 1)
-    assert model["vocab_size"] == len(VOCAB) and info.nsp
+    assert model["vocab_size"] == len(SHARD_VOCAB) and info.nsp
     cases = [
         ([f"data.dir={data}", "model.vocab_size=30522"], "model.vocab_size=30522 but .* has 72 tokens"),
         ([f"data.dir={data}", "model.max_position_embeddings=16"], "max_position_embeddings=16"),
@@ -209,7 +188,7 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
         with pytest.raises(UserError, match=msg):
             preflight(_cfg(*overrides), 2)
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    (tmp_path / "empty" / "vocab.txt").write_text("\n".join(VOCAB))
+    (tmp_path / "empty" / "vocab.txt").write_text("\n".join(SHARD_VOCAB))
     with pytest.raises(UserError, match="no shards"):
         preflight(_cfg(f"data.dir={tmp_path / 'empty'}"), 1)
     roberta = make_data(tmp_path / "roberta", nsp=False)
@@ -234,33 +213,13 @@ def test_empty_validation_split_is_an_error_unless_validation_is_off(tmp_path):
     assert not preflight(_cfg(f"data.dir={data}"), 1)[0].has_validation
 
 
-def _env() -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("WANDB_", "RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    }
-    # The CPU matrix (gloo, bit-exact resumes) also on a GPU machine: two ranks cannot share one GPU under NCCL,
-    # and the GPU matrix lives in test_gpu.py.
-    env.update(
-        WANDB_MODE="offline",
-        WANDB_SILENT="true",
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=str(ROOT),
-        HYDRA_FULL_ERROR="0",
-        TOKENIZERS_PARALLELISM="false",
-        DS_ACCELERATOR="cpu",
-    )
-    return env
-
-
 def test_preflight_error_is_one_line_exit_2(tmp_path):
     roberta = make_data(tmp_path / "roberta", nsp=False)
     r = subprocess.run(
         [sys.executable, LAUNCH, "--local_rank=0", f"data.dir={roberta}", f"run_dir={tmp_path / 'r'}"],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=run_env(),
         timeout=300,
     )
     assert r.returncode == 2, r.stderr[-2000:]
@@ -287,7 +246,7 @@ def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
             stdout=out,
             stderr=subprocess.PIPE,
             text=True,
-            env=_env(),
+            env=run_env(),
             timeout=300,
             cwd=ROOT,
         )
@@ -303,7 +262,7 @@ def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
 @pytest.mark.slow
 def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
     """Two ranks on one node each take half the cores (unless OMP_NUM_THREADS says otherwise)."""
-    env = {k: v for k, v in _env().items() if k != "OMP_NUM_THREADS"}
+    env = {k: v for k, v in run_env().items() if k != "OMP_NUM_THREADS"}
     cores = len(os.sched_getaffinity(0))
     args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
     r = subprocess.run(
@@ -312,7 +271,7 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
             "--num_gpus",
             "2",
             "--master_port",
-            str(_port()),
+            str(free_port()),
             LAUNCH,
             f"run_dir={tmp_path / 'two'}",
             *args,
@@ -340,10 +299,10 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
 def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
     """Two ranks: rank 0 prints one start-up block (model, data, ranks, engine, batch, plan, run dir); DeepSpeed's
     per-rank notes stay silent unless verbose=true; no shared-memory all-reduce buffer outlives the run."""
-    port = _port()
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), LAUNCH]
     args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
-    r = subprocess.run([*cmd, f"run_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, env=_env(),
+    r = subprocess.run([*cmd, f"run_dir={tmp_path / 'run'}", *args], capture_output=True, text=True, env=run_env(),
                        timeout=400, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     out = r.stdout
@@ -357,7 +316,7 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
         assert not any(chatter in x for x in ranks), chatter
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
     r = subprocess.run([*cmd, f"run_dir={tmp_path / 'verbose'}", *args, "verbose=true"], capture_output=True,
-                       text=True, env=_env(), timeout=400, cwd=ROOT)  # fmt: skip
+                       text=True, env=run_env(), timeout=400, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0 and "built successfully" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
@@ -366,7 +325,7 @@ def test_init_from_weights_that_contradict_their_config_is_one_line(data, tmp_pa
     from pretrain.model import BertConfig, BertForPreTraining
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
-    export_hf(BertForPreTraining(BertConfig(vocab_size=len(VOCAB), **small)), data, tmp_path / "hf")
+    export_hf(BertForPreTraining(BertConfig(vocab_size=len(SHARD_VOCAB), **small)), data, tmp_path / "hf")
     # An HF directory brings its architecture (config.json); one whose weights contradict it must be refused.
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
@@ -384,7 +343,7 @@ def test_init_from_weights_that_contradict_their_config_is_one_line(data, tmp_pa
         ],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=run_env(),
         timeout=300,
         cwd=ROOT,
     )
@@ -405,11 +364,11 @@ def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
         "trainer.eval_every=4",
         "logger=wandb",
     ]
-    r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    r = subprocess.run(args, capture_output=True, text=True, env=run_env(), timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     wandb_runs = sorted((run / "wandb").glob("offline-run-*"))
     metrics = (run / "metrics.jsonl").read_text()
-    r = subprocess.run(args, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    r = subprocess.run(args, capture_output=True, text=True, env=run_env(), timeout=300, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"is complete at step 4/4: checkpoint {run / 'checkpoints' / 'step00000004'}" in r.stdout
     assert "val MLM acc" in r.stdout and "n/a" not in r.stdout.split("val MLM acc")[1].split(",")[0]
@@ -420,34 +379,12 @@ def test_rerun_of_a_finished_run_says_so_and_exits_0(data, tmp_path):
 # ---------------------------------------------------------------------------------------------- real runs
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _cmd(launcher: str) -> list[str]:
-    if launcher == "deepspeed":
-        ds = str(Path(sys.executable).parent / "deepspeed")
-        return [ds, "--num_gpus", "2", "--master_port", str(_port()), LAUNCH]
-    return [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(_port()),
-        LAUNCH,
-    ]
-
-
 def _launch(run_dir: Path, *overrides: str, launcher: str = "deepspeed", timeout: int = 400):
     r = subprocess.run(
-        [*_cmd(launcher), f"run_dir={run_dir}", *overrides],
+        [*launch_cmd(launcher), f"run_dir={run_dir}", *overrides],
         capture_output=True,
         text=True,
-        env=_env(),
+        env=run_env(),
         timeout=timeout,
         cwd=ROOT,
     )
@@ -457,12 +394,6 @@ def _launch(run_dir: Path, *overrides: str, launcher: str = "deepspeed", timeout
 def _records(run_dir: Path, kind: str) -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "hf" / "model.safetensors"))
 
 
 _RUNS: dict[int, Path] = {}
@@ -499,7 +430,7 @@ def test_deepspeed_zero_stage_trains(zero_run, stage):
     assert ds["zero_optimization"]["stage"] == stage and ds["gradient_accumulation_steps"] == 2
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step*")) == ["step00000006", "step00000012"]
     assert all((p / "COMPLETE").is_file() for p in (run_dir / "checkpoints").glob("step*"))
-    assert _weights(run_dir)["bert.embeddings.word_embeddings.weight"].shape == (len(VOCAB), 32)
+    assert hf_weights(run_dir)["bert.embeddings.word_embeddings.weight"].shape == (len(SHARD_VOCAB), 32)
     if stage == 2:  # W&B offline run inside the run dir, holding the logged metrics
         wandb_files = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
         assert len(wandb_files) == 1 and b"val_mlm_acc" in wandb_files[0].read_bytes()
@@ -508,18 +439,11 @@ def test_deepspeed_zero_stage_trains(zero_run, stage):
 @pytest.mark.slow
 def test_zero_stages_agree(zero_run):
     losses = {s: [r["loss"] for r in _records(zero_run(s), "train")] for s in (0, 1, 2, 3)}
-    weights = {s: _weights(zero_run(s)) for s in (0, 1, 2, 3)}  # stage 0 exports the module, ZeRO the fp32 master
+    weights = {s: hf_weights(zero_run(s)) for s in (0, 1, 2, 3)}  # stage 0 exports the module, ZeRO the fp32 master
     for s in (1, 2, 3):
         np.testing.assert_allclose(losses[s], losses[0], rtol=2e-4)
         for k, v in weights[0].items():
             torch.testing.assert_close(weights[s][k], v, rtol=1e-3, atol=1e-4)
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out + [g for c in out for g in _children(c)]
 
 
 @pytest.mark.slow
@@ -530,21 +454,21 @@ def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
     run_dir = tmp_path / "chain"
     args = [f"data.dir={data}", "deepspeed=zero2", *COMMON, "logger=wandb"]
     proc = subprocess.Popen(
-        [*_cmd("deepspeed"), f"run_dir={run_dir}", *args],
+        [*launch_cmd("deepspeed"), f"run_dir={run_dir}", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=_env(),
+        env=run_env(),
         cwd=ROOT,
     )
     deadline = time.time() + 300
     while not (run_dir / "metrics.jsonl").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    rank1 = [p for p in _children(proc.pid) if "--local_rank=1" in Path(f"/proc/{p}/cmdline").read_text()]
+    rank1 = [p for p in child_pids(proc.pid) if "--local_rank=1" in Path(f"/proc/{p}/cmdline").read_text()]
     assert rank1, "rank 1 not found"
     os.kill(rank1[0], signal.SIGUSR1)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == D.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert proc.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
     assert "preempted (signal on another rank) at step" in out  # rank 0 prints; only rank 1 got the signal
     first = find_checkpoint(run_dir / "checkpoints")
     stop_step = int(first.name[4:])
@@ -560,7 +484,7 @@ def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
         ours = [{k: v for k, v in x.items() if k in keys or k.startswith("val_")} for x in _records(run_dir, kind)]
         ref = [{k: v for k, v in x.items() if k in keys or k.startswith("val_")} for x in _records(reference, kind)]
         assert ours == ref, kind
-    ours, ref = _weights(run_dir), _weights(reference)
+    ours, ref = hf_weights(run_dir), hf_weights(reference)
     assert ours.keys() == ref.keys() and all(torch.equal(ours[k], ref[k]) for k in ref)
     ids = {p.name.rsplit("-", 1)[1] for p in (run_dir / "wandb").glob("offline-run-*")}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 3 and len(ids) == 1  # one W&B run, 3 jobs
@@ -592,7 +516,7 @@ def test_torchrun_phase2_loads_weights_only(zero_run, data, tmp_path):
     assert "optimizer: LAMB: pure PyTorch (CPU fallback)" in r.stdout
     assert "torchrun" in r.stdout and "optimizer, schedule and step start afresh" in r.stdout
     assert [x["step"] for x in _records(run_dir, "train")] == [2, 4]
-    ours, ref = _weights(run_dir), _weights(phase1)
+    ours, ref = hf_weights(run_dir), hf_weights(phase1)
     assert all(torch.equal(ours[k], ref[k]) for k in ref)
 
 

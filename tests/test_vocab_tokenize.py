@@ -10,64 +10,19 @@ import numpy as np
 import pytest
 
 from data_prep import tokenize as tokenize_mod
-from data_prep.config import PrepareConfig
-from data_prep.report import DataPrepError, Report
+from data_prep.errors import DataPrepError
+from data_prep.report import Report
 from data_prep.store import sha256_file
 from data_prep.tokenize import TokenStore, run_tokenize
 from data_prep.vocab import SPECIALS, load_tokenizer, run_vocab
-
-WORDS = (
-    "The quick brown Fox jumps over the lazy dog near the Riverbank . Café owners in Zürich sell "
-    "coffee , tea and cakes every morning while children play football outside the old school"
-).split()
-
-
-def write_parts(out: Path, docs_per_part: list[list[list[str]]]) -> None:
-    """Read-stage output: part-K.txt (sentence per line, blank line after each document) and docs.jsonl."""
-    d = out / "work" / "documents"
-    d.mkdir(parents=True, exist_ok=True)
-    for k, docs in enumerate(docs_per_part):
-        (d / f"part-{k:05d}.txt").write_text("".join("".join(s + "\n" for s in doc) + "\n" for doc in docs))
-        (d / f"part-{k:05d}.docs.jsonl").write_text(
-            "".join(
-                json.dumps({"source": "t", "id": str(i), "sentences": len(doc), "chars": sum(map(len, doc))}) + "\n"
-                for i, doc in enumerate(docs)
-            )
-        )
-
-
-def corpus(n_parts: int = 3, n_docs: int = 12, seed: int = 0) -> list[list[list[str]]]:
-    rng = np.random.default_rng(seed)
-    return [
-        [
-            [" ".join(rng.choice(WORDS, size=rng.integers(3, 25))) for _ in range(rng.integers(1, 8))]
-            for _ in range(n_docs)
-        ]
-        for _ in range(n_parts)
-    ]
-
-
-def cfg_for(out: Path, **kw) -> PrepareConfig:
-    return PrepareConfig(output_dir=str(out), **{"vocab_size": 200, "min_frequency": 1, "num_workers": 1, **kw})
+from tests.helpers import cfg_for, random_parts, small_vocab, write_parts
 
 
 @pytest.fixture
 def trained(tmp_path: Path) -> Path:
-    write_parts(tmp_path, corpus())
+    write_parts(tmp_path, random_parts())
     run_vocab(cfg_for(tmp_path), Report())
     return tmp_path
-
-
-def small_vocab(path: Path, specials_first: bool = False) -> Path:
-    words = sorted({w.lower() for w in WORDS} | set("abcdefghijklmnopqrstuvwxyz.,"))
-    pieces = ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
-    tokens = (
-        (SPECIALS + words + pieces)
-        if specials_first
-        else (["[PAD]"] + words[:5] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words[5:] + pieces)
-    )
-    path.write_text("".join(t + "\n" for t in tokens))
-    return path
 
 
 def test_trained_vocab_specials_and_size(trained: Path) -> None:
@@ -83,7 +38,7 @@ def test_cased_vs_uncased(tmp_path: Path) -> None:
     results = {}
     for lowercase in (True, False):
         out = tmp_path / str(lowercase)
-        write_parts(out, corpus())
+        write_parts(out, random_parts())
         results[lowercase] = run_vocab(cfg_for(out, lowercase=lowercase), Report())
         vocab = set((out / "vocab.txt").read_text().splitlines()) - set(SPECIALS)
         assert any(c.isupper() for t in vocab for c in t) is (not lowercase)
@@ -126,7 +81,7 @@ def test_auto_tokenizer_loads_output(trained: Path) -> None:
 
 
 def test_token_store_matches_encode(trained: Path) -> None:
-    docs = corpus()
+    docs = random_parts()
     report = Report()
     out = run_tokenize(cfg_for(trained), report)
     tok = load_tokenizer(trained)
@@ -159,7 +114,7 @@ def test_workers_give_identical_files(tmp_path: Path, monkeypatch: pytest.Monkey
     digests = []
     for workers in (1, 2):
         out = tmp_path / f"w{workers}"
-        write_parts(out, corpus(n_parts=2, n_docs=40, seed=3))
+        write_parts(out, random_parts(n_parts=2, n_docs=40, seed=3))
         run_vocab(cfg_for(out, vocab=str(small_vocab(tmp_path / "v.txt", specials_first=True))), Report())
         run_tokenize(cfg_for(out, num_workers=workers), Report())
         files = sorted((out / "work" / "tokens").iterdir())
@@ -205,7 +160,7 @@ def test_unk_warning_and_empty_sentences(tmp_path: Path, caplog: pytest.LogCaptu
 
 
 def test_mismatched_jsonl_is_an_error(tmp_path: Path) -> None:
-    write_parts(tmp_path, corpus(n_parts=1))
+    write_parts(tmp_path, random_parts(n_parts=1))
     run_vocab(cfg_for(tmp_path), Report())
     jsonl = tmp_path / "work" / "documents" / "part-00000.docs.jsonl"
     jsonl.write_text(jsonl.read_text().split("\n", 1)[1])  # one document fewer than the .txt

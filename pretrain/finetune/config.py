@@ -1,7 +1,8 @@
 """Fine-tuning configuration: the schema behind ``conf/finetune.yaml`` and its ``finetune/`` task group.
 
-The optimizer, schedule, DeepSpeed, trainer and logger sections are pretraining's own dataclasses (one source
-of truth for batch sizes, precision, ZeRO and W&B); only the task and the epoch count are new.
+The optimizer, schedule, DeepSpeed and logger sections are pretraining's own dataclasses (one source of truth
+for precision, ZeRO and W&B); ``trainer`` holds only the loop settings fine-tuning reads, with pretraining's
+meaning, so a key it would ignore (``trainer.eval_every``, ``trainer.init_from``...) is refused as unknown.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from pretrain.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig, TrainerConfig
+from pretrain.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig
 from pretrain.finetune.heads import KINDS
 
 METRICS = {"classification": "accuracy", "regression": "pearson", "ner": "f1", "qa": "f1"}
@@ -62,6 +63,41 @@ class TaskConfig:
 
 
 @dataclass
+class FinetuneTrainerConfig:
+    """The loop settings of fine-tuning: pretraining's ``trainer`` fields that the shared engine reads."""
+
+    max_seq_length: int = 128
+    """Tokens per feature: longer texts are cut (counted) or refused (``task.truncate=false``); QA windows."""
+    global_batch_size: int = 32
+    """Features per optimizer step, over all ranks and accumulation steps."""
+    micro_batch_size: int = 32
+    """Features per forward pass on one rank; accumulation = global / (micro x ranks)."""
+    precision: str = "fp32"
+    """``fp32``, ``bf16`` or ``fp16`` (DeepSpeed's mixed precision; the best model is written in fp32)."""
+    log_every: int = 20
+    """Optimizer steps per ``train`` log record (the loss averaged over them, every micro-batch, every rank)."""
+    checkpoint_every: int = 0
+    """Optimizer steps between checkpoints within an epoch; 0 = after each epoch only (preemption and
+    ``stop_at_step`` checkpoint at any step)."""
+    keep_last: int = 1
+    """Complete checkpoints kept (the newest ones)."""
+    max_time_minutes: float | None = None
+    """Checkpoint and exit 75 once the job has run this long (a SLURM time limit); the rerun resumes."""
+    stop_at_step: int | None = None
+    """Checkpoint and stop (exit 0) at this optimizer step; the rerun resumes."""
+    max_nonfinite_steps: int = 3
+    """Stop (exit 3) after this many non-finite losses in a row; each one is skipped and counted."""
+    activation_checkpointing: bool = False
+    """Recompute each encoder layer in the backward pass: less memory for longer sequences, about a third slower."""
+    compile: bool = False
+    """``torch.compile`` the model through DeepSpeed's ``engine.compile()``."""
+    collective_timeout_minutes: float = 5.0
+    """Bound of every collective: a rank that died or froze is named and the run exits 69."""
+    rendezvous_timeout_minutes: float = 1.0
+    """Bound of the wait for every rank to join at start-up."""
+
+
+@dataclass
 class FinetuneConfig:
     pretrained: str = "???"
     """What to fine-tune: a pretraining run dir (its newest complete checkpoint), a checkpoint, or a Hugging Face
@@ -87,17 +123,16 @@ class FinetuneConfig:
     """Learning-rate schedule (``conf/scheduler/*.yaml``); its length is epochs x steps per epoch."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     """ZeRO and raw DeepSpeed settings (``conf/deepspeed/*.yaml``)."""
-    trainer: TrainerConfig = field(
-        default_factory=lambda: TrainerConfig(global_batch_size=32, micro_batch_size=32, checkpoint_every=0)
-    )
-    """Batch sizes, precision, ``max_seq_length``, ``log_every`` and ``stop_at_step`` as in pretraining
-    (``max_steps`` is set from ``epochs``; checkpoints are written after each epoch)."""
+    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
+    """Batch sizes, precision, sequence length and the loop's settings (the schedule's length is epochs x steps
+    per epoch; a checkpoint is written after each epoch)."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Weights & Biases (``conf/logger/*.yaml``); metrics.jsonl is always written."""
     run_dir: str = "runs/finetune"
     """Where checkpoints (``checkpoints/``, ``best/``), metrics.jsonl, results.json and predictions go."""
     resume: str = "auto"
-    """``auto`` (continue from the newest epoch checkpoint of ``run_dir``) or ``none``."""
+    """``auto`` (continue from the newest complete checkpoint of ``run_dir``), a checkpoint or run directory to
+    continue from, or ``none`` (start afresh)."""
     seed: int = 1234
     """Seed of the head's initialisation, data order and dropout."""
     verbose: bool = False

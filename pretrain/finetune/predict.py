@@ -11,11 +11,11 @@ import torch
 from omegaconf import OmegaConf
 
 from data_prep.atomic import write_text
-from pretrain.config import UserError
+from data_prep.errors import UserError
 from pretrain.finetune import tasks as T
 from pretrain.finetune.loop import load_task_model
 from pretrain.finetune.prepare import decode, encode, read_split
-from pretrain.hf import _vocabulary
+from pretrain.hf import vocabulary
 
 
 def _task_config(cfg: Any, run_dir: Path) -> Any:
@@ -38,7 +38,7 @@ def predict(cfg: Any) -> int:
     if not cfg.predict_file:
         raise UserError("predict_file is not set: give the file to label (same format as the training data)")
     model = load_task_model(best)
-    found = _vocabulary(best, "model")
+    found = vocabulary(best, "model")
     if found is None:
         raise UserError(f"{best}: no vocab.txt or tokenizer.json")
     vocab, tokenizer, _, _ = found

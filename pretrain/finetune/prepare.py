@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pretrain.config import UserError
+from data_prep.errors import UserError
 from pretrain.finetune import metrics as M
 from pretrain.finetune import spans as S
 from pretrain.finetune import tasks as T

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.report import DataPrepError
+from data_prep.errors import DataPrepError
 from data_prep.vocab import SPECIAL_TOKENS, special_ids
 
 IGNORE = -100  # label of pieces the loss skips (continuation pieces, specials, padding): torch's ignore_index

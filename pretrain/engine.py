@@ -1,0 +1,358 @@
+"""The loop machinery that pretraining (``pretrain/trainer.py``) and fine-tuning (``pretrain/finetune/loop.py``)
+both stand on, whatever the model, batches and evaluation: the DeepSpeed engine and where it resumes from, the
+optimizer step with gradient accumulation, the agreed non-finite skip/stop, checkpoint bundles (client state,
+data position, RNG) with retention, preemption (SIGUSR1/SIGTERM, the time limit) and the loss window of the log.
+
+Exit codes it decides: 3 stopped on non-finite losses (``trainer.max_nonfinite_steps`` in a row; nothing saved
+after the last good checkpoint), 75 preempted (a checkpoint was saved; the same command resumes).
+
+Non-finite losses: the ranks agree on them once per step (one all-reduce, with the step's loss). A step with one
+is skipped: DeepSpeed's own overflow check skips it under fp16, bf16 and ZeRO 1-2 (turned on for fp32 too); under
+ZeRO-0 in fp32 (a plain client optimizer) its update is skipped here. Where neither holds (ZeRO-3 in bf16 or
+fp32) the update may have been applied, so the run stops at once rather than save suspect weights.
+
+Resumes (``resume=auto``: the newest complete checkpoint of the run dir; ``resume=PATH``: that checkpoint or run;
+``resume=none``: afresh) are exact: the data position comes back from the ``position`` object's state, the RNG
+states of every rank are restored, so the weights match an uninterrupted run (bit for bit on CPU). Another world
+size loads DeepSpeed's universal conversion of the bundle and keeps the data position in samples.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import warnings
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from data_prep.errors import UserError
+from pretrain import distributed as D
+from pretrain.checkpoint import (
+    TrainState,
+    check_format,
+    client_state,
+    find_checkpoint,
+    fp32_weights,
+    restore,
+    save,
+    tag_dir,
+    universal_tag,
+)
+from pretrain.config import build_ds_config
+from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
+from pretrain.metrics import LogWindow, MetricsLogger
+from pretrain.optim import build_optimizer, scheduler_factory
+from pretrain.signals import PREEMPTED_EXIT_CODE, StopFlag
+
+NONFINITE_EXIT_CODE = 3
+SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
+
+
+class Position(Protocol):
+    """Where a rank is in its data: saved in every checkpoint, restored on resume."""
+
+    epoch: int
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+    def set_epoch(self, epoch: int) -> None: ...
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def resume_tag(resume: str, ckpt_root: Path) -> Path | None:
+    """The checkpoint ``resume`` names: ``auto`` the newest complete one under ``ckpt_root`` (None where there is
+    none; a run with only incomplete ones is refused rather than silently started over), ``none`` None, anything
+    else a checkpoint or run directory that must hold a complete one."""
+    if resume == "none":
+        return None
+    tag = find_checkpoint(ckpt_root) if resume == "auto" else tag_dir(resume, "resume")
+    partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
+    if resume == "auto" and tag is None and partial:
+        raise UserError(
+            f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
+            "while saving?); pass resume=none to start afresh, or restore a complete one"
+        )
+    if tag is not None:
+        check_format(tag)
+    return tag
+
+
+def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, dict, str]:
+    """The optimizer and DeepSpeed config of ``model`` as training builds them: (client optimizer or None, param
+    groups, the DeepSpeed JSON under the one precedence rule, a description of the optimizer)."""
+    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, cuda)
+    ds_config = build_ds_config(cfg, world_size, ds_opt)  # repeated warnings are shown once
+    if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
+        client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
+        warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
+    return client_opt, groups, ds_config, opt_desc
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides the checkpointed ``TrainState``."""
+
+    status: str = "finished"
+    code: int = 0
+    last_ckpt: Path | None = None
+    job_steps: int = 0
+    job_tokens: int = 0
+    t_start: float = field(default_factory=time.time)
+    history: deque[float] = field(default_factory=lambda: deque(maxlen=SPIKE_HISTORY))
+
+
+@dataclass
+class Engine:
+    """A DeepSpeed engine and the loop machinery around it: built by ``start``, driven by a trainer's loop."""
+
+    cfg: Any  # a config with trainer, optim, scheduler, deepspeed, logger sections and seed, run_dir, resume
+    env: Any
+    device: torch.device
+    engine: Any  # deepspeed.DeepSpeedEngine
+    scheduler: Any
+    position: Position
+    opt_desc: str
+    resume_tag: Path | None
+    state: TrainState
+    client: dict[str, Any]  # the client state the run resumed from ({} afresh): a trainer's own extra keys
+    skip_nonfinite: bool  # a plain client optimizer (ZeRO-0, fp32): non-finite updates are skipped here
+    own_norm: bool  # DeepSpeed reports no gradient norm (plain fp32): ``step`` measures it
+    stop: StopFlag
+    loop: LoopState = field(default_factory=LoopState)
+    logger: MetricsLogger | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir).resolve()
+
+    @property
+    def ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    @property
+    def main(self) -> bool:
+        return self.env.is_main
+
+    @property
+    def accum(self) -> int:
+        return self.engine.gradient_accumulation_steps()
+
+    def open_log(self, config: dict[str, Any]) -> MetricsLogger:
+        """metrics.jsonl (cut back to the resumed step), W&B (the resumed run's id) and the progress bar."""
+        t = self.cfg.trainer
+        self.logger = MetricsLogger(self.cfg, self.run_dir, self.main, self.client.get("wandb_id"), config,
+                                    self.state.step, t.max_steps)  # fmt: skip
+        return self.logger
+
+    def window(self) -> LogWindow:
+        return LogWindow(self.state.window, self.device)
+
+    # ------------------------------------------------------------------------------------------- one step
+
+    def step(self, next_batch: Any, measure_norm: bool = False) -> tuple[torch.Tensor, bool]:
+        """One optimizer step: ``accum`` micro-batches through ``engine.backward``/``engine.step`` (DeepSpeed
+        scales the loss and steps the optimizer at the boundary). Returns float64 [loss, mlm, nsp, tokens, padded
+        tokens, grad norm, step loss summed over ranks] and whether any rank saw a non-finite loss (agreed before
+        the last ``engine.step()``, where a plain client optimizer's update is then skipped). The model's output
+        has ``loss``, and ``mlm_loss``/``nsp_loss`` where it pretrains. The norm is measured here
+        (``measure_norm``) only where DeepSpeed does not report one (plain fp32)."""
+        engine, device, accum = self.engine, self.device, self.accum
+        stats = torch.zeros(7, dtype=torch.float64, device=device)
+        bad = torch.zeros(2, dtype=torch.float64, device=device)  # non-finite micro-batches, summed losses
+        nonfinite = False
+        for micro in range(accum):
+            batch = to_device(next_batch(), device)
+            out = engine(**batch)
+            engine.backward(out.loss)
+            loss = out.loss.detach().double()
+            bad[0] += (~torch.isfinite(loss)).double()
+            if micro == accum - 1:
+                bad[1] = stats[0] + loss
+                nonfinite = bool(D.all_reduce(bad)[0].item() > 0)  # one agreed answer for every rank
+                stats[6] = bad[1]
+                if measure_norm and self.own_norm and not nonfinite:  # averaged over ranks, not yet clipped
+                    norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
+                    stats[5] = torch.stack(norms).norm().double() if norms else 0.0
+            if micro == accum - 1 and nonfinite and self.skip_nonfinite:
+                self._step_without_update()
+            else:
+                engine.step()
+            stats[0] += loss
+            for i, name in ((1, "mlm_loss"), (2, "nsp_loss")):
+                part = getattr(out, name, None)
+                if part is not None:
+                    stats[i] += part.detach().double()
+            mask = batch.get("attention_mask")  # packed rows number their samples: count real tokens
+            stats[3] += (mask > 0).sum() if mask is not None else batch["input_ids"].numel()
+            stats[4] += batch["input_ids"].numel()
+        return stats, nonfinite
+
+    def _step_without_update(self) -> None:
+        """The plain client optimizer (ZeRO-0, fp32) has no overflow check: skip its update for this step only,
+        leaving weights and moments untouched (DeepSpeed still clears the gradients and steps the schedule)."""
+        engine = self.engine
+        opt, own = engine.optimizer, vars(engine.optimizer).get("step")  # the LR scheduler may have wrapped it
+        opt.step = lambda *args, **kwargs: None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": intended here
+            engine.step()
+        if own is None:
+            del opt.step
+        else:
+            opt.step = own
+
+    def book(self, stats: torch.Tensor, nonfinite: bool, window: LogWindow) -> tuple[bool, float | None]:
+        """Book a finished step: the counters, the log window, skipped steps and non-finite streaks. Returns
+        (stop the run now, the step's loss averaged over micro-batches and ranks; None for a skipped step)."""
+        state, t, engine, loop = self.state, self.cfg.trainer, self.engine, self.loop
+        state.step, state.epoch, loop.job_steps = state.step + 1, self.position.epoch, loop.job_steps + 1
+        applied = engine.was_step_applied() and not nonfinite
+        window.add(stats, self.accum, applied=applied)
+        if nonfinite and engine.was_step_applied() and not self.skip_nonfinite:
+            why = "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded"
+            self.nonfinite_stop(why)
+            return True, None
+        if not applied:  # skipped: weights and optimizer state unchanged
+            state.skipped += 1
+            state.nonfinite_streak = state.nonfinite_streak + 1 if nonfinite else 0
+            reason = "non-finite loss" if nonfinite else "fp16 overflow"
+            self.logger.log({"kind": "skipped", "step": state.step, "skipped": state.skipped, "reason": reason,
+                             "loss_scale": self.loss_scale()})  # fmt: skip
+            if nonfinite and state.nonfinite_streak >= max(1, t.max_nonfinite_steps):
+                self.nonfinite_stop(f"{state.nonfinite_streak} step(s) in a row (trainer.max_nonfinite_steps)")
+                return True, None
+        else:
+            state.nonfinite_streak = 0
+        state.sequences += t.global_batch_size
+        self.logger.advance()
+        return False, float(stats[6]) / (self.accum * self.env.world_size) if applied else None
+
+    def nonfinite_stop(self, why: str) -> None:
+        """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
+        step, last = self.state.step, find_checkpoint(self.ckpt_root)
+        if self.main:
+            print(
+                f"error: non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good "
+                f"checkpoint is {last or 'none (no checkpoint yet)'}: look at the data and learning rate, then "
+                "rerun to resume from it",
+                file=sys.stderr,
+                flush=True,
+            )
+        self.loop.status, self.loop.code = f"stopped: non-finite loss at step {step}", NONFINITE_EXIT_CODE
+
+    def close_window(self, window: LogWindow) -> dict[str, Any] | None:
+        """Reduce the log window over ranks: the common part of a ``train`` record (None: only skipped steps)."""
+        t, state = self.cfg.trainer, self.state
+        rec, tokens, _ = window.close(D.all_reduce, t.global_batch_size)
+        state.tokens += tokens
+        self.loop.job_tokens += tokens
+        if rec["loss"] is None:
+            return None
+        return {"kind": "train", "step": state.step, "epoch": state.epoch, **rec,
+                "lr": self.scheduler.get_last_lr()[0], "loss_scale": self.loss_scale()}  # fmt: skip
+
+    def loss_scale(self) -> float | None:
+        x = getattr(self.engine.optimizer, "cur_scale", 1.0)
+        return None if x is None else float(x.item() if torch.is_tensor(x) else x)
+
+    def grad_norm(self, stats: torch.Tensor) -> float | None:
+        if self.own_norm:
+            return float(stats[5])
+        x = self.engine.get_global_grad_norm()
+        return None if x is None else float(x.item() if torch.is_tensor(x) else x)
+
+    # ------------------------------------------------------------------------------------- checkpoints
+
+    def checkpoint(self, extra: dict[str, Any] | None = None, config: dict | None = None) -> Path:
+        """Save a bundle now: the engine's files and the client state (counters, every rank's data position and
+        RNG, the resolved config, the W&B id, a trainer's ``extra`` keys)."""
+        t = self.cfg.trainer
+        wandb_id = self.logger.wandb_id if self.logger is not None else None
+        client = client_state(self.state, self.position, config or {}, wandb_id, extra or {})
+        self.loop.last_ckpt = save(self.engine, self.ckpt_root, client, t.keep_last)
+        return self.loop.last_ckpt
+
+    def save_or_stop(self, due: bool, extra: dict[str, Any] | None = None, config: dict | None = None) -> bool:
+        """Checkpoint when ``due``, on preemption (a signal, or the time limit on any rank) and at
+        ``trainer.stop_at_step``. True: leave the loop (``loop.code`` 75 when preempted)."""
+        t, state, loop = self.cfg.trainer, self.state, self.loop
+        over_time = t.max_time_minutes is not None and (time.time() - loop.t_start) / 60 > t.max_time_minutes
+        preempted = self.stop.agreed(over_time, self.device)  # every rank takes the same decision
+        stopping = t.stop_at_step is not None and t.stop_at_step <= state.step < t.max_steps
+        if due or preempted or stopping:
+            self.checkpoint(extra, config)
+        if preempted:
+            reason = self.stop.signal_name or ("time limit" if over_time else "signal on another rank")
+            loop.status = f"preempted ({reason}) at step {state.step}: resume=auto continues"
+            loop.code = PREEMPTED_EXIT_CODE
+        elif stopping:
+            loop.status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
+        return bool(preempted or stopping)
+
+    def fp32_state_dict(self, tag: Path | None) -> dict[str, torch.Tensor]:
+        """The model's fp32 weights: the engine's module where it holds them whole (ZeRO-0 in fp32), else the
+        master weights of checkpoint ``tag`` (bf16/fp16 modules, ZeRO-3's partitioned parameters)."""
+        if self.engine.zero_optimization_stage() == 0 and self.cfg.trainer.precision == "fp32":
+            return self.engine.module.state_dict()
+        return fp32_weights(tag)
+
+
+def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None, position: Position,
+          stop: StopFlag) -> Engine:  # fmt: skip
+    """The DeepSpeed engine of ``model`` (its optimizer, schedule, ZeRO stage and precision from ``cfg``), resumed
+    from checkpoint ``tag`` when given (``resume_tag``): weights, optimizer, schedule, counters, data position
+    and RNG. The run dir's ``ds_config.json`` records the DeepSpeed config actually used."""
+    t = cfg.trainer
+    deepspeed = import_deepspeed(cfg.verbose)
+    client_opt, groups, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
+    if env.is_main:
+        run_dir = Path(cfg.run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
+    stage = ds_config["zero_optimization"].get("stage", 0)
+    load_tag = universal_tag(tag, stage, env.world_size, env.is_main) if tag is not None else None
+    if load_tag is not None:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
+                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
+    release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
+    if getattr(t, "compile", False):
+        engine.compile()
+    state, client = TrainState(), {}
+    if tag is not None:
+        state, client = restore(engine, tag, position, load_tag)
+        if env.is_main:
+            print(f"resumed from {tag} at step {state.step}", flush=True)
+    position.set_epoch(state.epoch)
+    # Who skips a non-finite step: DeepSpeed's wrappers check for overflow (fp16 loss scaler, bf16 optimizer,
+    # ZeRO 1-2, where fp32 has the check off: turn it on); a plain client optimizer (ZeRO-0, fp32) is skipped here.
+    if hasattr(engine.optimizer, "check_grad_overflow"):
+        engine.optimizer.check_grad_overflow = True
+    return Engine(
+        cfg=cfg,
+        env=env,
+        device=device,
+        engine=engine,
+        scheduler=scheduler,
+        position=position,
+        opt_desc=opt_desc,
+        resume_tag=tag,
+        state=state,
+        client=client,
+        skip_nonfinite=engine.optimizer is client_opt and client_opt is not None,
+        own_norm=engine.zero_optimization_stage() == 0 and t.precision == "fp32",
+        stop=stop,
+    )
+
+
+def spike_mean(history: deque[float]) -> float:
+    return float(np.mean(history)) if history else 0.0
