@@ -7,8 +7,8 @@
 Runs ``bench.warmup`` untimed then ``bench.steps`` timed optimizer steps on ``data.dir`` (synthetic shards of
 the same format when it holds none) and prints sequences/s, tokens/s, non-padding tokens/s, MFU, loader wait and
 peak memory per implementation; with ``bench.compare=hf`` also ``transformers``' BERT under the same DeepSpeed
-config, optimizer and batches, steps interleaved. FLOPs: 6 x non-embedding parameters x real tokens + 12 x
-layers x hidden x length^2 per sequence + 6 x MLM-head parameters x masked tokens (pretrain/benchmark.py).
+config, optimizer and batches, steps interleaved. The step timed is the training engine's own; MFU is the one
+definition training logs (training FLOPs per token x real tokens per second, over the device's peak).
 Peak memory: the GPU's allocator high-water mark; on CPU the process's resident high-water mark (both models
 when compared). The last line: ``seq_per_s=... tokens_per_s=... mfu=... ratio_vs_hf=...``; the ratio (only when
 compared) is the median over timed steps of the two implementations' per-step sequences/s, steps interleaved.
@@ -33,23 +33,30 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from data_prep.errors import UserError  # noqa: E402
+from pretrain.config import register_configs  # noqa: E402
+
+register_configs()
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
+    cli.run_entry(lambda: _bench(cfg))
+
+
+def _bench(cfg: DictConfig) -> int:
     from pretrain import distributed as D
     from pretrain.benchmark import run
 
     try:
         config = OmegaConf.to_object(cfg)
-        env = D.detect_env()
-        D.set_threads()
-        lines = run(config, env)
-    except (UserError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    env = D.detect_env()
+    D.set_threads()
+    lines = run(config, env)
     if env.is_main:
         print("\n".join(lines), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 loader built from the same config as ``launch/pretrain.py``, on real shards (or synthetic shards of the same
 format when ``data.dir`` holds none), optionally side by side with ``transformers``' BERT.
 
-FLOPs of a step (what MFU divides by time and peak): 6 x non-embedding parameters x real (non-padding) tokens,
-plus the attention term 12 x layers x hidden x length^2 per sequence (its real length), plus 6 x MLM-head
-parameters (transform and decoder) x masked tokens. Embedding lookups cost nothing; padding does not count, so a
-padded batch and a padding-free one doing the same useful work get the same FLOPs. Both implementations are
-credited with the same FLOPs for the same batches: MFU and the ratio compare like with like.
+The step timed is the training engine's own (``pretrain.engine.Engine.step``: accumulation, the agreed non-finite
+check), and MFU is the one definition training logs (``pretrain.metrics.mfu``: our model's training FLOPs per token
+times the real, non-padding tokens per second). Both implementations are credited with the same FLOPs for the
+same tokens: MFU and the ratio compare like with like.
 """
 
 from __future__ import annotations
@@ -22,10 +21,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from data_prep.errors import UserError
 from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
 from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
 from data_prep.vocab import SPECIALS
+from pretrain import distributed as D
+from pretrain.config import preflight
 from pretrain.data import Batches, build_dataloader, real_lengths
+from pretrain.engine import start
+from pretrain.metrics import mfu as model_flops_utilisation
+from pretrain.metrics import peak_tflops
+from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.signals import StopFlag
+from pretrain.weights import pretraining_model
 
 SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
 
@@ -58,34 +66,6 @@ def synthetic_data(out: Path, vocab_size: int, max_seq_length: int, samples: int
     return out
 
 
-def step_flops(model_cfg: Any, non_embedding: int, head: int, lengths: torch.Tensor, masked: int) -> float:
-    """FLOPs of one micro-batch (see the module docstring); ``lengths`` are the rows' real token counts."""
-    tokens = float(lengths.sum())
-    attention = 12.0 * model_cfg.num_hidden_layers * model_cfg.hidden_size * float((lengths.double() ** 2).sum())
-    return 6.0 * non_embedding * tokens + attention + 6.0 * head * masked
-
-
-def parameter_split(model: torch.nn.Module, model_cfg: Any) -> tuple[int, int]:
-    """(non-embedding parameters outside the MLM head, MLM-head parameters): the first runs on every real token,
-    the second on masked tokens only; the per-sequence pooler and NSP head are left out (under 1%). Names follow
-    HF BERT, so this reads ours and ``transformers``' alike."""
-    head_names = ("cls.predictions",)
-    seen, body, head = set(), 0, 0
-    for name, p in model.named_parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        if "embeddings." in name and "LayerNorm" not in name or name.startswith(("bert.pooler", "cls.seq_rel")):
-            continue  # lookups are free; pooler and NSP head run once per sequence, not per token
-        if name.startswith(head_names):
-            head += p.numel()
-        else:
-            body += p.numel()
-    c = model_cfg
-    head += c.hidden_size * c.vocab_size  # the decoder GEMM uses the tied word table: counted at masked tokens
-    return body, head
-
-
 @dataclass
 class Timing:
     """One implementation's measurements over the timed steps."""
@@ -97,50 +77,43 @@ class Timing:
     sequences: int = 0
     tokens: int = 0
     padded: int = 0
-    flops: float = 0.0
     peak_gib: float | None = None
 
 
 class Runner:
-    """An engine and its own loader iterator; ``step()`` runs one optimizer step and books it."""
+    """An engine and its own loader iterator; ``step()`` runs one optimizer step of the engine and books it."""
 
-    def __init__(self, name: str, engine: Any, batches: Batches, flop_split: tuple[int, int], model_cfg: Any):
-        self.t, self.engine, self.batches = Timing(name), engine, batches
-        self.flop_split, self.model_cfg = flop_split, model_cfg
+    def __init__(self, name: str, ds: Any, batches: Batches) -> None:
+        self.t, self.ds, self.batches = Timing(name), ds, batches
 
     def step(self, timed: bool) -> None:
-        engine, device = self.engine, self.engine.device
+        device = self.ds.device
         cuda = device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        t0, wait, seqs, toks, padded, flops = time.perf_counter(), 0.0, 0, 0, 0, 0.0
-        self.batches.positions.clear()
-        for _ in range(engine.gradient_accumulation_steps()):
+        seen = {"wait": 0.0, "seqs": 0}
+
+        def next_batch() -> dict[str, torch.Tensor]:  # the loader's wait and the sequences, outside the step
             w0 = time.perf_counter()
             batch = self.batches()
-            wait += time.perf_counter() - w0
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            lengths = real_lengths(batch)  # per sample: a packed row carrying two samples counts two
-            masked = int((batch["labels"] != -100).sum())
-            seqs, toks, padded = seqs + len(lengths), toks + int(lengths.sum()), padded + batch["input_ids"].numel()
-            flops += step_flops(self.model_cfg, *self.flop_split, lengths.cpu(), masked)
+            seen["wait"] += time.perf_counter() - w0
+            seen["seqs"] += len(real_lengths(batch))  # per sample: a packed row carrying two samples counts two
+            return batch
+
+        t0 = time.perf_counter()
+        self.batches.positions.clear()
+        stats, _ = self.ds.step(next_batch)
         if cuda:
             torch.cuda.synchronize(device)
         if timed:
             t = self.t
             t.step_s.append(time.perf_counter() - t0)
-            t.wait_s.append(wait)
-            t.step_seqs.append(seqs)
-            t.sequences, t.tokens, t.padded, t.flops = (
-                t.sequences + seqs,
-                t.tokens + toks,
-                t.padded + padded,
-                t.flops + flops,
-            )
+            t.wait_s.append(seen["wait"])
+            t.step_seqs.append(seen["seqs"])
+            t.sequences += seen["seqs"]
+            t.tokens += int(stats[3])
+            t.padded += int(stats[4])
             if cuda:
                 t.peak_gib = max(t.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
             else:  # the process's resident high-water mark: both implementations' when compared side by side
@@ -151,15 +124,15 @@ def hf_model(model_kw: dict[str, Any]) -> torch.nn.Module:
     """``transformers``' BERT of the same shape: ``BertForPreTraining``, or ``BertForMaskedLM`` with NSP off."""
     import transformers
 
-    from pretrain.model import BertConfig
-
     cfg = BertConfig(**model_kw)
     cls = transformers.BertForPreTraining if cfg.nsp else transformers.BertForMaskedLM
     hf_cfg = transformers.BertConfig(**{**cfg.to_hf_dict(), "vocab_size": cfg.vocab_size})
     return cls(hf_cfg)
 
 
-def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | None, device: str) -> list[str]:
+def report(
+    timings: list[Timing], world: int, flops_per_token: float, peak_tflops: float | None, device: str
+) -> list[str]:
     """Markdown rows and the last ``key=value`` line."""
     lines = [
         "| implementation | device | ms/step (median) | seq/s | tokens/s | non-pad tokens/s | MFU | loader wait ms "
@@ -170,7 +143,7 @@ def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | N
     for t in timings:
         total = sum(t.step_s)
         seq_s, tok_s, real_s = t.sequences / total, t.padded / total, t.tokens / total
-        mfu = t.flops / total / (peak_tflops * 1e12) if peak_tflops else None  # this rank's FLOPs on its device
+        mfu = model_flops_utilisation(flops_per_token, real_s, peak_tflops, 1)  # this rank's tokens, its device
         rates[t.name] = (seq_s, real_s, mfu)
         lines.append(
             f"| {t.name} | {device} | {1e3 * statistics.median(t.step_s):.1f} | {seq_s * world:,.1f} | "
@@ -192,16 +165,6 @@ def report(timings: list[Timing], steps: int, world: int, peak_tflops: float | N
 def run(cfg: Any, env: Any) -> list[str]:
     """Build engines as training does, run ``bench.warmup`` then ``bench.steps`` steps (interleaved with the
     ``transformers`` reference when ``bench.compare=hf``), and return the report lines."""
-    from data_prep.errors import UserError
-    from pretrain import distributed as D
-    from pretrain.config import preflight
-    from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
-    from pretrain.metrics import peak_tflops
-    from pretrain.model import BertConfig
-    from pretrain.optim import scheduler_factory
-    from pretrain.trainer import engine_config
-    from pretrain.weights import pretraining_model
-
     t, b = cfg.trainer, cfg.bench
     if b.compare not in ("none", "hf"):
         raise UserError(f"bench.compare={b.compare!r}: use none or hf")
@@ -212,11 +175,9 @@ def run(cfg: Any, env: Any) -> list[str]:
         synthetic_data(Path(tmp.name), vocab, t.max_seq_length, b.synthetic_samples, cfg.model.nsp, cfg.seed)
         cfg.data.dir = tmp.name
     info, model_kw = preflight(cfg, env.world_size)
-    deepspeed = import_deepspeed(cfg.verbose)
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
-    runners, model_cfg = [], BertConfig(**model_kw)
-    impls = ["ours"] + (["transformers"] if b.compare == "hf" else [])
-    for name in impls:
+    runners, stop = [], StopFlag()
+    for name in ["ours"] + (["transformers"] if b.compare == "hf" else []):
         torch.manual_seed(cfg.seed)
         model = pretraining_model(model_kw) if name == "ours" else hf_model(model_kw)
         if t.activation_checkpointing:  # the reference too: the same memory budget for both
@@ -224,23 +185,19 @@ def run(cfg: Any, env: Any) -> list[str]:
                 model.bert.encoder.checkpoint_layers = True
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        client_opt, groups, ds_config, _ = engine_config(cfg, model, env.world_size, device.type == "cuda")
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
-                                               lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
-        release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
-        if t.compile and name == "ours":  # the reference runs as its users run it: eager
-            engine.compile()
         loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, rank=env.rank,
                                            world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
                                            masking=cfg.data.masking, bucket=cfg.data.bucket,
                                            pack=cfg.data.pack and name == "ours")  # fmt: skip
-        batches = Batches(loader, sampler, device)  # as training draws them: across epochs, RNG forked
-        runners.append(Runner(name, engine, batches, parameter_split(model, model_cfg), model_cfg))
+        # the reference runs as its users run it: eager
+        ds = start(cfg, env, model, device, None, sampler, stop, record=False, compile=t.compile and name == "ours")
+        runners.append(Runner(name, ds, Batches(loader, sampler, device)))  # drawn as training draws them
     for i in range(b.warmup + b.steps):  # interleaved: drift and noise hit both alike
         for r in runners:
             r.step(timed=i >= b.warmup)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    lines = report([r.t for r in runners], b.steps, env.world_size, peak_tflops(t.peak_tflops, device), where)
+    flops = BertForPreTraining(BertConfig(**model_kw)).flops_per_token(t.max_seq_length)
+    lines = report([r.t for r in runners], env.world_size, flops, peak_tflops(t.peak_tflops, device), where)
     D.shutdown()
     if tmp is not None:
         tmp.cleanup()

@@ -307,14 +307,15 @@ class Engine:
 
 
 def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None, position: Position,
-          stop: StopFlag) -> Engine:  # fmt: skip
+          stop: StopFlag, record: bool = True, compile: bool | None = None) -> Engine:  # fmt: skip
     """The DeepSpeed engine of ``model`` (its optimizer, schedule, ZeRO stage and precision from ``cfg``), resumed
     from checkpoint ``tag`` when given (``resume_tag``): weights, optimizer, schedule, counters, data position
-    and RNG. The run dir's ``ds_config.json`` records the DeepSpeed config actually used."""
+    and RNG. With ``record``, the run dir's ``ds_config.json`` records the DeepSpeed config actually used.
+    ``compile``: ``engine.compile()`` (default: ``trainer.compile``)."""
     t = cfg.trainer
     deepspeed = import_deepspeed(cfg.verbose)
     client_opt, groups, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
-    if env.is_main:
+    if env.is_main and record:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -325,7 +326,7 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
                                                    lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
     release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
-    if getattr(t, "compile", False):
+    if t.compile if compile is None else compile:
         engine.compile()
     state, client = TrainState(), {}
     if tag is not None:

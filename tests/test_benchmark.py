@@ -8,29 +8,26 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from data_prep.store import LENGTH, NSP_LABEL
-from pretrain.benchmark import hf_model, parameter_split, step_flops, synthetic_data
+from pretrain.benchmark import hf_model, synthetic_data
 from pretrain.config import inspect_data
+from pretrain.metrics import mfu
 from pretrain.model import BertConfig, BertForPreTraining
 from tests.helpers import ROOT, run_env
 
 KW = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
 
 
-def test_flop_count_is_the_same_for_ours_and_transformers():
-    cfg = BertConfig(**KW)
-    ours, theirs = parameter_split(BertForPreTraining(cfg), cfg), parameter_split(hf_model(KW), cfg)
-    assert ours == theirs
-    body, head = ours
-    # per layer: QKV + output (4 H^2 + 4 H), FFN (2 H I + I + H), two LayerNorms (4 H); + the embedding LayerNorm
-    h, i, v = 32, 64, 200
-    assert body == 2 * (4 * h * h + 4 * h + 2 * h * i + i + h + 4 * h) + 2 * h
-    assert head == (h * h + h) + 2 * h + v + h * v  # transform dense + LayerNorm, decoder bias, tied decoder GEMM
-    lengths = torch.tensor([10, 4])
-    expected = 6 * body * 14 + 12 * 2 * 32 * (100 + 16) + 6 * head * 3
-    assert step_flops(cfg, body, head, lengths, 3) == expected
+def test_one_mfu_definition_counts_real_tokens_for_both_implementations():
+    """MFU (metrics.jsonl and the benchmark alike): training FLOPs per token of our model at the run's length x
+    real tokens/s over the peak of every rank; the reference has the same parameters, so the same credit."""
+    ours = BertForPreTraining(BertConfig(**KW))
+    assert sum(p.numel() for p in hf_model(KW).parameters()) == pytest.approx(ours.num_parameters(), rel=0.02)
+    f = ours.flops_per_token(64)
+    assert f == 6 * ours.num_parameters() + 12 * 2 * 32 * 64
+    assert mfu(f, 1000.0, 2.0, 2) == pytest.approx(f * 1000 / (2e12 * 2))
+    assert mfu(f, 1000.0, None, 1) is None
 
 
 def test_synthetic_shards_are_prepared_data(tmp_path):
