@@ -63,7 +63,7 @@ def _timed(fn) -> float:
 
 
 def pipeline(inputs: list[str], vocab: Path, workers: int, root: Path) -> dict:
-    from data_prep.pairs import run_shards
+    from data_prep.packing import run_shards
     from data_prep.read import run_read
     from data_prep.tokenize import run_tokenize
 

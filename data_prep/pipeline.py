@@ -117,7 +117,7 @@ def _runner(stage: str):
         from data_prep.tokenize import run_tokenize
 
         return run_tokenize
-    from data_prep.pairs import run_shards
+    from data_prep.packing import run_shards
 
     return run_shards
 

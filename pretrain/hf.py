@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -156,7 +157,13 @@ def export_hf(
         if k in _VOCAB_KEYS:
             v = v[: c.vocab_size]
         sd[k] = v.detach().to("cpu").contiguous().clone()
-    save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    try:
+        save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
+    except Exception as e:  # safetensors reports a failed write (a full disk) as its own error, "(os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(out / "model.safetensors")) from None
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600 (a temporary file): share it

@@ -1,5 +1,6 @@
-"""Fine-tuning data and metrics (pretrain/finetune/tasks.py, spans.py, metrics.py): readers, label maps, encoders, QA
-windows and their post-processing, and metrics against hand-computed and published reference values."""
+"""Fine-tuning data and metrics (pretrain/finetune/tasks.py, spans.py, metrics.py, kinds.py): readers, label maps,
+encoders, QA windows and their post-processing, metrics against hand-computed and published reference values, and
+the task kinds' registry."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from data_prep.vocab import SPECIALS, build_tokenizer
 from pretrain.finetune import metrics as M
+from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.spans import decode_ner, encode_ner, encode_qa, postprocess_qa
 from pretrain.finetune.tasks import (
     IGNORE,
@@ -469,3 +471,99 @@ def test_squad_normalisation_and_scores() -> None:
     refs = {"q1": ["Broncos", "Denver Broncos"], "q2": ["cat sat on a mat", "a cat sat"], "q3": ["x"]}
     out = M.squad_metrics(preds, refs)  # best gold per question; q3 has no prediction and scores 0
     assert out["exact_match"] == pytest.approx(100 * 2 / 3) and out["f1"] == pytest.approx(100 * 2 / 3)
+
+
+# ------------------------------------------------------------------------------------------------------- kinds
+
+
+def _task(**kw):
+    """A task section with the fields the kinds read (config.TaskConfig's defaults)."""
+    from types import SimpleNamespace
+
+    defaults = dict(text_column="sentence", text_pair_column=None, label_column="label", labels=None,
+                    tokens_column="tokens", tags_column="tags", question_column="question", context_column="context",
+                    answers_column="answers", doc_stride=128, max_query_length=64, max_answer_length=30,
+                    truncate=True)  # fmt: skip
+    return SimpleNamespace(**{**defaults, **kw})
+
+
+def test_kinds_registry_names_metrics_hf_classes_and_heads() -> None:
+    import torch
+
+    from pretrain.finetune import heads
+    from pretrain.model import BertConfig
+
+    assert list(KINDS) == ["classification", "regression", "ner", "qa"] and heads.KINDS is KINDS
+    assert {k: (v.name, v.metric, v.hf_class) for k, v in KINDS.items()} == {
+        "classification": ("classification", "accuracy", "BertForSequenceClassification"),
+        "regression": ("regression", "pearson", "BertForSequenceClassification"),
+        "ner": ("ner", "f1", "BertForTokenClassification"),
+        "qa": ("qa", "f1", "BertForQuestionAnswering"),
+    }
+    assert "nope" not in heads.KINDS  # config.py's check
+    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, nsp=False)  # fmt: skip
+    ids = torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]])
+    mask = (ids != 0).long()
+    shapes = {"classification": (2, 3), "regression": (2,), "ner": (2, 4, 3), "qa": (2, 4, 2)}
+    for name, kind in KINDS.items():
+        model = heads.BertForTask(config, name, 3).eval()
+        head = {k for k in model.state_dict() if not k.startswith("bert.")}
+        assert head == {f"{kind.head_name}.weight", f"{kind.head_name}.bias"}
+        assert (model.bert.pooler is not None) == kind.pooled  # MLM-only encoder: a new pooler for [CLS] heads
+        assert model.state_dict()[f"{kind.head_name}.bias"].shape == (kind.head_size(3),)
+        assert tuple(model(ids, None, mask).logits.shape) == shapes[name]
+    with pytest.raises(ValueError, match="use one of classification, regression, ner, qa"):
+        heads.BertForTask(config, "nope")
+
+
+def test_kinds_encode_decode_and_score_their_own_gold(tok, sp: Specials) -> None:
+    """Every kind: rows read under the configured columns, encoded, logits that pick the gold decoded back to the
+    gold and scored perfect on the kind's own metric."""
+    cases = {
+        "classification": (
+            _task(text_column="s", text_pair_column="p", label_column="y"),
+            [{"s": "the cat", "p": "a mat", "y": "pos"}, {"s": "a dog ran", "p": "the park", "y": "neg"}],
+        ),
+        "regression": (_task(text_column="s", label_column="y"), [{"s": "the cat", "y": 1.5}, {"s": "a", "y": 4}]),
+        "ner": (
+            _task(tokens_column="w", tags_column="t"),
+            [{"w": ["John", "Smith", "ran"], "t": ["B-PER", "I-PER", "O"]}, {"w": ["paris"], "t": ["B-LOC"]}],
+        ),
+        "qa": (
+            _task(question_column="q", context_column="c", answers_column="a", doc_stride=8, max_query_length=8),
+            [{"q": QA_ROW["question"], "c": CONTEXT, "a": QA_ROW["answers"]}],
+        ),
+    }
+    for name, (task, table) in cases.items():
+        kind = KINDS[name]
+        assert set(kind.columns(task).values()) >= {kind.gold}
+        rows = [{kind.columns(task)[k]: v for k, v in r.items()} for r in table]
+        labels = kind.label_map(task, rows)
+        feats = kind.encode(task, rows, labels, tok, sp, 32, "t.jsonl")
+        batch = kind.collate(feats, sp.pad)
+        assert batch["input_ids"].shape[0] == len(feats) and "attention_mask" in batch
+        unlabelled = kind.encode(task, [{k: v for k, v in r.items() if k != kind.gold} for r in rows], None, tok, sp,
+                                 32, "t.jsonl", labelled=False)  # fmt: skip
+        assert not set(kind.collate(unlabelled, sp.pad)) & {"labels", "start_positions", "end_positions"}
+        n = kind.num_labels(labels)
+        logits = []
+        for f in feats:  # logits that pick the gold target of each feature
+            if name == "classification":
+                logits.append(np.eye(n)[f["labels"]])
+            elif name == "regression":
+                logits.append(np.float32(f["labels"]))
+            elif name == "ner":
+                logits.append(np.eye(n)[np.where(f["labels"] == IGNORE, 0, f["labels"])])
+            else:
+                x = np.zeros((len(f["input_ids"]), 2))
+                x[f["start_positions"], 0] = x[f["end_positions"], 1] = 10.0 if f["start_positions"] else -10.0
+                logits.append(x)
+        preds = kind.decode(task, labels, rows, feats, logits)
+        gold = {"classification": "label", "regression": "label", "ner": "tags", "qa": "answers"}[name]
+        expected = [r[gold]["text"][0] if name == "qa" else r[gold] for r in rows]
+        assert preds == ([float(x) for x in expected] if name == "regression" else expected)
+        perfect = 100.0 if name == "qa" else 1.0
+        if name == "regression":
+            preds = [p + 0.5 for p in preds]  # correlation is perfect, whatever the offset
+        assert kind.score(labels, rows, preds)[kind.metric] == pytest.approx(perfect)

@@ -15,7 +15,8 @@ import pytest
 from data_prep.config import PrepareConfig
 from data_prep.errors import DataPrepError
 from data_prep.holdout import split_documents
-from data_prep.pairs import plan_shards, run_shards
+from data_prep.packing import run_shards
+from data_prep.pairs import plan_shards
 from data_prep.report import Report
 from data_prep.store import Shard, SplitReader
 from tests.helpers import SPECIAL_BASE, MemCorpus, build_shards

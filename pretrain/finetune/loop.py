@@ -136,12 +136,12 @@ def save_best(model: BertForTask, src: Any, data: Prepared, out: Path, metrics: 
         export_hf(model, src.vocab_file.parent if src.vocab_file else src.path, tmp, extra)
         if not (tmp / "vocab.txt").is_file():  # a source with tokenizer.json only: the vocabulary as well
             write_text(tmp / "vocab.txt", "".join(t + "\n" for t in src.vocab))
-    except (OSError, RuntimeError) as e:  # safetensors reports a full disk as a RuntimeError
+    except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         free = shutil.disk_usage(out.parent).free / 2**20
         raise UserError(
             f"{out}: the best model could not be written ({free:,.0f} MB free: "
-            f"{(str(e).strip().splitlines() or [type(e).__name__])[-1][:120]}); free space under {out.parent}, "
+            f"{e.strerror}); free space under {out.parent}, "
             "then rerun the same command: it writes it from the last checkpoint"
         ) from None
     shutil.rmtree(out, ignore_errors=True)
@@ -276,7 +276,7 @@ def _results(cfg: FinetuneConfig, run_dir: Path, history: list[dict], metric: st
         write_text(table, header + "".join(rows))
         write_json(run_dir / "results.json", res)
     except OSError as e:
-        raise UserError(f"{e.filename or run_dir}: results could not be written ({e.strerror}); free space, then "
-                        "rerun the same command: it writes them from the last checkpoint") from None  # fmt: skip
+        raise UserError(f"{run_dir}: results could not be written ({e.filename or table}: {e.strerror}); free space, "
+                        "then rerun the same command: it writes them from the last checkpoint") from None  # fmt: skip
     print(f"best {metric} {best[metric]:.4f} (epoch {best['epoch']} of {cfg.epochs}, {seconds / 60:.1f} min): "
           f"{run_dir / 'best'}; results in {run_dir / 'results.json'} and {table}", flush=True)  # fmt: skip

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from data_prep.atomic import write_text
 from data_prep.errors import UserError
 from pretrain.finetune import tasks as T
+from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.loop import load_task_model
 from pretrain.finetune.prepare import decode, encode, read_split
 from pretrain.hf import vocabulary
@@ -52,11 +53,11 @@ def predict(cfg: Any) -> int:
         feats = encode(tcfg, src, rows, None, cfg.predict_file, labelled=False)
     except T.TaskError as e:
         raise UserError(str(e)) from None
-    pad, logits = T.Specials.from_vocab(vocab).pad, []
+    kind, pad, logits = KINDS[tcfg.task.kind], T.Specials.from_vocab(vocab).pad, []
     batch = cfg.trainer.micro_batch_size
     for start in range(0, len(feats), batch):
         part = feats[start : start + batch]
-        out = model(**{k: torch.from_numpy(v) for k, v in T.collate(part, pad, with_labels=False).items()})
+        out = model(**{k: torch.from_numpy(v) for k, v in kind.collate(part, pad, with_labels=False).items()})
         logits.extend(out.logits.float().numpy()[i] for i in range(len(part)))
     preds = decode(tcfg, labels, rows, feats, logits)
     out_file = run_dir / "predictions.jsonl"

@@ -1,5 +1,6 @@
-"""Task data for the fine-tuning loop: read the configured splits (``tasks.read_table``), encode them with the
-model's own tokenizer, and say how validation logits become the task's metrics and a file's predictions."""
+"""Task data for the fine-tuning loop: read the configured splits, encode them with the model's own tokenizer, and
+say how validation logits become the task's metrics and a file's predictions. What differs between task kinds is
+the kind's object (``kinds.KINDS[cfg.task.kind]``); this module only strings its steps together."""
 
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import numpy as np
 import torch
 
 from data_prep.errors import UserError
-from pretrain.finetune import metrics as M
-from pretrain.finetune import spans as S
 from pretrain.finetune import tasks as T
+from pretrain.finetune.kinds import KINDS, TaskKind
 
 
 @dataclass
@@ -24,31 +24,16 @@ class Prepared:
     label_names: list[str] | None
     pad_id: int
     score: Callable[[list[np.ndarray]], dict[str, float]]  # validation logits, one array per feature -> metrics
+    kind: TaskKind
 
     def collate(self, rows: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
-        return {k: torch.from_numpy(v) for k, v in T.collate(rows, self.pad_id, with_labels).items()}
-
-
-def _columns(cfg: Any) -> dict[str, str]:
-    """Configured column name -> the key the encoders read."""
-    t = cfg.task
-    if t.kind == "ner":
-        return {t.tokens_column: "tokens", t.tags_column: "tags"}
-    if t.kind == "qa":
-        return {t.question_column: "question", t.context_column: "context", t.answers_column: "answers"}
-    cols = {t.text_column: "text", t.label_column: "label"}
-    if t.text_pair_column:
-        cols[t.text_pair_column] = "pair"
-    return cols
+        return {k: torch.from_numpy(v) for k, v in self.kind.collate(rows, self.pad_id, with_labels).items()}
 
 
 def read_split(cfg: Any, source: str, split: str | None, labelled: bool = True) -> list[dict[str, Any]]:
-    cols = _columns(cfg)
-    if not labelled:  # prediction input: the label, tags or answers column may be absent
-        drop = {"label", "tags", "answers"}
-        cols = {k: v for k, v in cols.items() if v not in drop}
-    rows = T.read_table(source, split, list(cols))
-    return [{cols[k]: v for k, v in r.items() if k in cols} for r in rows]
+    """Rows of ``source`` keyed as the task's encoder reads them; ``labelled`` False for prediction input (the
+    label, tags or answers column may be absent)."""
+    return KINDS[cfg.task.kind].read(cfg.task, source, split, labelled)
 
 
 def encode(
@@ -56,54 +41,24 @@ def encode(
 ) -> list[dict]:
     """Features of ``rows`` for the task (``labels``: the class map of classification and NER); ``labelled``
     False for prediction input."""
-    t, length = cfg.task, cfg.trainer.max_seq_length
     specials = T.Specials.from_vocab(src.vocab)
-    if t.kind == "ner":
-        return S.encode_ner(src.tokenizer, specials, rows, labels if labelled else None, length, t.truncate, where)
-    if t.kind == "qa":
-        if not labelled:
-            rows = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
-        return S.encode_qa(src.tokenizer, specials, rows, length, t.doc_stride, t.max_query_length, where)
-    y = None
-    if labelled:
-        values = [r["label"] for r in rows]
-        y = T.regression_targets(values, where) if t.kind == "regression" else labels.encode(values, where)
-    pairs = [r["pair"] for r in rows] if t.text_pair_column else None
-    return T.encode_pairs(src.tokenizer, specials, [r["text"] for r in rows], pairs, length, t.truncate, y, where)
+    length = cfg.trainer.max_seq_length
+    return KINDS[cfg.task.kind].encode(cfg.task, rows, labels, src.tokenizer, specials, length, where, labelled)
 
 
 def label_map(cfg: Any, train_rows: list[dict[str, Any]]) -> T.LabelMap | None:
-    t = cfg.task
-    if t.kind == "classification":
-        return T.LabelMap.build(t.labels, [r["label"] for r in train_rows])
-    if t.kind == "ner":
-        return T.LabelMap.build(t.labels, [tag for r in train_rows for tag in r["tags"]])
-    return None
+    return KINDS[cfg.task.kind].label_map(cfg.task, train_rows)
 
 
 def decode(cfg: Any, labels: T.LabelMap | None, rows: list[dict], feats: list[dict], logits: list[np.ndarray]) -> list:
     """Per input row: a class name (classification), a number (regression), tags per word (NER), an answer (QA)."""
-    kind = cfg.task.kind
-    if kind == "classification":
-        return labels.decode([int(x.argmax()) for x in logits])
-    if kind == "regression":
-        return [float(x) for x in logits]
-    if kind == "ner":
-        preds = [x.argmax(-1) for x in logits]
-        return S.decode_ner(preds, [f["word_ids"] for f in feats], labels, [f["num_words"] for f in feats])
-    answers = S.postprocess_qa(rows, feats, [x[:, 0] for x in logits], [x[:, 1] for x in logits],
-                               max_answer_length=cfg.task.max_answer_length)  # fmt: skip
-    return [answers[i] for i in range(len(rows))]
-
-
-def _answer_texts(answers: Any) -> list[str]:
-    """Gold answer texts, SQuAD's ``{"text": [...], ...}`` or a list of ``{"text": ...}``."""
-    return [a["text"] for a in answers] if isinstance(answers, list) else [str(x) for x in answers["text"]]
+    return KINDS[cfg.task.kind].decode(cfg.task, labels, rows, feats, logits)
 
 
 def prepare(cfg: Any, src: Any) -> Prepared:
     """Read, check and encode the training and validation splits; every data mistake is one ``UserError`` line."""
     t = cfg.task
+    kind = KINDS[t.kind]
     if not t.train:
         raise UserError("task.train is not set: give a data file (csv, tsv, jsonl, parquet) or a hub dataset name")
     local = any(t.train.endswith(e) for e in (".csv", ".tsv", ".json", ".jsonl", ".parquet", ".txt", ".conll"))
@@ -122,18 +77,7 @@ def prepare(cfg: Any, src: Any) -> Prepared:
         raise UserError(f"no {'training' if not train else 'validation'} rows in {t.train if not train else val_src}")
 
     def score(logits: list[np.ndarray]) -> dict[str, float]:
-        preds = decode(cfg, labels, val_rows, val, logits)
-        if t.kind == "classification":
-            gold = [labels.labels.index(T._label_key(r["label"])) for r in val_rows]
-            return M.classification_metrics([labels.labels.index(p) for p in preds], gold, labels.num_labels)
-        if t.kind == "regression":
-            return M.regression_metrics(preds, [float(r["label"]) for r in val_rows])
-        if t.kind == "ner":
-            res = M.ner_metrics([r["tags"] for r in val_rows], preds)
-            return {k: v for k, v in res.items() if k != "per_type"}
-        gold = {i: _answer_texts(r["answers"]) for i, r in enumerate(val_rows)}
-        return M.squad_metrics(dict(enumerate(preds)), gold)
+        return kind.score(labels, val_rows, kind.decode(t, labels, val_rows, val, logits))
 
-    n = {"classification": labels.num_labels if labels else 0, "regression": 1, "qa": 2}.get(t.kind)
-    return Prepared(train, val, n if n is not None else labels.num_labels,
-                    list(labels.labels) if labels else None, T.Specials.from_vocab(src.vocab).pad, score)  # fmt: skip
+    pad = T.Specials.from_vocab(src.vocab).pad
+    return Prepared(train, val, kind.num_labels(labels), list(labels.labels) if labels else None, pad, score, kind)

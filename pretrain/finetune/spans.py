@@ -3,6 +3,7 @@ extractive QA (overlapping context windows; answers back to character spans of t
 
 ``encode_ner`` and ``encode_qa`` return one dict per row or window, as ``tasks.encode_pairs`` does, with the
 metadata (lists or ints) that ``decode_ner`` / ``postprocess_qa`` use afterwards; ``tasks.collate`` pads them.
+The ``ner`` and ``qa`` kinds (``kinds.NER``, ``kinds.QA``) call them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
 - ``LabelMap`` (classes, declared or inferred) and ``regression_targets`` (floats).
 - ``encode_pairs`` (``[CLS] A [SEP] (B [SEP])``) returns one dict per row: model inputs as unpadded int64 arrays
   and labels; ``collate`` pads a batch of them into the arrays the model takes. NER and QA encoders, which also
-  keep metadata to map predictions back to words and character spans, are in ``spans.py``.
+  keep metadata to map predictions back to words and character spans, are in ``spans.py``; which encoder, labels
+  and metrics a task uses is its kind's object (``kinds.py``).
 
 Bad data raises ``TaskError``: one line naming the file (or dataset), the row or column, and what to do.
 Special ids come from the vocabulary (``Specials``), never from a tokenizer's post-processor, so a tokenizer.json
