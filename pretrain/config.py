@@ -15,6 +15,7 @@ import hashlib
 import json
 import re
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -423,14 +424,19 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     )
 
 
-def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
+def preflight(
+    cfg: Any, world_size: int, architecture: Callable[[dict[str, Any], DataInfo], list[str]] | None = None
+) -> tuple[DataInfo, dict[str, Any]]:
     """Check data, model and batch settings against each other; return the data info and the model kwargs
-    (``vocab_size`` filled from the data). Raises UserError; warnings for the harmless mismatches."""
+    (``vocab_size`` filled from the data). ``architecture`` may change the model kwargs first (continued
+    pretraining: the checkpoint's own), returning what it changed. Raises UserError; warnings for the harmless
+    mismatches."""
     if cfg.optim.name not in ("adamw", "lamb"):
         raise UserError(f"optim.name={cfg.optim.name!r}: use adamw or lamb")
     if cfg.trainer.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={cfg.trainer.precision!r}: use one of {', '.join(PRECISIONS)}")
     gradient_accumulation_steps(cfg, world_size)
+    build_ds_config(cfg, world_size)  # a bad deepspeed.config_file fails here, before any work
     if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
         warnings.warn("trainer.phase=2 without trainer.init_from: phase 2 starts from random weights", stacklevel=2)
     info = inspect_data(cfg.data.dir, cfg.data.verify)
@@ -445,11 +451,8 @@ def preflight(cfg: Any, world_size: int) -> tuple[DataInfo, dict[str, Any]]:
         )
     info.has_validation = bool(n_val) and cfg.trainer.eval_batches > 0
     model = OmegaConf.to_container(cfg.model, resolve=True) if OmegaConf.is_config(cfg.model) else asdict(cfg.model)
-    if cfg.trainer.init_from:  # a Hugging Face directory brings its architecture, vocabulary and heads
-        from pretrain.weights import continue_from
-
-        for note in continue_from(cfg.trainer.init_from, model, cfg.data.dir, info.manifest.lowercase):
-            warnings.warn(f"trainer.init_from: {note}", stacklevel=2)
+    for note in architecture(model, info) if architecture is not None else []:
+        warnings.warn(f"trainer.init_from: {note}", stacklevel=2)
     if model.get("vocab_size") is None:
         model["vocab_size"] = info.vocab_size
     elif model["vocab_size"] != info.vocab_size:

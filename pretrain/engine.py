@@ -46,7 +46,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.config import build_ds_config
 from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
-from pretrain.metrics import LogWindow, MetricsLogger
+from pretrain.metrics import MetricsLogger
 from pretrain.optim import build_optimizer, scheduler_factory
 from pretrain.signals import PREEMPTED_EXIT_CODE, StopFlag
 
@@ -86,15 +86,63 @@ def resume_tag(resume: str, ckpt_root: Path) -> Path | None:
     return tag
 
 
-def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, dict, str]:
-    """The optimizer and DeepSpeed config of ``model`` as training builds them: (client optimizer or None, param
-    groups, the DeepSpeed JSON under the one precedence rule, a description of the optimizer)."""
+def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, Any, dict, str]:
+    """The optimizer, schedule and DeepSpeed config of ``model`` as training builds them: (client optimizer or
+    None, param groups, the LR scheduler factory, the DeepSpeed JSON under the one precedence rule, a description
+    of the optimizer)."""
     client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, cuda)
+    schedule = scheduler_factory(cfg)
     ds_config = build_ds_config(cfg, world_size, ds_opt)  # repeated warnings are shown once
     if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
         client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
         warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
-    return client_opt, groups, ds_config, opt_desc
+    return client_opt, groups, schedule, ds_config, opt_desc
+
+
+class LogWindow:
+    """What this rank adds up between two log lines, and the record it becomes.
+
+    ``sums`` (loss, MLM, NSP per micro-batch, and micro-batches) is the ``TrainState.window`` dict, saved in
+    checkpoints so that a resumed window averages the same steps; tokens and time are for throughput only."""
+
+    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
+        self.sums, self.device = sums, device
+        self.tokens = torch.zeros(2, dtype=torch.float64, device=device)  # real tokens, padded tokens
+        self.t0, self.steps = time.time(), 0
+
+    def add(self, stats: torch.Tensor, accum: int, applied: bool) -> None:
+        """One optimizer step's ``Engine.step`` stats; the losses of a skipped step are left out."""
+        self.steps += 1
+        self.tokens += stats[3:5]
+        if applied:
+            for i, k in enumerate(("loss", "mlm", "nsp")):
+                self.sums[k] += float(stats[i])
+            self.sums["micro"] += accum
+
+    def close(self, all_reduce: Any, global_batch: int) -> tuple[dict[str, Any], int, int]:
+        """Reduce over ranks and start a new window: (partial record, real tokens, padded tokens). The record has
+        the losses (None without an applied step), sequences/s and tokens/s of the window."""
+        s = all_reduce(
+            torch.tensor(
+                [self.sums[k] for k in ("loss", "mlm", "nsp", "micro")], dtype=torch.float64, device=self.device
+            )
+        ).tolist()
+        toks = all_reduce(self.tokens.clone()).tolist()
+        dt = max(time.time() - self.t0, 1e-9)
+        n = s[3]
+        rec = {
+            "loss": s[0] / n if n else None,
+            "mlm_loss": s[1] / n if n else None,
+            "nsp_loss": s[2] / n if n else None,
+            "sequences_per_s": self.steps * global_batch / dt,
+            "tokens_per_s": toks[0] / dt,
+            "padded_tokens_per_s": toks[1] / dt,
+        }
+        for k in self.sums:
+            self.sums[k] = 0.0
+        self.tokens.zero_()
+        self.t0, self.steps = time.time(), 0
+        return rec, int(toks[0]), int(toks[1])
 
 
 @dataclass
@@ -127,6 +175,7 @@ class Engine:
     skip_nonfinite: bool  # a plain client optimizer (ZeRO-0, fp32): non-finite updates are skipped here
     own_norm: bool  # DeepSpeed reports no gradient norm (plain fp32): ``step`` measures it
     stop: StopFlag
+    window: LogWindow  # the losses and tokens since the last log record (its sums are checkpointed)
     loop: LoopState = field(default_factory=LoopState)
     logger: MetricsLogger | None = None
 
@@ -145,16 +194,6 @@ class Engine:
     @property
     def accum(self) -> int:
         return self.engine.gradient_accumulation_steps()
-
-    def open_log(self, config: dict[str, Any]) -> MetricsLogger:
-        """metrics.jsonl (cut back to the resumed step), W&B (the resumed run's id) and the progress bar."""
-        t = self.cfg.trainer
-        self.logger = MetricsLogger(self.cfg, self.run_dir, self.main, self.client.get("wandb_id"), config,
-                                    self.state.step, t.max_steps)  # fmt: skip
-        return self.logger
-
-    def window(self) -> LogWindow:
-        return LogWindow(self.state.window, self.device)
 
     # ------------------------------------------------------------------------------------------- one step
 
@@ -210,13 +249,13 @@ class Engine:
         else:
             opt.step = own
 
-    def book(self, stats: torch.Tensor, nonfinite: bool, window: LogWindow) -> tuple[bool, float | None]:
+    def book(self, stats: torch.Tensor, nonfinite: bool) -> tuple[bool, float | None]:
         """Book a finished step: the counters, the log window, skipped steps and non-finite streaks. Returns
         (stop the run now, the step's loss averaged over micro-batches and ranks; None for a skipped step)."""
         state, t, engine, loop = self.state, self.cfg.trainer, self.engine, self.loop
         state.step, state.epoch, loop.job_steps = state.step + 1, self.position.epoch, loop.job_steps + 1
         applied = engine.was_step_applied() and not nonfinite
-        window.add(stats, self.accum, applied=applied)
+        self.window.add(stats, self.accum, applied=applied)
         if nonfinite and engine.was_step_applied() and not self.skip_nonfinite:
             why = "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded"
             self.nonfinite_stop(why)
@@ -249,10 +288,10 @@ class Engine:
             )
         self.loop.status, self.loop.code = f"stopped: non-finite loss at step {step}", NONFINITE_EXIT_CODE
 
-    def close_window(self, window: LogWindow) -> dict[str, Any] | None:
+    def close_window(self) -> dict[str, Any] | None:
         """Reduce the log window over ranks: the common part of a ``train`` record (None: only skipped steps)."""
         t, state = self.cfg.trainer, self.state
-        rec, tokens, _ = window.close(D.all_reduce, t.global_batch_size)
+        rec, tokens, _ = self.window.close(D.all_reduce, t.global_batch_size)
         state.tokens += tokens
         self.loop.job_tokens += tokens
         if rec["loss"] is None:
@@ -314,7 +353,7 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
     ``compile``: ``engine.compile()`` (default: ``trainer.compile``)."""
     t = cfg.trainer
     deepspeed = import_deepspeed(cfg.verbose)
-    client_opt, groups, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
+    client_opt, groups, schedule, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
     if env.is_main and record:
         run_dir = Path(cfg.run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -324,7 +363,7 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
     if load_tag is not None:
         ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=client_opt, model_parameters=groups,
-                                                   lr_scheduler=scheduler_factory(cfg), config=ds_config)  # fmt: skip
+                                                   lr_scheduler=schedule, config=ds_config)  # fmt: skip
     release_shm_buffer(env.rank)  # every rank is past init_distributed: the engine's set-up had collectives
     if t.compile if compile is None else compile:
         engine.compile()
@@ -352,6 +391,7 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
         skip_nonfinite=engine.optimizer is client_opt and client_opt is not None,
         own_norm=engine.zero_optimization_stage() == 0 and t.precision == "fp32",
         stop=stop,
+        window=LogWindow(state.window, device),
     )
 
 

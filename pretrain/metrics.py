@@ -86,52 +86,6 @@ def truncate_metrics(path: Path, step: int) -> None:
     write_text(path, "".join(line + "\n" for line in keep))
 
 
-class LogWindow:
-    """What this rank adds up between two log lines, and the record it becomes.
-
-    ``sums`` (loss, MLM, NSP per micro-batch, and micro-batches) is the ``TrainState.window`` dict, saved in
-    checkpoints so that a resumed window averages the same steps; tokens and time are for throughput only."""
-
-    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
-        self.sums, self.device = sums, device
-        self.tokens = torch.zeros(2, dtype=torch.float64, device=device)  # real tokens, padded tokens
-        self.t0, self.steps = time.time(), 0
-
-    def add(self, stats: torch.Tensor, accum: int, applied: bool) -> None:
-        """One optimizer step's ``train_step`` stats; the losses of a skipped step are left out."""
-        self.steps += 1
-        self.tokens += stats[3:5]
-        if applied:
-            for i, k in enumerate(("loss", "mlm", "nsp")):
-                self.sums[k] += float(stats[i])
-            self.sums["micro"] += accum
-
-    def close(self, all_reduce: Any, global_batch: int) -> tuple[dict[str, Any], int, int]:
-        """Reduce over ranks and start a new window: (partial record, real tokens, padded tokens). The record has
-        the losses (None without an applied step), sequences/s and tokens/s of the window."""
-        s = all_reduce(
-            torch.tensor(
-                [self.sums[k] for k in ("loss", "mlm", "nsp", "micro")], dtype=torch.float64, device=self.device
-            )
-        ).tolist()
-        toks = all_reduce(self.tokens.clone()).tolist()
-        dt = max(time.time() - self.t0, 1e-9)
-        n = s[3]
-        rec = {
-            "loss": s[0] / n if n else None,
-            "mlm_loss": s[1] / n if n else None,
-            "nsp_loss": s[2] / n if n else None,
-            "sequences_per_s": self.steps * global_batch / dt,
-            "tokens_per_s": toks[0] / dt,
-            "padded_tokens_per_s": toks[1] / dt,
-        }
-        for k in self.sums:
-            self.sums[k] = 0.0
-        self.tokens.zero_()
-        self.t0, self.steps = time.time(), 0
-        return rec, int(toks[0]), int(toks[1])
-
-
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 

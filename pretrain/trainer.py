@@ -28,13 +28,13 @@ import torch.distributed as dist
 from data_prep.errors import UserError
 from pretrain import distributed as D
 from pretrain.checkpoint import checkpoint_step, find_checkpoint, gather
-from pretrain.config import Config, build_ds_config, preflight
+from pretrain.config import Config, preflight
 from pretrain.data import Batches, build_dataloader
 from pretrain.engine import Engine, resume_tag, spike_mean, start
 from pretrain.evaluation import most_frequent_token
 from pretrain.hf import export_hf
 from pretrain.metrics import (
-    LogWindow,
+    MetricsLogger,
     memory_gb,
     mfu,
     peak_tflops,
@@ -46,7 +46,7 @@ from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.scores import PRETRAINING_SUMS, pretraining_metrics, pretraining_scores
 from pretrain.scores import evaluate as evaluation_pass
 from pretrain.signals import StopFlag
-from pretrain.weights import pretraining_model
+from pretrain.weights import continue_from, pretraining_model
 
 UNIGRAM_SAMPLE = 1 << 26  # tokens read for the unigram baseline: seconds, not minutes, on a billion-token corpus
 VALIDATION_KEYS = ("mlm_loss", "mlm_acc", "unigram_acc", "nsp_loss", "nsp_acc")  # logged as val_*
@@ -106,8 +106,11 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     auto_batch = t.micro_batch_size == "auto"
     if auto_batch:
         t.micro_batch_size = 1  # for the checks below; probed once the model is on its device
-    info, model_kw = preflight(cfg, env.world_size)  # fails before any work
-    build_ds_config(cfg, env.world_size)  # a bad deepspeed.config_file fails here, before any work
+
+    def architecture(model: dict[str, Any], info: Any) -> list[str]:  # a Hugging Face directory brings its own
+        return continue_from(t.init_from, model, cfg.data.dir, info.manifest.lowercase) if t.init_from else []
+
+    info, model_kw = preflight(cfg, env.world_size, architecture)  # fails before any work
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     run_dir = Path(cfg.run_dir).resolve()
     tag = resume_tag(cfg.resume, run_dir / "checkpoints")
@@ -134,26 +137,19 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
         )
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
+    unigram_id = most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1
     ds = start(cfg, env, model, device, tag, sampler, stop)
     if tag is None and t.init_from and env.is_main:
         print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
+    cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
+    flops, peak = model.flops_per_token(t.max_seq_length), peak_tflops(t.peak_tflops, device)
     if env.is_main:
         print_startup(cfg, model.config, model.num_parameters(), info, env, device, threads,
                       ds.engine.zero_optimization_stage(), ds.opt_desc, ds.accum, ds.state.step, run_dir)  # fmt: skip
-    cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
-    ds.open_log(cfg_dict)
-    return Run(
-        cfg=cfg,
-        cfg_dict=cfg_dict,
-        ds=ds,
-        loader=loader,
-        val_loader=val_loader,
-        info=info,
-        model_kw=model_kw,
-        flops_per_token=model.flops_per_token(t.max_seq_length),
-        peak_tflops=peak_tflops(t.peak_tflops, device),
-        unigram_id=most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1,
-    )
+    ds.logger = MetricsLogger(cfg, run_dir, env.is_main, ds.client.get("wandb_id"), cfg_dict, ds.state.step,
+                              t.max_steps)  # fmt: skip
+    return Run(cfg=cfg, cfg_dict=cfg_dict, ds=ds, loader=loader, val_loader=val_loader, info=info, model_kw=model_kw,
+               flops_per_token=flops, peak_tflops=peak, unigram_id=unigram_id)  # fmt: skip
 
 
 def log_spike(run: Run, step: int, loss: float, mean: float, batches: Batches) -> None:
@@ -181,10 +177,10 @@ def watch_spikes(run: Run, step_loss: float, batches: Batches) -> None:
         history.append(step_loss)
 
 
-def log_window(run: Run, window: LogWindow, stats: torch.Tensor) -> None:
+def log_window(run: Run, stats: torch.Tensor) -> None:
     """Close the log window: one ``train`` record (metrics.jsonl, W&B, the bar or a plain line)."""
     ds = run.ds
-    rec = ds.close_window(window)
+    rec = ds.close_window()
     if rec is None:  # a window of skipped steps only has no loss to report
         return
     rec.pop("padded_tokens_per_s")
@@ -269,19 +265,19 @@ def train(cfg: Config) -> int:
     run = setup(cfg, env, stop)  # resumes from the newest complete checkpoint
     ds = run.ds
     state, loop = ds.state, ds.loop
-    batches, window = Batches(run.loader, ds.position, ds.device), ds.window()
+    batches = Batches(run.loader, ds.position, ds.device)
     t_loop = time.time()
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
         batches.positions.clear()
         stats, nonfinite = ds.step(batches, measure_norm=log_now)
-        stopped, step_loss = ds.book(stats, nonfinite, window)
+        stopped, step_loss = ds.book(stats, nonfinite)
         if stopped:
             break
         if step_loss is not None:
             watch_spikes(run, step_loss, batches)
         if log_now:
-            log_window(run, window, stats)
+            log_window(run, stats)
         if run.val_loader is not None and (
             t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps
         ):

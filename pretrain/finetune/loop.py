@@ -31,6 +31,7 @@ from pretrain.finetune.config import METRICS, FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
 from pretrain.finetune.prepare import Prepared, prepare
 from pretrain.hf import export_hf, load_weights, read_weights
+from pretrain.metrics import MetricsLogger
 from pretrain.model import BertConfig, BertForPreTraining
 from pretrain.scores import evaluate as evaluation_pass
 from pretrain.signals import StopFlag
@@ -182,7 +183,9 @@ def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, P
         pad = {g: batches.padding(g) for g in (True, False)}
         what = f"grouped by length ({pad[False]:.0%} shuffled)" if cfg.group_by_length else "shuffled"
         print(f"batches {what}: padding {pad[cfg.group_by_length]:.0%} of the positions", flush=True)
-    ds.open_log(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    ds.logger = MetricsLogger(cfg, ds.run_dir, env.is_main, ds.client.get("wandb_id"), config, ds.state.step,
+                              t.max_steps)  # fmt: skip
     return ds, src, data, batches
 
 
@@ -199,13 +202,13 @@ def finetune(cfg: FinetuneConfig) -> int:
     best, history = ds.client.get("best"), list(ds.client.get("history") or [])
     if history and env.is_main:
         _recover_best(ds, src, data, run_dir, history, metric)
-    window, t0 = ds.window(), time.time()
+    t0 = time.time()
     while state.step < t.max_steps:
         stats, nonfinite = ds.step(batches)
-        stopped, _ = ds.book(stats, nonfinite, window)
+        stopped, _ = ds.book(stats, nonfinite)
         if stopped:
             break
-        if state.step % t.log_every == 0 and (rec := ds.close_window(window)) is not None:
+        if state.step % t.log_every == 0 and (rec := ds.close_window()) is not None:
             for k in ("padded_tokens_per_s", "mlm_loss", "nsp_loss"):  # no pretraining heads here
                 rec.pop(k)
             ds.logger.log({**rec, "epoch": batches.epoch + 1})
