@@ -26,7 +26,7 @@ from data_prep.errors import UserError
 from data_prep.vocab import read_vocab
 from pretrain.checkpoint import check_format, checkpoint_step, find_checkpoint, fp32_weights
 from pretrain.deepspeed_env import import_deepspeed
-from pretrain.hf import ROOT, has_nsp_head, load_hf, vocabulary, weight_keys
+from pretrain.hf import ROOT, load_hf, vocabulary, weight_keys
 from pretrain.model import BertConfig, BertForPreTraining
 
 
@@ -150,7 +150,9 @@ def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_low
                 f"data.dir={data_dir} is {'uncased' if data_lowercase else 'cased'} but {what} is "
                 f"{'uncased' if theirs[2] else 'cased'}; prepare it with vocab={d} lowercase={str(theirs[2]).lower()}"
             )
-    if model.get("nsp", True) and not has_nsp_head(weight_keys(d)):
+    # Pretraining continues the pair task only with a trained pair head (an encoder-only directory's pooler, which
+    # load_hf keeps for fine-tuning, is not one); the names are read from the safetensors header, not the weights.
+    if model.get("nsp", True) and "cls.seq_relationship.weight" not in weight_keys(d):
         model["nsp"] = False
         notes.append("model.nsp=false: the checkpoint has no NSP head (MLM continues alone)")
     return notes

@@ -15,8 +15,6 @@ from hydra.core.config_store import ConfigStore
 from pretrain.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig
 from pretrain.finetune.heads import KINDS
 
-METRICS = {"classification": "accuracy", "regression": "pearson", "ner": "f1", "qa": "f1"}
-
 
 @dataclass
 class TaskConfig:

@@ -27,8 +27,9 @@ from data_prep.errors import UserError
 from pretrain import distributed as D
 from pretrain.data import bucket_by_length, fork_rng
 from pretrain.engine import Engine, resume_tag, start
-from pretrain.finetune.config import METRICS, FinetuneConfig
+from pretrain.finetune.config import FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
+from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.prepare import Prepared, prepare
 from pretrain.hf import export_hf, load_weights, read_weights
 from pretrain.metrics import MetricsLogger
@@ -38,8 +39,6 @@ from pretrain.signals import StopFlag
 from pretrain.weights import load_model
 
 GROUP_STEPS = 50  # global batches sorted together by length (group_by_length)
-HF_CLASSES = {"classification": "BertForSequenceClassification", "regression": "BertForSequenceClassification",
-              "ner": "BertForTokenClassification", "qa": "BertForQuestionAnswering"}  # fmt: skip
 
 
 class TaskBatches:
@@ -126,7 +125,7 @@ def save_best(model: BertForTask, src: Any, data: Prepared, out: Path, metrics: 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     extra = {
-        "architectures": [HF_CLASSES[model.kind]],
+        "architectures": [KINDS[model.kind].hf_class],
         "nsp": model.bert.pooler is not None,  # read back by BertConfig.from_hf_dict: whether there is a pooler
         "task_kind": model.kind,
         "num_labels": model.num_labels,
@@ -197,7 +196,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     D.set_threads()
     t, run_dir = cfg.trainer, Path(cfg.run_dir).resolve()
     ds, src, data, batches = setup(cfg, env, stop)
-    metric = cfg.task.metric or METRICS[cfg.task.kind]
+    metric = cfg.task.metric or KINDS[cfg.task.kind].metric
     state, loop = ds.state, ds.loop
     best, history = ds.client.get("best"), list(ds.client.get("history") or [])
     if history and env.is_main:
