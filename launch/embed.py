@@ -18,8 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from pretrain.cli import guard  # noqa: E402
 from pretrain.embed import POOLINGS, run_embed  # noqa: E402
-from pretrain.evaluation import cli  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -57,7 +57,7 @@ def main(argv: list[str]) -> int:
                   a.device)  # fmt: skip
         return 0
 
-    return cli(run)
+    return guard(run)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
-from pretrain.evaluation import DEFAULT_SEED, cli, run_evaluate  # noqa: E402
+from pretrain.cli import guard  # noqa: E402
+from pretrain.evaluation import DEFAULT_SEED, run_evaluate  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -53,7 +54,7 @@ def main(argv: list[str]) -> int:
         )
         return 0
 
-    return cli(run)
+    return guard(run)
 
 
 if __name__ == "__main__":

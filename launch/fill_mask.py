@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from data_prep.errors import UserError  # noqa: E402
 from data_prep.vocab import SPECIAL_TOKENS  # noqa: E402
-from pretrain.evaluation import cli  # noqa: E402
+from pretrain.cli import guard  # noqa: E402
 from pretrain.hf import fill_mask  # noqa: E402
 from pretrain.weights import load_model  # noqa: E402
 
@@ -43,7 +43,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.top_k < 1:
         p.error(f"--top-k {a.top_k}: must be at least 1")
-    return cli(lambda: predict(a.model, a.texts, a.top_k))
+    return guard(lambda: predict(a.model, a.texts, a.top_k))
 
 
 if __name__ == "__main__":

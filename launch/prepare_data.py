@@ -21,8 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from data_prep.config import PrepareConfig  # noqa: E402
-from data_prep.errors import DataPrepError  # noqa: E402
 from data_prep.pipeline import prepare  # noqa: E402
+from pretrain.cli import check_overrides, help_text, run_entry  # noqa: E402  (light: no torch)
 
 ConfigStore.instance().store(name="prepare_data_schema", node=PrepareConfig)
 
@@ -30,19 +30,15 @@ ConfigStore.instance().store(name="prepare_data_schema", node=PrepareConfig)
 @hydra.main(version_base="1.3", config_path="../conf", config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("data_prep").setLevel(logging.INFO)
-    try:
+
+    def run() -> int:
         prepare(OmegaConf.to_object(cfg))
-    except DataPrepError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: completed parts and shards are kept; rerun the same command to finish", file=sys.stderr)
-        sys.exit(130)
+        return 0
+
+    run_entry(run, lambda: "completed parts and shards are kept; rerun the same command to finish")
 
 
 if __name__ == "__main__":
-    from pretrain.cli import check_overrides, help_text  # light: no torch
-
     if any(a in ("--help", "-h") for a in sys.argv[1:]):  # the data-prep options, not Hydra's list of conf/ groups
         print(help_text(__doc__, PrepareConfig), end="")
         sys.exit(0)

@@ -50,39 +50,44 @@ def resume_hint(run_dir: Path) -> str:
     return f"the last complete checkpoint is {tag}; rerun the same command to resume"
 
 
-def run_entry(main: Callable[[], int], where: Callable[[], str] | None = None) -> None:
-    """Run an entry point's ``main`` and exit with its code, or with one ``error:`` line and the documented code:
-    2 for a ``UserError`` or a full/read-only disk, 69 for a lost rank (``where`` says what to rerun from),
-    130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
+def guard(main: Callable[[], int], where: Callable[[], str] | None = None) -> int:
+    """Run an entry point's ``main`` and return its exit code, or the documented code after one ``error:`` line:
+    2 for a ``UserError`` or a full/read-only disk, 69 for a lost rank (at once, ``where`` says what to rerun
+    from), 130 for Ctrl-C. Anything else is a bug and keeps its traceback."""
     one_line_warnings()
     if where is not None:
         D.set_failure_hint(where)  # the heartbeat thread may report a lost rank before main returns
     try:
         code = main()
         ignore_preempt_signals()  # past its last save: a late signal must not replace the exit code
+        return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(USER_ERROR_EXIT_CODE)
+        return USER_ERROR_EXIT_CODE
     except D.RendezvousError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(D.LOST_RANK_EXIT_CODE)  # not sys.exit: a store client may still be connecting on a thread
     except KeyboardInterrupt:
-        rerun = f": {where()}" if where else ""
-        print(f"interrupted{rerun}", file=sys.stderr, flush=True)
-        sys.exit(INTERRUPTED_EXIT_CODE)
+        print(f"interrupted{f': {where()}' if where else ''}", file=sys.stderr, flush=True)
+        return INTERRUPTED_EXIT_CODE
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
-        print(f"error: {e.filename or 'output'}: {e.strerror}; free space or fix the permissions (or point run_dir "
-              "elsewhere), then rerun the same command", file=sys.stderr, flush=True)  # fmt: skip
-        sys.exit(USER_ERROR_EXIT_CODE)
+        print(f"error: {e.filename or 'output'}: {e.strerror}; free space or fix the permissions (or point the "
+              "output elsewhere), then rerun the same command", file=sys.stderr, flush=True)  # fmt: skip
+        return USER_ERROR_EXIT_CODE
     except Exception as e:
         lost = D.explain_failure(e)  # None: not a communication failure but a bug, which keeps its traceback
         if lost is None:
             raise
         D.exit_lost_rank(lost)  # one line, exit 69 at once (no teardown of a broken group)
-    sys.exit(code)
+        raise
+
+
+def run_entry(main: Callable[[], int], where: Callable[[], str] | None = None) -> None:
+    """``guard`` and exit with its code: the body of every launcher's ``main``."""
+    sys.exit(guard(main, where))
 
 
 def strip_local_rank_arg(argv: list[str] | None = None) -> None:

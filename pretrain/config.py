@@ -18,17 +18,17 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from data_prep.errors import UserError
+from data_prep.errors import DataPrepError, UserError
+from data_prep.manifest import Manifest, read_manifest
+from data_prep.store import NSP_LABEL, ShardError, verify_data
+from data_prep.vocab import read_vocab
 from pretrain.masking import MaskingConfig
 from pretrain.model import BertConfig
-
-if TYPE_CHECKING:
-    from data_prep.manifest import Manifest
 
 
 @dataclass
@@ -390,9 +390,6 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"data.dir={d}: directory not found; run `python launch/prepare_data.py output_dir={d}` first")
-    from data_prep.errors import DataPrepError
-    from data_prep.manifest import Manifest, read_manifest
-
     try:
         manifest = read_manifest(d) or Manifest()
     except DataPrepError as e:
@@ -401,13 +398,9 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     if not (d / "vocab.txt").is_file():
         raise UserError(f"{d}: no vocab.txt; this is not a prepare_data output directory")
     if vocab_size is None:
-        from data_prep.vocab import read_vocab
-
         vocab_size = len(read_vocab(d / "vocab.txt"))
     if not _shards(d / "train"):
         raise UserError(f"{d / 'train'}: no shards (*.index.npy); run launch/prepare_data.py to completion first")
-    from data_prep.store import ShardError, verify_data
-
     try:  # before any process group or model exists: a rotten shard must not surface as a step-9000 traceback
         verified = verify_data(d, manifest, checksums=verify)
     except ShardError as e:
@@ -415,8 +408,6 @@ def inspect_data(data_dir: str, verify: bool = True) -> DataInfo:
     nsp = manifest.nsp
     if nsp is None:  # older manifests: look at the first sample's label
         import numpy as np
-
-        from data_prep.store import NSP_LABEL
 
         nsp = bool(np.load(_shards(d / "train")[0], mmap_mode="r")[0, NSP_LABEL] >= 0)
     return DataInfo(

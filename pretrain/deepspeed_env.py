@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from data_prep.errors import UserError
+
 
 def import_deepspeed(verbose: bool = False) -> Any:
     """``import deepspeed``, without its per-rank chatter (accelerator detection, engine and op-build notes) unless
@@ -41,8 +43,6 @@ def check_cpu_comm_build_lock(now: float | None = None) -> None:
     file; a process killed during that build leaves the lock, and every later run then waits on it forever,
     silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
     from torch.utils.cpp_extension import _get_build_directory
-
-    from data_prep.errors import UserError
 
     try:
         lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")

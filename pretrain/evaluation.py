@@ -27,8 +27,12 @@ import numpy as np
 import torch
 
 from data_prep.errors import DataPrepError, UserError
+from data_prep.manifest import read_manifest
+from data_prep.store import SplitReader
 from data_prep.vocab import read_vocab
+from pretrain.data import build_dataloader
 from pretrain.hf import ROOT
+from pretrain.masking import MaskingCollator, MaskingConfig
 from pretrain.scores import PRETRAINING_SUMS, Sums, evaluate, pretraining_metrics, pretraining_scores
 from pretrain.weights import ModelSource, load_model
 
@@ -43,8 +47,6 @@ def token_counts(data_dir: str | os.PathLike, split: str = "train", max_tokens: 
     """Occurrences of every token id in a split's shards (int64, up to the largest id present): ``np.bincount``
     over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM. ``max_tokens``: read at
     most that many, the same share from the start of every shard (an estimate for corpora of billions)."""
-    from data_prep.store import SplitReader
-
     shards = SplitReader(data_dir, split).shards
     per_shard = None if max_tokens is None else -(-max_tokens // max(1, len(shards)))
     counts = np.zeros(0, dtype=np.int64)
@@ -67,8 +69,6 @@ def most_frequent_token(
     """Id of the most frequent token of a split (the unigram baseline's only answer). ``exclude`` defaults to
     the special tokens masking never selects ([PAD], [CLS], [SEP], [MASK], read from ``data_dir/vocab.txt``):
     every sample has a [CLS] and a [SEP], and a baseline that answers one is never scored."""
-    from pretrain.masking import MaskingCollator
-
     counts = token_counts(data_dir, split, max_tokens)
     if exclude is None:
         exclude = np.flatnonzero(MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt").ineligible)
@@ -85,8 +85,6 @@ def _sha256(tokens: list[str]) -> str:
 
 def check_data(source: ModelSource, data_dir: str | os.PathLike, split: str) -> Path:
     """The data directory, checked against the model: split present, same vocabulary, samples that fit."""
-    from data_prep.manifest import read_manifest
-
     d = Path(data_dir)
     if not d.is_dir():
         raise UserError(f"--data {d}: directory not found; prepare it first (python launch/prepare_data.py ...)")
@@ -290,9 +288,6 @@ def run_evaluate(
     device: str | None = None,
 ) -> dict[str, Any]:
     """``launch/evaluate.py``: load, check, evaluate, print the table, append the record; returns the record."""
-    from pretrain.data import build_dataloader
-    from pretrain.masking import MaskingConfig
-
     if data and text:
         raise UserError("give --data DIR or --text FILE, not both")
     if device is not None:
@@ -361,21 +356,3 @@ def run_evaluate(
         except OSError as e:
             warnings.warn(f"{source.run_dir / 'metrics.jsonl'}: not recorded ({e.strerror})", stacklevel=2)
     return record
-
-
-def cli(main: Callable[[], int]) -> int:
-    """Run a tool's ``main``: a user mistake is one ``error:`` line on stderr and exit code 2, warnings are one
-    line each, Ctrl-C is 130; anything else is a bug and keeps its traceback."""
-
-    def one_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001 - warnings API
-        print(f"warning: {message}", file=sys.stderr, flush=True)
-
-    warnings.showwarning = one_line
-    try:
-        return main()
-    except (UserError, DataPrepError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text
+from data_prep.errors import UserError
 
 # Dense bf16/fp16 peak TFLOP/s per device, for the MFU estimate when trainer.peak_tflops is not set.
 PEAK_TFLOPS = {
@@ -154,8 +155,6 @@ class MetricsLogger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         except OSError as e:  # a full or vanished disk: one line, not a traceback from deep in the loop
-            from data_prep.errors import UserError
-
             raise UserError(
                 f"{self.path}: cannot write metrics ({e.strerror}); free space or point run_dir "
                 "elsewhere, then rerun to resume from the last complete checkpoint"

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from data_prep.errors import UserError
+
 METRICS_FILE = "metrics.jsonl"
 DPI = 100
 PANEL_W, PANEL_H, LEGEND_H = 4.5, 3.5, 0.9  # inches; a figure is PANEL_W x ncols by PANEL_H x nrows + LEGEND_H
@@ -33,7 +35,7 @@ BASE_STYLE = {"linestyle": "-.", "linewidth": 1.0, "alpha": 0.7}  # the unigram 
 REF_COLORS = ["black", "0.5", "saddlebrown"]  # references stay out of the runs' colour cycle
 
 
-class ReportError(Exception):
+class ReportError(UserError):
     """A user mistake (a run directory that does not exist, no metrics, an unreadable reference CSV): printed as
     one ``error:`` line by ``launch/report.py``, exit code 2."""
 
