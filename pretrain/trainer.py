@@ -2,7 +2,7 @@
 ``evaluate``, the step's pretraining bookkeeping (``log_spike``, ``log_window``), ``summarize`` and ``train``,
 which reads: resume, loop (step, log, evaluate, save, stop on signal), export, summary. The loop machinery
 (optimizer step, non-finite skip/stop, checkpoint bundles, preemption, resume) is ``pretrain/engine.py``, shared
-with fine-tuning; metric windows and the log are ``pretrain/metrics.py``.
+with fine-tuning; the log is ``pretrain/metrics.py``.
 
 Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
 ``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
