@@ -30,12 +30,19 @@ def catch_preempt_signals() -> None:
         signal.signal(sig, _remember_signal)
 
 
+def _ours(handler: Any) -> bool:
+    return handler is _remember_signal or isinstance(getattr(handler, "__self__", None), StopFlag)
+
+
 def ignore_preempt_signals() -> None:
     """Once the run is over (finished, or checkpointed for exit 75): ignore further SIGUSR1/SIGTERM. Python puts
     the default action (terminate) back while it shuts down, so a late signal would turn exit 75 into a death
-    by signal, which SLURM does not requeue; an ignored signal stays ignored."""
+    by signal, which SLURM does not requeue; an ignored signal stays ignored. Only where our handlers are
+    installed (a training entry point): an ignored signal is inherited by every process started later, and a
+    tool's worker pool must still be able to terminate its workers."""
     for sig in PREEMPT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if _ours(signal.getsignal(sig)):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 class StopFlag:
