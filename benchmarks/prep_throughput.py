@@ -63,8 +63,8 @@ def _timed(fn) -> float:
 
 
 def pipeline(inputs: list[str], vocab: Path, workers: int, root: Path) -> dict:
-    from data_prep.packing import run_shards
     from data_prep.read import run_read
+    from data_prep.shards import run_shards
     from data_prep.tokenize import run_tokenize
 
     cfg = PrepareConfig(inputs=inputs, output_dir=str(root / f"w{workers}"), vocab=str(vocab), num_workers=workers)

@@ -11,7 +11,8 @@ once shortens a whole book (and its one-sentence chunks are all NotNext), so Not
 targets near ``short_seq_prob`` only with a draw per chunk. The manifest counts, per split, NotNext pairs, samples
 whose target was drawn short (``short_target``) and samples shorter than ``max_seq_length / 2`` tokens
 (``short_rows``, specials included).
-RoBERTa mode (full sentences packed, no NSP) and the stage's driver, ``run_shards``, are in ``data_prep.packing``.
+RoBERTa mode (full sentences packed, no NSP) is in ``data_prep.packing``; the stage's driver, ``run_shards``, in
+``data_prep.shards``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def open_token_store(path: str) -> Corpus:
 
 
 @dataclass(frozen=True)
-class _Params:
+class Params:
     """Everything a worker needs, picklable: it opens the corpus itself (memory-mapped) with ``opener``."""
 
     opener: Callable[[], Corpus]
@@ -64,10 +65,10 @@ class _Params:
     dtype: str
 
 
-class _Worker:
+class Worker:
     """A corpus opened in this process, with the split into units (recomputed: it is cheap and deterministic)."""
 
-    def __init__(self, p: _Params, corpus: Corpus | None = None):
+    def __init__(self, p: Params, corpus: Corpus | None = None):
         self.p, self.c = p, corpus if corpus is not None else p.opener()
         nd = int(self.c.num_docs)
         self.docs = Bounds(self.c.doc_offsets, nd)
@@ -125,13 +126,13 @@ def _trim(la: int, lb: int, limit: int, rng: random.Random) -> tuple[int, int, i
     return fa, ta - fa, fb, tb - fb
 
 
-class _Builder:
+class Builder:
     """Copies each sample's tokens into one growing array as it is added, and its index row into a flat array.
 
     About 2 bytes a token and 48 a sample: a list of per-piece memmap views and row tuples, assembled at the
     end, cost ~1.4 kB a sample (160 MB for a 113k-sample shard, in every worker at once)."""
 
-    def __init__(self, w: _Worker, capacity: int = 1 << 16):
+    def __init__(self, w: Worker, capacity: int = 1 << 16):
         self.w, self.offset, self.dropped, self.short = w, 0, 0, 0
         self.tokens = np.empty(max(capacity, 1 << 10), np.dtype(w.p.dtype))
         self.rows = array.array("q")
@@ -172,7 +173,7 @@ def _target(rng: random.Random, m: int, short_seq_prob: float) -> tuple[bool, in
     return False, m
 
 
-def _bert_doc(w: _Worker, b: _Builder, rng: random.Random, units: np.ndarray, u: int) -> None:
+def bert_doc(w: Worker, b: Builder, rng: random.Random, units: np.ndarray, u: int) -> None:
     """``create_instances_from_document`` for unit ``u`` of ``units`` (the split's units, the NotNext pool), with
     a target length drawn for every chunk."""
     m, p = w.p.max_seq_length - 3, w.p.short_seq_prob

@@ -2,7 +2,7 @@
 
 Stages (each in its own module, each runnable alone with ``stage=NAME``):
 ``read`` (data_prep.read) -> ``vocab`` (data_prep.vocab) -> ``tokenize`` (data_prep.tokenize) -> ``shards``
-(data_prep.pairs). Each stage saves its result and report under ``work/state/`` so that a later stage, run in
+(data_prep.shards). Each stage saves its result and report under ``work/state/`` so that a later stage, run in
 another process or on another day, can still write the complete manifest. ``merge`` joins the outputs of SLURM
 array tasks (``num_tasks > 1``) into one data directory.
 """
@@ -117,7 +117,7 @@ def _runner(stage: str):
         from data_prep.tokenize import run_tokenize
 
         return run_tokenize
-    from data_prep.packing import run_shards
+    from data_prep.shards import run_shards
 
     return run_shards
 

@@ -342,8 +342,8 @@ def write_pairs_vocab(out: Path, size: int) -> None:
 def build_shards(out: Path, corpus: MemCorpus, **kw) -> tuple[dict, Report]:
     """The shards stage on a MemCorpus (max_seq_length 64, 200 samples a shard, seed 3, unless ``kw`` says else)."""
     from data_prep.config import PrepareConfig
-    from data_prep.packing import run_shards
     from data_prep.report import Report
+    from data_prep.shards import run_shards
 
     write_pairs_vocab(out, max(corpus.vocab_size, 200))
     cfg = PrepareConfig(

@@ -1,4 +1,5 @@
-"""Shards stage (data_prep.pairs): BERT pairs as Google builds them, RoBERTa packing, determinism, resumption.
+"""Shards stage (data_prep.shards; pairs and packing): BERT pairs as Google builds them, RoBERTa packing,
+determinism, resumption.
 
 The in-memory corpus gives every corpus token a unique id (its position), so a sample's provenance is exact:
 token id -> position -> document and sentence.
@@ -15,9 +16,9 @@ import pytest
 from data_prep.config import PrepareConfig
 from data_prep.errors import DataPrepError
 from data_prep.holdout import split_documents
-from data_prep.packing import run_shards
 from data_prep.pairs import plan_shards
 from data_prep.report import Report
+from data_prep.shards import run_shards
 from data_prep.store import Shard, SplitReader
 from tests.helpers import SPECIAL_BASE, MemCorpus, build_shards
 
