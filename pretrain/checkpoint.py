@@ -3,22 +3,26 @@
 A bundle is DeepSpeed's own files (``engine.save_checkpoint(save_latest=False)``: module, optimizer and ZeRO
 partitions, LR scheduler) plus our ``client_state`` (step, counters, every rank's sampler position, RNG states
 and open log window, the resolved config, the W&B run id). After a barrier rank 0 commits it with a ``COMPLETE``
-marker (fsynced, renamed into place), so a job killed mid-save never leaves a bundle that ``resume=auto`` would
-pick; retention deletes old bundles only after a newer one is complete. A save that fails (full disk) removes
-its partial bundle and stops with one line. A ZeRO checkpoint of another world size is converted once by
-DeepSpeed's ``ds_to_universal`` and loaded as a universal checkpoint.
+marker (fsynced, renamed into place) that lists the size and sha256 of every file of the bundle (format 2), so a
+job killed mid-save never leaves a bundle that ``resume=auto`` would pick, and ``verify`` finds a file truncated,
+overwritten or damaged after the save; retention deletes old bundles only after a newer one is complete. A save
+that fails (full disk) removes its partial bundle and stops with one line. A ZeRO checkpoint of another world
+size is converted once by DeepSpeed's ``ds_to_universal`` and loaded as a universal checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import os
+import pickle
 import random
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,12 @@ from data_prep.atomic import fsync_dir, write_json
 from data_prep.errors import UserError
 from pretrain import distributed as D
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: COMPLETE lists every file's size and sha256; 1: no file list (nothing to verify)
+MARKER = "COMPLETE"
+
+
+class CheckpointError(UserError):
+    """A bundle that fails verification: the file and the check that failed, in one line."""
 
 
 @dataclass
@@ -69,10 +78,93 @@ def gather(obj: Any) -> list[Any]:
     return out
 
 
+def complete_bundles(root: Path) -> list[Path]:
+    """Tag dirs under ``root`` with a ``COMPLETE`` marker, newest first."""
+    return sorted((p for p in root.glob("step*") if (p / MARKER).is_file()), reverse=True) if root.is_dir() else []
+
+
 def find_checkpoint(root: Path) -> Path | None:
-    """Newest tag dir under ``root`` with a ``COMPLETE`` marker."""
-    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file()) if root.is_dir() else []
-    return done[-1] if done else None
+    """Newest tag dir under ``root`` with a ``COMPLETE`` marker (not verified: ``verify`` does that)."""
+    done = complete_bundles(root)
+    return done[0] if done else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_all(paths: list[Path], threads: int | None) -> list[str | OSError]:
+    """sha256 of every file, in threads (hashlib releases the GIL); an unreadable file gives its OSError."""
+
+    def one(path: Path) -> str | OSError:
+        try:
+            return _sha256(path)
+        except OSError as e:
+            return e
+
+    with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(one, paths))
+
+
+def file_table(tag: Path, threads: int | None = None) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of every file of a bundle (paths relative to it), for its ``COMPLETE`` marker."""
+    files = sorted(p for p in tag.rglob("*") if p.is_file() and p.name != MARKER)
+    hashes = _hash_all(files, threads)
+    for h in hashes:
+        if isinstance(h, OSError):
+            raise h
+    return {
+        str(p.relative_to(tag)): {"size": p.stat().st_size, "sha256": h} for p, h in zip(files, hashes, strict=True)
+    }
+
+
+def verify(tag: Path, checksums: bool = True, threads: int | None = None) -> dict[str, Any]:
+    """Check a complete bundle against its ``COMPLETE`` marker: every listed file present, readable, of the listed
+    size and (``checksums``) sha256. Raises ``CheckpointError`` naming the file and the failed check; returns
+    ``{"files", "bytes", "seconds", "checksums"}`` (``files`` 0 for a format-1 bundle, which lists none)."""
+    start, marker = time.perf_counter(), tag / MARKER
+    try:
+        listed = json.loads(marker.read_text()).get("files")
+    except (OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{marker}: unreadable marker ({e}); the bundle cannot be trusted") from None
+    if listed is None:
+        return {"files": 0, "bytes": 0, "seconds": 0.0, "checksums": False}
+    paths, total = [], 0
+    for rel, meta in listed.items():
+        path = tag / rel
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            raise CheckpointError(f"{path}: {e.strerror.lower()} (listed in {marker})") from None
+        if size != meta["size"]:
+            raise CheckpointError(f"{path}: {size:,} bytes where {marker} lists {meta['size']:,} (truncated or "
+                                  "overwritten after the save)")  # fmt: skip
+        paths.append(path)
+        total += size
+    if checksums:
+        for path, h in zip(paths, _hash_all(paths, threads), strict=True):
+            if isinstance(h, OSError):
+                raise CheckpointError(f"{path}: unreadable ({h.strerror})")
+            want = listed[str(path.relative_to(tag))]["sha256"]
+            if h != want:
+                raise CheckpointError(f"{path}: sha256 {h[:12]}... does not match {marker}'s {want[:12]}... "
+                                      "(damaged after the save)")  # fmt: skip
+    return {"files": len(paths), "bytes": total, "seconds": time.perf_counter() - start, "checksums": checksums}
+
+
+def describe_verify(tag: Path, report: dict[str, Any]) -> str:
+    """The one line that says what verifying ``tag`` checked and cost."""
+    if not report["files"]:
+        return f"{tag}: format-1 checkpoint, no file list to verify"
+    how = "sha256" if report["checksums"] else "sizes only (trainer.verify_checkpoint=false)"
+    return (
+        f"verified {tag}: {report['files']} files, {report['bytes'] / 2**20:,.1f} MiB, {how} in "
+        f"{report['seconds']:.2f} s"
+    )
 
 
 def check_format(tag: Path) -> None:
@@ -162,16 +254,18 @@ def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
         )
     D.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
-        mark_complete(root / tag, client["step"])
+        mark_complete(root / tag, client["step"], dist.get_world_size())
         retain(root, tag, keep_last)
     D.barrier()
     return root / tag
 
 
-def mark_complete(tag: Path, step: int) -> None:
-    """The commit of a bundle: its ``COMPLETE`` marker, written atomically once every rank's files are."""
-    meta = {"format": CHECKPOINT_FORMAT, "step": step, "world_size": dist.get_world_size(), "time": time.time()}
-    write_json(tag / "COMPLETE", meta, indent=None)
+def mark_complete(tag: Path, step: int, world_size: int) -> None:
+    """The commit of a bundle: its ``COMPLETE`` marker with every file's size and sha256, written atomically once
+    every rank's files are."""
+    meta = {"format": CHECKPOINT_FORMAT, "step": step, "world_size": world_size, "time": time.time(),
+            "files": file_table(tag)}  # fmt: skip
+    write_json(tag / MARKER, meta, indent=None)
 
 
 def retain(root: Path, tag: str, keep_last: int) -> None:
@@ -222,7 +316,12 @@ def restore(engine: Any, tag: Path, position: Any, load_tag: Path | None = None)
     counters from its client state. Another world size keeps the data position in samples (rank 0's state: a
     position object must read it for any world size) and restarts the RNG streams."""
     load = load_tag or tag
-    load_path, client = engine.load_checkpoint(str(load.parent), tag=load.name)
+    try:
+        load_path, client = engine.load_checkpoint(str(load.parent), tag=load.name)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as e:  # an unverifiable bundle
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise CheckpointError(f"{load}: unreadable ({why}); give resume=PATH of an older checkpoint, or "
+                              "resume=none to start afresh") from None  # fmt: skip
     if load_path is None or not client:
         raise UserError(f"resume: DeepSpeed found no checkpoint in {tag}; pass resume=none to start afresh")
     rank, same_world = dist.get_rank(), client["world_size"] == dist.get_world_size()

@@ -162,6 +162,10 @@ class TrainerConfig:
     max_nonfinite_steps: int = 3
     """A step whose loss or gradients are not finite is skipped (fp16: DeepSpeed lowers the loss scale); this many
     in a row stop the run, naming the step and the last good checkpoint. 0 = stop at the first."""
+    verify_checkpoint: bool = True
+    """Check the checkpoint a run resumes from (and ``init_from``/``pretrained``) against the sha256 of every file
+    that its ``COMPLETE`` marker lists; a bundle that fails is named and the next older one is used. false: file
+    sizes only (a truncated file is still caught; a damaged one of the right size is not), no read of every byte."""
     loss_spike_factor: float = 10.0
     """A step whose loss exceeds this times the running mean is logged (``kind: spike`` in metrics.jsonl) with the
     ids of its samples, so the document behind it can be found; training continues. 0 = off."""

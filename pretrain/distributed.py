@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from data_prep.errors import first_line
+from data_prep.errors import UserError, first_line
 from pretrain import deepspeed_env
 
 if TYPE_CHECKING:
@@ -416,6 +416,25 @@ def explain_failure(exc: BaseException) -> str | None:
             f"longer than trainer.collective_timeout_minutes (a long save or evaluation), raise it"
         )
     return None
+
+
+def on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` on rank 0 alone (it may print, move files or raise a ``UserError``); every rank returns its
+    result, or raises the same error: one decision for all ranks, one reader of the files."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box: list[Any] = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except UserError as e:
+            box[1] = str(e)
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise UserError(box[1])
+    return box[0]
 
 
 def barrier() -> None:

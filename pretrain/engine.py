@@ -34,15 +34,19 @@ import torch
 from data_prep.errors import UserError
 from pretrain import distributed as D
 from pretrain.checkpoint import (
+    CheckpointError,
     TrainState,
     check_format,
+    checkpoint_step,
     client_state,
-    find_checkpoint,
+    complete_bundles,
+    describe_verify,
     fp32_weights,
     restore,
     save,
     tag_dir,
     universal_tag,
+    verify,
 )
 from pretrain.config import build_ds_config
 from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
@@ -68,22 +72,66 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def resume_tag(resume: str, ckpt_root: Path) -> Path | None:
-    """The checkpoint ``resume`` names: ``auto`` the newest complete one under ``ckpt_root`` (None where there is
-    none; a run with only incomplete ones is refused rather than silently started over), ``none`` None, anything
-    else a checkpoint or run directory that must hold a complete one."""
+def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | None:
+    """The checkpoint ``resume`` names, verified against its ``COMPLETE`` marker (``checksums``: sha256 too, else
+    sizes). ``auto``: the newest complete bundle under ``ckpt_root`` that verifies; one that fails is named in one
+    line with the failed check, moved aside (``corrupt-stepNNNNNNNN``) and the next older one is tried; none left
+    is an error, and so is a run with only incomplete bundles (never silently started over). ``none``: None.
+    Anything else: a checkpoint or run directory whose (newest) complete bundle must verify. Rank 0 decides, every
+    rank gets its answer."""
     if resume == "none":
         return None
-    tag = find_checkpoint(ckpt_root) if resume == "auto" else tag_dir(resume, "resume")
+    return D.on_rank0(lambda: _pick(resume, ckpt_root, checksums))
+
+
+def _pick(resume: str, ckpt_root: Path, checksums: bool) -> Path | None:
+    if resume != "auto":
+        tag = tag_dir(resume, "resume")
+        check_format(tag)
+        try:
+            print(describe_verify(tag, verify(tag, checksums)), flush=True)
+        except CheckpointError as e:
+            raise UserError(f"resume={resume}: {e}") from None
+        return tag
+    bundles = complete_bundles(ckpt_root)
     partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
-    if resume == "auto" and tag is None and partial:
+    if not bundles and partial:
         raise UserError(
             f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
             "while saving?); pass resume=none to start afresh, or restore a complete one"
         )
-    if tag is not None:
+    failed = []
+    for i, tag in enumerate(bundles):
         check_format(tag)
-    return tag
+        try:
+            report = verify(tag, checksums)
+        except CheckpointError as e:
+            aside = tag.with_name(f"corrupt-{tag.name}")
+            tag.rename(aside)  # kept for a look, out of resume's and retention's way
+            older = bundles[i + 1] if i + 1 < len(bundles) else None
+            print(f"warning: {e}; moved aside to {aside.name}, falling back to {older or 'no older checkpoint'}",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            failed.append(str(e))
+            continue
+        print(describe_verify(tag, report), flush=True)
+        return tag
+    if failed:
+        raise UserError(f"no checkpoint under {ckpt_root} verifies (the newest: {failed[0]}); restore one, or pass "
+                        "resume=none to start afresh")  # fmt: skip
+    return None
+
+
+def last_good(ckpt_root: Path, before_step: int) -> Path | None:
+    """The newest complete bundle saved before ``before_step`` that verifies: what "the last good checkpoint"
+    means in any message."""
+    for tag in complete_bundles(ckpt_root):
+        if checkpoint_step(tag) < before_step:
+            try:
+                verify(tag)
+                return tag
+            except CheckpointError:
+                continue
+    return None
 
 
 def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, Any, dict, str]:
@@ -276,9 +324,11 @@ class Engine:
         return False, float(stats[6]) / (self.accum * self.env.world_size) if applied else None
 
     def nonfinite_stop(self, why: str) -> None:
-        """Stop on non-finite losses without saving: the last complete checkpoint is the last good state."""
-        step, last = self.state.step, find_checkpoint(self.ckpt_root)
+        """Stop on non-finite losses without saving; name the last good checkpoint (``last_good``: it verifies and
+        was saved before the first non-finite step of the streak)."""
+        step = self.state.step
         if self.main:
+            last = last_good(self.ckpt_root, step - max(1, self.state.nonfinite_streak) + 1)
             print(
                 f"error: non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good "
                 f"checkpoint is {last or 'none (no checkpoint yet)'}: look at the data and learning rate, then "

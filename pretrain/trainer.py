@@ -113,12 +113,12 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     info, model_kw = preflight(cfg, env.world_size, architecture)  # fails before any work
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     run_dir = Path(cfg.run_dir).resolve()
-    tag = resume_tag(cfg.resume, run_dir / "checkpoints")
+    tag = resume_tag(cfg.resume, run_dir / "checkpoints", t.verify_checkpoint)
     if t.deterministic:  # cuBLAS needs a fixed workspace for reproducible GEMMs; read at its first use, after this
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
-    model = pretraining_model(model_kw, t.init_from if tag is None else None)
+    model = pretraining_model(model_kw, t.init_from if tag is None else None, t.verify_checkpoint)
     model.bert.encoder.checkpoint_layers = t.activation_checkpointing
     if auto_batch:
         choose_micro_batch(cfg, model, env, device)

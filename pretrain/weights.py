@@ -16,6 +16,7 @@ import io
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +25,24 @@ import torch
 
 from data_prep.errors import UserError
 from data_prep.vocab import read_vocab
-from pretrain.checkpoint import check_format, checkpoint_step, find_checkpoint, fp32_weights
+from pretrain.checkpoint import (
+    CheckpointError,
+    check_format,
+    checkpoint_step,
+    complete_bundles,
+    fp32_weights,
+    verify,
+)
 from pretrain.deepspeed_env import import_deepspeed
 from pretrain.hf import ROOT, load_hf, vocabulary, weight_keys
 from pretrain.model import BertConfig, BertForPreTraining
 
 
-def resolve(path: str | os.PathLike, what: str) -> tuple[str, Path]:
+def resolve(path: str | os.PathLike, what: str, checksums: bool | None = True) -> tuple[str, Path]:
     """(``"hf"`` or ``"checkpoint"``, the directory) that ``path`` means under the precedence rule above; one
-    ``UserError`` line naming ``what`` (the setting) for anything else."""
+    ``UserError`` line naming ``what`` (the setting) for anything else. A checkpoint is verified against its
+    ``COMPLETE`` marker (``checksums``: sha256 too, else sizes; None: not at all): a given one must pass; for a run
+    directory, a newest bundle that fails is named in a warning and the next older one is used."""
     p = Path(path)
     if not p.exists():
         raise UserError(
@@ -42,10 +52,24 @@ def resolve(path: str | os.PathLike, what: str) -> tuple[str, Path]:
     if (p / "config.json").is_file():
         return "hf", p
     if (p / "COMPLETE").is_file():
+        if checksums is not None:
+            try:
+                verify(p, checksums)
+            except CheckpointError as e:
+                raise UserError(f"{what}={p}: {e}") from None
         return "checkpoint", p
-    tag = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
-    if tag is not None:
-        return "checkpoint", tag
+    bundles = complete_bundles(p / "checkpoints") or complete_bundles(p)
+    for i, tag in enumerate(bundles):
+        if checksums is None:
+            return "checkpoint", tag
+        try:
+            verify(tag, checksums)
+            return "checkpoint", tag
+        except CheckpointError as e:
+            older = bundles[i + 1] if i + 1 < len(bundles) else None
+            warnings.warn(f"{e}; using {older or 'no older checkpoint'} instead", stacklevel=2)
+    if bundles:
+        raise UserError(f"{what}={p}: no complete checkpoint there verifies; restore one, or give its hf/ export")
     if (p / "hf" / "config.json").is_file():
         return "hf", p / "hf"
     if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or list(p.glob("step*")):
@@ -57,7 +81,9 @@ def resolve(path: str | os.PathLike, what: str) -> tuple[str, Path]:
     )
 
 
-def pretraining_model(model_kw: dict[str, Any], init_from: str | None = None) -> BertForPreTraining:
+def pretraining_model(
+    model_kw: dict[str, Any], init_from: str | None = None, checksums: bool | None = True
+) -> BertForPreTraining:
     """A fresh ``BertForPreTraining`` of ``model_kw``, with the weights ``init_from`` names (any path ``resolve``
     takes) where given: shapes must fit (one line naming every misfit), tensors it lacks stay fresh (named)."""
     try:
@@ -65,7 +91,7 @@ def pretraining_model(model_kw: dict[str, Any], init_from: str | None = None) ->
     except ValueError as e:
         raise UserError(str(e)) from None
     if init_from:
-        sd = weights_from(init_from)
+        sd = weights_from(init_from, checksums)
         ours = model.state_dict()
         bad = [
             f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
@@ -85,9 +111,9 @@ def pretraining_model(model_kw: dict[str, Any], init_from: str | None = None) ->
     return model
 
 
-def weights_from(path: str) -> dict[str, torch.Tensor]:
-    """fp32 model weights of whatever ``path`` resolves to (``trainer.init_from``)."""
-    kind, d = resolve(path, "trainer.init_from")
+def weights_from(path: str, checksums: bool | None = True) -> dict[str, torch.Tensor]:
+    """fp32 model weights of whatever ``path`` resolves to (``trainer.init_from``), verified as ``resolve`` says."""
+    kind, d = resolve(path, "trainer.init_from", checksums)
     if kind == "hf":
         try:
             return load_hf(d, heads=True).state_dict()
@@ -125,7 +151,7 @@ def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_low
     ``config.json`` fixes the architecture (``model`` is updated in place), its vocabulary and casing must be the
     data's (else one UserError line saying how to prepare the data), and the pair head stays only where the
     checkpoint has one. Returns what changed, for the start-up log; nothing for other ``init_from`` kinds."""
-    kind, d = resolve(init_from, "trainer.init_from")
+    kind, d = resolve(init_from, "trainer.init_from", checksums=None)  # verified when the weights are read
     if kind != "hf":
         return []
     what = f"trainer.init_from={init_from}"
@@ -210,7 +236,7 @@ def _load_checkpoint(given: Path, tag: Path) -> ModelSource:
     out = io.StringIO()
     # DeepSpeed's notes and progress bars while it gathers ZeRO partitions: seconds, and not this tool's output
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        model = pretraining_model(model_kw, str(tag))
+        model = pretraining_model(model_kw, str(tag), checksums=None)  # verified by resolve
     for line in out.getvalue().splitlines():
         if line.startswith("init_from:"):  # tensors the checkpoint lacked
             print(f"warning: {line.removeprefix('init_from: ')}", file=sys.stderr)
@@ -236,9 +262,9 @@ def _load_hf_dir(path: Path, heads: bool) -> ModelSource:
     return ModelSource(model.eval(), vocab, tokenizer, lowercase, path, "hf", vocab_file=vocab_file)
 
 
-def load_model(path: str | os.PathLike, what: str = "model", heads: bool = True) -> ModelSource:
+def load_model(path: str | os.PathLike, what: str = "model", heads: bool = True, checksums: bool = True) -> ModelSource:
     """The model ``path`` names (``resolve``), in eval mode, with its vocabulary and tokenizer. ``heads=False``:
     the caller uses the encoder alone (fine-tuning, embeddings), so a directory without MLM/NSP heads is not
     worth a warning. Raises UserError (one line naming ``what``) for anything else."""
-    kind, d = resolve(path, what)
+    kind, d = resolve(path, what, checksums)
     return _load_hf_dir(d, heads) if kind == "hf" else _load_checkpoint(Path(path), d)

@@ -297,7 +297,7 @@ def test_ner_labels_on_first_piece_and_decode(tok, sp: Specials) -> None:
     assert decode_ner([[0, idx("B-PER"), idx("B-MISC"), 0]], [cut["word_ids"]], lm, [3]) == [["B-PER", "B-MISC", "O"]]
     with pytest.raises(TaskError, match=r"ner.jsonl: row 1: 7 tokens .* max_length=4"):
         encode_ner(tok, sp, rows[:1], lm, max_length=4, truncate=False, source="ner.jsonl")
-    with pytest.raises(TaskError, match=r"ner.jsonl: row 2: label 'B-ORG' is not one of"):
+    with pytest.raises(TaskError, match=r"ner.jsonl: row 2: label 'B-ORG' is not in the training data"):
         encode_ner(tok, sp, [rows[0], {"tokens": ["x"], "tags": ["B-ORG"]}], lm, source="ner.jsonl")
     with pytest.raises(TaskError, match="row 1: 2 words but 1 tags"):
         encode_ner(tok, sp, [{"tokens": ["a", "b"], "tags": ["O"]}], lm)

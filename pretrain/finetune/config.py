@@ -85,6 +85,10 @@ class FinetuneTrainerConfig:
     """Checkpoint and stop (exit 0) at this optimizer step; the rerun resumes."""
     max_nonfinite_steps: int = 3
     """Stop (exit 3) after this many non-finite losses in a row; each one is skipped and counted."""
+    verify_checkpoint: bool = True
+    """Check the checkpoint a run resumes from (and ``init_from``/``pretrained``) against the sha256 of every file
+    that its ``COMPLETE`` marker lists; a bundle that fails is named and the next older one is used. false: file
+    sizes only (a truncated file is still caught; a damaged one of the right size is not), no read of every byte."""
     activation_checkpointing: bool = False
     """Recompute each encoder layer in the backward pass: less memory for longer sequences, about a third slower."""
     compile: bool = False

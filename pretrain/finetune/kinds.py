@@ -43,6 +43,8 @@ class TaskKind:
     metric: str  # default validation metric (picks the best checkpoint): a key of ``score``'s result
     hf_class: str  # transformers class of an exported model (``architectures``)
     gold: str  # the encoders' key of the gold column: dropped from prediction input, which need not have it
+    texts: tuple[str, ...] = ()  # the encoders' keys of the text columns: a row with an empty one is dropped
+    labelled = False  # one label per row in ``gold`` (classification, regression): an empty or NaN one is refused
     pooled = False  # the head reads the pooled [CLS] (the encoder gets a fresh pooler when it has none)
     head_name = "classifier"  # attribute (and HF parameter prefix) of the head's output layer
 
@@ -136,6 +138,8 @@ class SequenceKind(TaskKind):
     """A text or a text pair (``[CLS] A [SEP] (B [SEP])``) -> the pooled [CLS] -> dropout -> ``classifier``."""
 
     gold = "label"
+    texts = ("text", "pair")
+    labelled = True
     pooled = True
 
     def columns(self, task: Any) -> dict[str, str]:
@@ -218,6 +222,7 @@ class NER(TaskKind):
 
     name, metric, hf_class = "ner", "f1", "BertForTokenClassification"
     gold = "tags"
+    texts = ("tokens",)
 
     def columns(self, task):
         return {task.tokens_column: "tokens", task.tags_column: "tags"}
@@ -251,6 +256,7 @@ class QA(TaskKind):
 
     name, metric, hf_class = "qa", "f1", "BertForQuestionAnswering"
     gold = "answers"
+    texts = ("question", "context")
     head_name = "qa_outputs"
 
     def columns(self, task):

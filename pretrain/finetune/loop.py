@@ -163,10 +163,10 @@ def load_task_model(path: Path) -> BertForTask:
 def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, Prepared, TaskBatches]:
     """Model source, task data, head, the engine (resumed), the log."""
     t = cfg.trainer
-    src = load_model(cfg.pretrained, "pretrained", heads=False)
+    src = load_model(cfg.pretrained, "pretrained", heads=False, checksums=t.verify_checkpoint)
     data = prepare(cfg, src)
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
-    tag = resume_tag(cfg.resume, Path(cfg.run_dir).resolve() / "checkpoints")
+    tag = resume_tag(cfg.resume, Path(cfg.run_dir).resolve() / "checkpoints", t.verify_checkpoint)
     batches = TaskBatches(data, cfg, env.rank, env.world_size)
     t.max_steps = cfg.epochs * batches.steps_per_epoch  # the schedule's length
     torch.manual_seed(cfg.seed)
@@ -231,7 +231,7 @@ def finetune(cfg: FinetuneConfig) -> int:
     ds.logger.close({f"best_{k}": v for k, v in max(history, key=lambda h: h[metric]).items()} if history else None)
     if env.is_main and loop.code == 0:
         if state.step >= t.max_steps:
-            _results(cfg, run_dir, history, metric, time.time() - t0)
+            _results(cfg, run_dir, history, metric, time.time() - t0, data.dropped)
         elif loop.status:
             print(f"{loop.status.replace('resume=auto continues', 'rerun the same command to resume')}", flush=True)
     elif env.is_main and loop.code == 75:
@@ -261,12 +261,15 @@ def _recover_best(ds: Engine, src: Any, data: Prepared, run_dir: Path, history: 
         save_best(_fp32_model(ds, ds.resume_tag), src, data, run_dir / "best", dict(best))
 
 
-def _results(cfg: FinetuneConfig, run_dir: Path, history: list[dict], metric: str, seconds: float) -> None:
+def _results(
+    cfg: FinetuneConfig, run_dir: Path, history: list[dict], metric: str, seconds: float, dropped: dict
+) -> None:
     """results.json and this run's row of results.md beside the run dir (rewritten whole: a rerun after a failed
     write replaces its row instead of adding a second)."""
     best = max(history, key=lambda h: h[metric])
     res = {"task": cfg.task.kind, "data": cfg.task.train, "pretrained": cfg.pretrained, "random_init": cfg.random_init,
-           "metric": metric, "best": best, "epochs": history, "best_dir": str(run_dir / "best")}  # fmt: skip
+           "metric": metric, "best": best, "epochs": history, "best_dir": str(run_dir / "best"),
+           "dropped_rows": dropped}  # fmt: skip
     table = run_dir.parent / "results.md"
     header = "| run | task | data | model | metric | best | epoch |\n|---|---|---|---|---|---|---|\n"
     model = cfg.pretrained + (" (random init)" if cfg.random_init else "")

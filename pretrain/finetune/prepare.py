@@ -5,7 +5,7 @@ the kind's object (``kinds.KINDS[cfg.task.kind]``); this module only strings its
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,7 @@ class Prepared:
     pad_id: int
     score: Callable[[list[np.ndarray]], dict[str, float]]  # validation logits, one array per feature -> metrics
     kind: TaskKind
+    dropped: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> reason -> rows dropped
 
     def collate(self, rows: list[dict[str, Any]], with_labels: bool = True) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.kind.collate(rows, self.pad_id, with_labels).items()}
@@ -65,9 +66,12 @@ def prepare(cfg: Any, src: Any) -> Prepared:
     if t.validation is None and local:
         raise UserError(f"task.validation is not set: give the validation file beside task.train={t.train}")
     try:
-        train_rows = read_split(cfg, t.train, "train")
         val_src, val_split = (t.validation, None) if t.validation else (t.train, t.validation_split)
-        val_rows = read_split(cfg, val_src, val_split)
+        dropped = {}
+        train_rows, dropped["train"] = T.usable_rows(read_split(cfg, t.train, "train"), kind.texts, kind.labelled,
+                                                     kind.gold, t.train)  # fmt: skip
+        val_rows, dropped["validation"] = T.usable_rows(read_split(cfg, val_src, val_split), kind.texts,
+                                                        kind.labelled, kind.gold, val_src)  # fmt: skip
         labels = label_map(cfg, train_rows)
         train = encode(cfg, src, train_rows, labels, t.train)
         val = encode(cfg, src, val_rows, labels, val_src)
@@ -80,4 +84,5 @@ def prepare(cfg: Any, src: Any) -> Prepared:
         return kind.score(labels, val_rows, kind.decode(t, labels, val_rows, val, logits))
 
     pad = T.Specials.from_vocab(src.vocab).pad
-    return Prepared(train, val, kind.num_labels(labels), list(labels.labels) if labels else None, pad, score, kind)
+    return Prepared(train, val, kind.num_labels(labels), list(labels.labels) if labels else None, pad, score, kind,
+                    dropped)  # fmt: skip

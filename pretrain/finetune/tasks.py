@@ -18,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +57,15 @@ def _read_delimited(path: Path, delimiter: str) -> list[dict[str, Any]]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
-        rows = []
+        rows, _ = [], reader.fieldnames
+        last = reader.line_num
         for i, row in enumerate(reader, 1):
+            if reader.line_num > last + 1:  # a quoted field ran over line breaks: an unclosed quote, usually
+                raise TaskError(
+                    f"{path}: line {last + 1}: a quoted field runs on to line {reader.line_num} (an unclosed "
+                    "quote?); close the quote on its line, or take the line breaks out of the field"
+                )
+            last = reader.line_num
             if None in row or None in row.values():  # extra fields land under key None, missing ones as None
                 n = len([v for k, v in row.items() if k is not None and v is not None]) + len(row.get(None) or [])
                 raise TaskError(
@@ -212,6 +220,38 @@ def read_table(source: str, split: str | None = None, columns: Sequence[str] = (
     return [{c: r[c] for c in columns} for r in rows] if columns else rows
 
 
+def missing_label(value: Any) -> bool:
+    """An empty label, or one that stands for none (NaN, None, null: what spreadsheets and pandas write)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return True
+    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", "na", "n/a")
+
+
+def blank(value: Any) -> bool:
+    """An empty or blank text (or an empty word list)."""
+    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
+
+
+def usable_rows(rows: list[dict[str, Any]], texts: Sequence[str], labelled: bool, gold: str,
+                source: str) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
+    """The rows to train or score on: those with an empty or blank text are dropped (counted, named in a
+    warning; none left is a ``TaskError``); an empty or NaN label (``labelled``) is a ``TaskError`` naming the row
+    and the value. Returns the rows and ``{reason: count}`` of what was dropped."""
+    dropped = [i for i, r in enumerate(rows, 1) if any(blank(r[f]) for f in texts if f in r)]
+    if dropped and len(dropped) == len(rows):
+        raise TaskError(f"{source}: no usable row: every one of the {len(rows)} has an empty text")
+    if dropped:
+        shown = ", ".join(map(str, dropped[:8])) + (" ..." if len(dropped) > 8 else "")
+        warnings.warn(f"{source}: {len(dropped)} row(s) with an empty text dropped (rows {shown})", stacklevel=2)
+    gone = set(dropped)
+    kept = [r for i, r in enumerate(rows, 1) if i not in gone]
+    for i, r in enumerate(rows, 1):
+        if labelled and i not in gone and gold in r and missing_label(r[gold]):
+            raise TaskError(f"{source}: row {i}: label {r[gold]!r} is empty or missing; give the row a label or "
+                            "remove it")  # fmt: skip
+    return kept, ({"empty text": len(dropped)} if dropped else {})
+
+
 def read_conll(path: str | Path) -> list[dict[str, list[str]]]:
     """Sentences of a CoNLL-style text file as ``{"tokens": [...], "tags": [...]}`` rows.
 
@@ -268,6 +308,7 @@ class LabelMap:
     """Class names in output-index order: ``labels[i]`` is what logit ``i`` predicts."""
 
     labels: tuple[str, ...]
+    inferred: bool = False  # taken from the training data rather than declared (``task.labels``)
 
     def __post_init__(self) -> None:
         if not self.labels:
@@ -286,7 +327,7 @@ class LabelMap:
         """The distinct labels of the training data, sorted (by value where all are integers, so 2 < 10)."""
         keys = {_label_key(v) for v in values if v is not None}
         numeric = all(_as_int(k) is not None for k in keys)
-        return cls(tuple(sorted(keys, key=lambda k: (_as_int(k), k) if numeric else (0, k))))
+        return cls(tuple(sorted(keys, key=lambda k: (_as_int(k), k) if numeric else (0, k))), inferred=True)
 
     @classmethod
     def build(cls, declared: Iterable[Any] | None, train_values: Iterable[Any]) -> LabelMap:
@@ -304,6 +345,11 @@ class LabelMap:
             return self.labels.index(key)
         except ValueError:
             shown = ", ".join(self.labels[:20]) + (", ..." if len(self.labels) > 20 else "")
+            if self.inferred:  # only in validation (or prediction input): a class the model never saw
+                raise TaskError(
+                    f"{source}: row {row}: label {key!r} is not in the training data (whose labels are {shown}); "
+                    "add training rows with it, declare task.labels, or fix the row"
+                ) from None
             raise TaskError(
                 f"{source}: row {row}: label {key!r} is not one of the declared labels ({shown}); "
                 "fix the row or add the label"
