@@ -37,6 +37,7 @@ from pretrain import distributed as D
 
 CHECKPOINT_FORMAT = 2  # 2: COMPLETE lists every file's size and sha256; 1: no file list (nothing to verify)
 MARKER = "COMPLETE"
+HASH_CHUNK = 64 << 20  # files are hashed in pieces of this many bytes, the pieces on every core
 
 
 class CheckpointError(UserError):
@@ -89,29 +90,42 @@ def find_checkpoint(root: Path) -> Path | None:
     return done[0] if done else None
 
 
-def _sha256(path: Path) -> str:
+def _sha256(path: Path, start: int, length: int) -> str:
+    """sha256 of ``length`` bytes of ``path`` from ``start``."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 22):
+        f.seek(start)
+        while length > 0 and (block := f.read(min(1 << 22, length))):
             h.update(block)
+            length -= len(block)
     return h.hexdigest()
 
 
-def _hash_all(paths: list[Path], threads: int | None) -> list[str | OSError]:
-    """sha256 of every file, in threads (hashlib releases the GIL); an unreadable file gives its OSError."""
+def _hash_all(paths: list[Path], threads: int | None) -> list[list[str] | OSError]:
+    """Per file, the sha256 of each ``HASH_CHUNK`` of it, all chunks of all files in threads (hashlib releases the
+    GIL, so a bundle of one large file hashes on every core); an unreadable file gives its OSError."""
+    jobs = [(i, path, start) for i, path in enumerate(paths)
+            for start in range(0, max(1, path.stat().st_size), HASH_CHUNK)]  # fmt: skip
 
-    def one(path: Path) -> str | OSError:
+    def one(job: tuple[int, Path, int]) -> str | OSError:
         try:
-            return _sha256(path)
+            return _sha256(job[1], job[2], HASH_CHUNK)
         except OSError as e:
             return e
 
+    out: list[list[str] | OSError] = [[] for _ in paths]
     with ThreadPoolExecutor(threads or min(8, os.cpu_count() or 1)) as pool:
-        return list(pool.map(one, paths))
+        for (i, _, _), h in zip(jobs, pool.map(one, jobs), strict=True):
+            if isinstance(h, OSError):
+                out[i] = h
+            elif not isinstance(out[i], OSError):
+                out[i].append(h)
+    return out
 
 
 def file_table(tag: Path, threads: int | None = None) -> dict[str, dict[str, Any]]:
-    """Size and sha256 of every file of a bundle (paths relative to it), for its ``COMPLETE`` marker."""
+    """Size and sha256 (of each ``HASH_CHUNK``) of every file of a bundle, paths relative to it: its ``COMPLETE``
+    marker's list."""
     files = sorted(p for p in tag.rglob("*") if p.is_file() and p.name != MARKER)
     hashes = _hash_all(files, threads)
     for h in hashes:
@@ -151,8 +165,9 @@ def verify(tag: Path, checksums: bool = True, threads: int | None = None) -> dic
                 raise CheckpointError(f"{path}: unreadable ({h.strerror})")
             want = listed[str(path.relative_to(tag))]["sha256"]
             if h != want:
-                raise CheckpointError(f"{path}: sha256 {h[:12]}... does not match {marker}'s {want[:12]}... "
-                                      "(damaged after the save)")  # fmt: skip
+                at = next((i for i, (x, y) in enumerate(zip(h, want, strict=False)) if x != y), 0) * HASH_CHUNK
+                raise CheckpointError(f"{path}: sha256 of bytes {at:,}+ does not match {marker}'s (damaged after "
+                                      "the save)")  # fmt: skip
     return {"files": len(paths), "bytes": total, "seconds": time.perf_counter() - start, "checksums": checksums}
 
 
