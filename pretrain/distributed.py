@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from packaging.version import Version
 
-from data_prep.errors import UserError, first_line
+from data_prep.errors import first_line
 from pretrain import deepspeed_env
 
 if TYPE_CHECKING:
@@ -418,22 +418,21 @@ def explain_failure(exc: BaseException) -> str | None:
     return None
 
 
-def on_rank0(fn: Callable[[], Any]) -> Any:
-    """``fn()`` on rank 0 alone (it may print, move files or raise a ``UserError``); every rank returns its
-    result, or raises the same error: one decision for all ranks, one reader of the files."""
+def rank() -> int:
+    """This process's rank in the process group (0 without one)."""
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def from_rank0(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (one decision for all ranks, taken by one reader of the files)."""
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_world_size() == 1:
-        return fn()
-    box: list[Any] = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            box[0] = fn()
-        except UserError as e:
-            box[1] = str(e)
+        return obj
+    box = [obj]
     dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise UserError(box[1])
     return box[0]
 
 

@@ -81,7 +81,16 @@ def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | N
     rank gets its answer."""
     if resume == "none":
         return None
-    return D.on_rank0(lambda: _pick(resume, ckpt_root, checksums))
+    tag, error = None, None
+    if D.rank() == 0:
+        try:
+            tag = _pick(resume, ckpt_root, checksums)
+        except UserError as e:
+            error = str(e)
+    tag, error = D.from_rank0((tag, error))
+    if error is not None:
+        raise UserError(error)
+    return tag
 
 
 def _pick(resume: str, ckpt_root: Path, checksums: bool) -> Path | None:

@@ -52,6 +52,7 @@ def _val_mlm_loss(run: Path) -> float:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_minilm_continues_below_random_init_and_exports_for_transformers(minilm, books_minilm_vocab, tmp_path):
     from transformers import BertForMaskedLM
 

@@ -160,6 +160,7 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_zero3_checkpoint_is_read_through_deepspeed(trained, tmp_path, capsys):
     """A ZeRO-3 bundle (partitioned fp32 weights, zero_pp_rank_* model states): same figures as its export and as
     the trainer's validation (a second tiny run, about 6 s)."""
@@ -187,4 +188,4 @@ def test_cli_help_and_error_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, str(EVALUATE), str(tmp_path / "nope"), "--data", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)  # fmt: skip
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: {tmp_path / 'nope'}: not found")
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: model={tmp_path / 'nope'}: not found")

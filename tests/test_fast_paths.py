@@ -26,6 +26,7 @@ def _batch(cfg: BertConfig, b: int = 4, length: int = 24) -> dict[str, torch.Ten
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_compiled_model_matches_eager():
     """trainer.compile: torch.compile (inductor, as engine.compile() runs it) changes no loss and no gradient."""
     cfg = BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,

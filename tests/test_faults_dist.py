@@ -119,7 +119,7 @@ def _errors(text: str) -> list[str]:
 @pytest.mark.parametrize(
     ("sig", "victim"),
     # A killed rank 1 is the killed rank 0 case without the store going down: covered by it (CI time).
-    [(signal.SIGSTOP, 1), (signal.SIGKILL, 0), (signal.SIGSTOP, 0)],
+    [pytest.param(signal.SIGSTOP, 1, marks=pytest.mark.long), (signal.SIGKILL, 0), (signal.SIGSTOP, 0)],  # CI time
     ids=["frozen-rank1", "killed-rank0", "frozen-rank0"],
 )
 def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig, victim):

@@ -68,10 +68,10 @@ elif spec.startswith("kill:"):
             (root / f"step{step:08d}").mkdir(parents=True, exist_ok=True)
             die()
         return orig_save(engine, root, client, keep_last)
-    def mark_complete(tag, at):
+    def mark_complete(tag, at, *rest):
         if where == "commit" and at == step:
             die()
-        return orig_mark(tag, at)
+        return orig_mark(tag, at, *rest)
     def retain(root, tag, keep_last):
         if where == "retention" and tag == f"step{step:08d}":
             die()
@@ -166,7 +166,9 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(data, inject_dir, tmp_
     errors = _error_lines(r)
     assert len(errors) == 1 and "non-finite loss at step 7" in errors[0], r.stderr[-2000:]
     last = find_checkpoint(run / "checkpoints")
-    assert last is not None and last.name == "step00000006" and str(last) in errors[0]
+    assert last is not None and last.name == "step00000006"
+    # The last good checkpoint is the newest saved before the streak's first non-finite step (5): step 4.
+    assert f"last good checkpoint is {run / 'checkpoints' / 'step00000004'}" in errors[0], errors[0]
     assert [s["step"] for s in _records(run, "skipped")] == [5, 6, 7]
     # The checkpoint saved during the streak holds the weights from before it (the skipped steps changed nothing).
     sd = torch.load(last / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
@@ -297,7 +299,7 @@ def resize_reference(data, tmp_path_factory) -> Path:
     return run
 
 
-@pytest.mark.parametrize(("before", "after"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("before", "after"), [(2, 1), pytest.param(1, 2, marks=pytest.mark.long)])  # CI time
 def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_path, before, after):
     """ZeRO-2 stopped at step 4 on BEFORE ranks, resumed on AFTER ranks through DeepSpeed's universal checkpoint:
     the same losses and weights as an uninterrupted 2-rank run (fp32, no dropout; up to summation order), and

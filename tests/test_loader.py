@@ -224,6 +224,7 @@ def test_errors(tmp_path: Path, data: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
     from data_prep.config import PrepareConfig
     from data_prep.pipeline import prepare

@@ -260,6 +260,7 @@ def test_plain_log_lines_when_stdout_is_a_file(data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
     """Two ranks on one node each take half the cores (unless OMP_NUM_THREADS says otherwise)."""
     env = {k: v for k, v in run_env().items() if k != "OMP_NUM_THREADS"}
@@ -415,7 +416,7 @@ def zero_run(data, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("stage", [0, pytest.param(1, marks=pytest.mark.long), 2, 3])  # 1: CI time
 def test_deepspeed_zero_stage_trains(zero_run, stage):
     run_dir = zero_run(stage)
     train = _records(run_dir, "train")
@@ -447,6 +448,7 @@ def test_zero_stages_agree(zero_run):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
     """SIGUSR1 to rank 1 only: both ranks checkpoint at the same step and exit 75; a resume stopped at
     trainer.stop_at_step, then another resume to the end, gives the same weights and metrics as one run."""
