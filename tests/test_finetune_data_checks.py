@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.finetune import tasks as T
+from pretrain.finetune.checks import usable_rows
 from tests.helpers import FINETUNE, FINETUNE_FAST, ROOT, classification_task, run_env, write_csv
 
 
@@ -26,20 +27,20 @@ def test_an_empty_or_nan_label_is_refused_naming_the_row_and_value(tmp_path, lab
                         columns=["text", "label"])  # fmt: skip
     rows = [{"text": r["text"], "label": r["label"]} for r in rows]
     with pytest.raises(T.TaskError, match=rf"t\.csv: row 2: label {label!r} is empty or missing"):
-        T.usable_rows(rows, ("text",), True, "label", str(tmp_path / "t.csv"))
+        usable_rows(rows, ("text",), True, "label", str(tmp_path / "t.csv"))
 
 
 def test_empty_texts_are_dropped_counted_and_warned_and_none_left_is_refused(tmp_path):
     rows = [{"text": "a b", "label": "yes"}, {"text": "  ", "label": "no"}, {"text": "", "label": float("nan")},
             {"text": "c", "label": "no"}]  # fmt: skip
     with pytest.warns(UserWarning, match=r"src\.csv: 2 row\(s\) with an empty text dropped \(rows 2, 3\)"):
-        kept, dropped = T.usable_rows(rows, ("text", "pair"), True, "label", "src.csv")
+        kept, dropped = usable_rows(rows, ("text", "pair"), True, "label", "src.csv")
     assert [r["text"] for r in kept] == ["a b", "c"] and dropped == {"empty text": 2}  # NaN label of a dropped row
     with pytest.raises(T.TaskError, match=r"src\.csv: no usable row: every one of the 2 has an empty text"):
-        T.usable_rows([{"text": ""}, {"text": " "}], ("text",), False, "label", "src.csv")
+        usable_rows([{"text": ""}, {"text": " "}], ("text",), False, "label", "src.csv")
     ner = [{"tokens": [], "tags": []}, {"tokens": ["a"], "tags": ["O"]}]
     with pytest.warns(UserWarning):
-        assert T.usable_rows(ner, ("tokens",), False, "tags", "ner.jsonl")[1] == {"empty text": 1}
+        assert usable_rows(ner, ("tokens",), False, "tags", "ner.jsonl")[1] == {"empty text": 1}
 
 
 def test_a_quoted_field_over_line_breaks_is_reported_where_it_started(tmp_path):

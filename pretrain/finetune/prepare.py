@@ -13,6 +13,7 @@ import torch
 
 from data_prep.errors import UserError
 from pretrain.finetune import tasks as T
+from pretrain.finetune.checks import usable_rows
 from pretrain.finetune.kinds import KINDS, TaskKind
 
 
@@ -68,9 +69,9 @@ def prepare(cfg: Any, src: Any) -> Prepared:
     try:
         val_src, val_split = (t.validation, None) if t.validation else (t.train, t.validation_split)
         dropped = {}
-        train_rows, dropped["train"] = T.usable_rows(read_split(cfg, t.train, "train"), kind.texts, kind.labelled,
+        train_rows, dropped["train"] = usable_rows(read_split(cfg, t.train, "train"), kind.texts, kind.labelled,
                                                      kind.gold, t.train)  # fmt: skip
-        val_rows, dropped["validation"] = T.usable_rows(read_split(cfg, val_src, val_split), kind.texts,
+        val_rows, dropped["validation"] = usable_rows(read_split(cfg, val_src, val_split), kind.texts,
                                                         kind.labelled, kind.gold, val_src)  # fmt: skip
         labels = label_map(cfg, train_rows)
         train = encode(cfg, src, train_rows, labels, t.train)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,38 +217,6 @@ def read_table(source: str, split: str | None = None, columns: Sequence[str] = (
             if col not in row:
                 raise TaskError(f"{path}: row {i} has no field {col!r} (it has {', '.join(map(str, row))})")
     return [{c: r[c] for c in columns} for r in rows] if columns else rows
-
-
-def missing_label(value: Any) -> bool:
-    """An empty label, or one that stands for none (NaN, None, null: what spreadsheets and pandas write)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return True
-    return isinstance(value, str) and value.strip().lower() in ("", "nan", "none", "null", "na", "n/a")
-
-
-def blank(value: Any) -> bool:
-    """An empty or blank text (or an empty word list)."""
-    return value is None or (isinstance(value, str) and not value.strip()) or (isinstance(value, list) and not value)
-
-
-def usable_rows(rows: list[dict[str, Any]], texts: Sequence[str], labelled: bool, gold: str,
-                source: str) -> tuple[list[dict[str, Any]], dict[str, int]]:  # fmt: skip
-    """The rows to train or score on: those with an empty or blank text are dropped (counted, named in a
-    warning; none left is a ``TaskError``); an empty or NaN label (``labelled``) is a ``TaskError`` naming the row
-    and the value. Returns the rows and ``{reason: count}`` of what was dropped."""
-    dropped = [i for i, r in enumerate(rows, 1) if any(blank(r[f]) for f in texts if f in r)]
-    if dropped and len(dropped) == len(rows):
-        raise TaskError(f"{source}: no usable row: every one of the {len(rows)} has an empty text")
-    if dropped:
-        shown = ", ".join(map(str, dropped[:8])) + (" ..." if len(dropped) > 8 else "")
-        warnings.warn(f"{source}: {len(dropped)} row(s) with an empty text dropped (rows {shown})", stacklevel=2)
-    gone = set(dropped)
-    kept = [r for i, r in enumerate(rows, 1) if i not in gone]
-    for i, r in enumerate(rows, 1):
-        if labelled and i not in gone and gold in r and missing_label(r[gold]):
-            raise TaskError(f"{source}: row {i}: label {r[gold]!r} is empty or missing; give the row a label or "
-                            "remove it")  # fmt: skip
-    return kept, ({"empty text": len(dropped)} if dropped else {})
 
 
 def read_conll(path: str | Path) -> list[dict[str, list[str]]]:
