@@ -159,6 +159,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
 
 @pytest.mark.faults
 @pytest.mark.slow
+@pytest.mark.long  # CI time: `make test-all` runs it
 def test_rank_that_never_joins_is_named(data, tmp_path):
     """Rank 0 alone (rank 1 never started) and rank 1 alone at a wrong port: each exits 69 within the timeout
     with one line naming the address and port, instead of waiting torch's default 30 minutes."""
