@@ -171,6 +171,29 @@ def verify(tag: Path, checksums: bool = True, threads: int | None = None) -> dic
     return {"files": len(paths), "bytes": total, "seconds": time.perf_counter() - start, "checksums": checksums}
 
 
+def newest_verified(
+    bundles: list[Path], checksums: bool = True, set_aside: bool = False
+) -> tuple[Path | None, dict[str, Any] | None, list[tuple[str, str]]]:
+    """The first of ``bundles`` (newest first) that this code reads (``check_format``) and that verifies, with its
+    ``verify`` report, and for each bundle before it that failed: (the failure, a line saying what is used
+    instead). ``set_aside``: a failed bundle is moved to ``corrupt-<name>``, out of resume's and retention's way
+    but kept for a look."""
+    failures: list[tuple[str, str]] = []
+    for i, tag in enumerate(bundles):
+        check_format(tag)
+        try:
+            return tag, verify(tag, checksums), failures
+        except CheckpointError as e:
+            instead = bundles[i + 1] if i + 1 < len(bundles) else "no older checkpoint"
+            if set_aside:
+                aside = tag.with_name(f"corrupt-{tag.name}")
+                tag.rename(aside)
+                failures.append((str(e), f"{e}; moved aside to {aside.name}, falling back to {instead}"))
+            else:
+                failures.append((str(e), f"{e}; using {instead} instead"))
+    return None, None, failures
+
+
 def describe_verify(tag: Path, report: dict[str, Any]) -> str:
     """The one line that says what verifying ``tag`` checked and cost."""
     if not report["files"]:

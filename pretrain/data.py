@@ -119,6 +119,10 @@ class ShardDataset(Dataset):
         return self.__getitems__([item])[0]
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 def bucket_by_length(
     order: np.ndarray, lengths: np.ndarray, batch: int, window: int, rng: np.random.Generator | None
 ) -> np.ndarray:

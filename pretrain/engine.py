@@ -24,6 +24,7 @@ import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +43,7 @@ from pretrain.checkpoint import (
     complete_bundles,
     describe_verify,
     fp32_weights,
+    newest_verified,
     restore,
     save,
     tag_dir,
@@ -49,6 +51,7 @@ from pretrain.checkpoint import (
     verify,
 )
 from pretrain.config import build_ds_config
+from pretrain.data import fork_rng, to_device
 from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.metrics import MetricsLogger
 from pretrain.optim import build_optimizer, scheduler_factory
@@ -66,10 +69,6 @@ class Position(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
     def set_epoch(self, epoch: int) -> None: ...
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | None:
@@ -109,38 +108,22 @@ def _pick(resume: str, ckpt_root: Path, checksums: bool) -> Path | None:
             f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
             "while saving?); pass resume=none to start afresh, or restore a complete one"
         )
-    failed = []
-    for i, tag in enumerate(bundles):
-        check_format(tag)
-        try:
-            report = verify(tag, checksums)
-        except CheckpointError as e:
-            aside = tag.with_name(f"corrupt-{tag.name}")
-            tag.rename(aside)  # kept for a look, out of resume's and retention's way
-            older = bundles[i + 1] if i + 1 < len(bundles) else None
-            print(f"warning: {e}; moved aside to {aside.name}, falling back to {older or 'no older checkpoint'}",
-                  file=sys.stderr, flush=True)  # fmt: skip
-            failed.append(str(e))
-            continue
+    tag, report, failures = newest_verified(bundles, checksums, set_aside=True)
+    for _, line in failures:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    if tag is not None:
         print(describe_verify(tag, report), flush=True)
         return tag
-    if failed:
-        raise UserError(f"no checkpoint under {ckpt_root} verifies (the newest: {failed[0]}); restore one, or pass "
-                        "resume=none to start afresh")  # fmt: skip
+    if failures:
+        raise UserError(f"no checkpoint under {ckpt_root} verifies (the newest: {failures[0][0]}); restore one, or "
+                        "pass resume=none to start afresh")  # fmt: skip
     return None
 
 
 def last_good(ckpt_root: Path, before_step: int) -> Path | None:
     """The newest complete bundle saved before ``before_step`` that verifies: what "the last good checkpoint"
     means in any message."""
-    for tag in complete_bundles(ckpt_root):
-        if checkpoint_step(tag) < before_step:
-            try:
-                verify(tag)
-                return tag
-            except CheckpointError:
-                continue
-    return None
+    return newest_verified([t for t in complete_bundles(ckpt_root) if checkpoint_step(t) < before_step])[0]
 
 
 def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, Any, dict, str]:
@@ -154,6 +137,10 @@ def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool)
         client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
         warnings.warn(f"{cfg.deepspeed.config_file}: its optimizer section replaces optim.* ({opt_desc})", stacklevel=2)
     return client_opt, groups, schedule, ds_config, opt_desc
+
+
+def _scalar(x: Any) -> float | None:
+    return None if x is None else float(x.item() if torch.is_tensor(x) else x)
 
 
 class LogWindow:
@@ -359,14 +346,10 @@ class Engine:
                 "lr": self.scheduler.get_last_lr()[0], "loss_scale": self.loss_scale()}  # fmt: skip
 
     def loss_scale(self) -> float | None:
-        x = getattr(self.engine.optimizer, "cur_scale", 1.0)
-        return None if x is None else float(x.item() if torch.is_tensor(x) else x)
+        return _scalar(getattr(self.engine.optimizer, "cur_scale", 1.0))
 
     def grad_norm(self, stats: torch.Tensor) -> float | None:
-        if self.own_norm:
-            return float(stats[5])
-        x = self.engine.get_global_grad_norm()
-        return None if x is None else float(x.item() if torch.is_tensor(x) else x)
+        return float(stats[5]) if self.own_norm else _scalar(self.engine.get_global_grad_norm())
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -402,6 +385,17 @@ class Engine:
         if self.engine.zero_optimization_stage() == 0 and self.cfg.trainer.precision == "fp32":
             return self.engine.module.state_dict()
         return fp32_weights(tag)
+
+    def fp32_model(self, build: Callable[[], torch.nn.Module], tag: Path | None) -> torch.nn.Module:
+        """A fresh model from ``build`` holding ``fp32_state_dict(tag)``, every key accounted for (the tied MLM
+        decoder aside), built with the RNG streams forked: a new model's initial draws must not move training's."""
+        with fork_rng(self.device):
+            model = build()
+        missing, unexpected = model.load_state_dict(self.fp32_state_dict(tag), strict=False)
+        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
+        if missing or unexpected:
+            raise RuntimeError(f"fp32 weights of {tag}: missing {missing[:3]} / unexpected {unexpected[:3]}")
+        return model
 
 
 def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None, position: Position,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import fork_rng
+from pretrain.data import fork_rng, to_device
 from pretrain.masking import IGNORE_INDEX
 
 PRETRAINING_SUMS = ("mlm_loss", "mlm_correct", "masked", "unigram_correct", "nsp_loss", "nsp_correct", "nsp_count",
@@ -65,7 +65,7 @@ def evaluate(
             for i, batch in enumerate(batches):
                 if limit is not None and i >= limit:
                     break
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = to_device(batch, device)
                 if prepare is not None:
                     batch = prepare(batch)
                 score(model(**batch), batch, sums)

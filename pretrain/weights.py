@@ -31,6 +31,7 @@ from pretrain.checkpoint import (
     checkpoint_step,
     complete_bundles,
     fp32_weights,
+    newest_verified,
     verify,
 )
 from pretrain.deepspeed_env import import_deepspeed
@@ -59,15 +60,13 @@ def resolve(path: str | os.PathLike, what: str, checksums: bool | None = True) -
                 raise UserError(f"{what}={p}: {e}") from None
         return "checkpoint", p
     bundles = complete_bundles(p / "checkpoints") or complete_bundles(p)
-    for i, tag in enumerate(bundles):
-        if checksums is None:
-            return "checkpoint", tag
-        try:
-            verify(tag, checksums)
-            return "checkpoint", tag
-        except CheckpointError as e:
-            older = bundles[i + 1] if i + 1 < len(bundles) else None
-            warnings.warn(f"{e}; using {older or 'no older checkpoint'} instead", stacklevel=2)
+    if bundles and checksums is None:
+        return "checkpoint", bundles[0]
+    tag, _, failures = newest_verified(bundles, checksums)
+    for _, line in failures:
+        warnings.warn(line, stacklevel=2)
+    if tag is not None:
+        return "checkpoint", tag
     if bundles:
         raise UserError(f"{what}={p}: no complete checkpoint there verifies; restore one, or give its hf/ export")
     if (p / "hf" / "config.json").is_file():

@@ -6,16 +6,20 @@ modules are imported inside the helpers that use them, so that a module broken e
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import json
 import os
 import socket
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 
 if TYPE_CHECKING:
     import torch
@@ -359,3 +363,17 @@ def build_shards(out: Path, corpus: MemCorpus, **kw) -> tuple[dict, Report]:
     )
     report = Report()
     return run_shards(cfg, report, open_corpus=corpus), report
+
+
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``mnt`` (``options`` as ``mount -o``: ``size=1m``, ``size=1m,ro``) for a fault
+    test: a real full or read-only disk; unmounted afterwards. Fails (not skips) where it cannot mount: root is
+    a requirement of these tests."""
+    mnt.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.fail(f"cannot mount a tmpfs ({options}) here (these fault tests need root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

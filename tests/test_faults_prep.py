@@ -22,7 +22,17 @@ import pytest
 from data_prep.report import Report
 from data_prep.tokenize import run_tokenize
 from data_prep.vocab import run_vocab
-from tests.helpers import ROOT, MemCorpus, build_shards, cfg_for, random_parts, read_documents, small_vocab, write_parts
+from tests.helpers import (
+    ROOT,
+    MemCorpus,
+    build_shards,
+    cfg_for,
+    random_parts,
+    read_documents,
+    small_vocab,
+    tmpfs,
+    write_parts,
+)
 
 LAUNCH = str(ROOT / "launch" / "prepare_data.py")
 ENV = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HYDRA_FULL_ERROR": "0"}
@@ -301,10 +311,7 @@ def test_full_then_readonly_disk_one_line_and_rerun_identical(vocab, reference, 
     """Output on a 600 kB tmpfs: one error line naming the disk problem, exit 2; read-only: the same; after the
     space is there, the same command finishes with output identical to an uninterrupted run's."""
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.fail("cannot mount a small tmpfs here (these fault tests need root)")
-    try:
+    with tmpfs(mnt, "size=600k"):
         out = mnt / "out"
         for problem, remount in (("No space left on device", None), ("Read-only file system", "remount,ro")):
             if remount:
@@ -319,5 +326,3 @@ def test_full_then_readonly_disk_one_line_and_rerun_identical(vocab, reference, 
         assert tree(out) == tree(reference)
         ours, ref = (json.loads((d / "manifest.json").read_text()) for d in (out, reference))
         assert comparable(ours)["splits"] == comparable(ref)["splits"]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

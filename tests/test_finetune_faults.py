@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import FINETUNE, FINETUNE_FAST, ROOT, classification_task, free_port, run_env
+from tests.helpers import FINETUNE, FINETUNE_FAST, ROOT, classification_task, free_port, run_env, tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -159,10 +159,7 @@ def test_signal_checkpoints_exits_75_and_the_rerun_matches(task, inject, referen
 @pytest.mark.parametrize("where", [pytest.param("checkpoint", marks=pytest.mark.long), "best", "results"])  # CI time
 def test_full_disk_at_each_write_is_one_line_and_the_rerun_matches(task, inject, reference, tmp_path, where):
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.fail("cannot mount a small tmpfs here (these fault tests need root)")
-    try:
+    with tmpfs(mnt, "size=48m"):
         run = mnt / "run"
         r = _run(task, run, fault=f"fill:{where}", inject=inject)
         errors = _errors(r)
@@ -173,8 +170,6 @@ def test_full_disk_at_each_write_is_one_line_and_the_rerun_matches(task, inject,
         r = _run(task, run)
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
         _same(_outcome(run), reference)
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_resume_from_a_path_and_from_two_ranks_to_one(task, reference, tmp_path, deepspeed_cpu_comm):

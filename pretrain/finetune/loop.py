@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from data_prep.atomic import write_json, write_text
 from data_prep.errors import UserError
 from pretrain import distributed as D
-from pretrain.data import bucket_by_length, fork_rng
+from pretrain.data import bucket_by_length
 from pretrain.engine import Engine, resume_tag, start
 from pretrain.finetune.config import FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
@@ -241,14 +241,9 @@ def finetune(cfg: FinetuneConfig) -> int:
 
 
 def _fp32_model(ds: Engine, tag: Path | None) -> BertForTask:
-    """The task model in fp32 (``Engine.fp32_state_dict``: the module, or checkpoint ``tag``'s master weights)."""
+    """The task model in fp32 (``Engine.fp32_model``: the module's weights, or checkpoint ``tag``'s master ones)."""
     module = ds.engine.module
-    with fork_rng(ds.device):  # a new head draws its initial weights: the training streams must not move
-        model = BertForTask(module.config, module.kind, module.num_labels)
-    missing, unexpected = model.load_state_dict(ds.fp32_state_dict(tag), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"best model: weights missing {missing[:3]} / unexpected {unexpected[:3]} in {tag}")
-    return model
+    return ds.fp32_model(lambda: BertForTask(module.config, module.kind, module.num_labels), tag)
 
 
 def _recover_best(ds: Engine, src: Any, data: Prepared, run_dir: Path, history: list[dict], metric: str) -> None:
