@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml
 	# DeepSpeed's setup.py imports torch, so it must build against the torch installed above.
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev]"
 	# Every DeepSpeed process on CPU loads a C++ communication op, JIT-compiled on first use (about 2 minutes);
-	# build it now, once, so no rank builds it under a collective timeout or is killed holding its build lock.
-	$(PY) -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder as B; B().load(verbose=False)" \
+	# build it now, once, into this venv (not the user-wide ~/.cache that other clones share and lock), so no rank
+	# builds it under a collective timeout or is killed holding its build lock. Bounded: a hung build never hangs make.
+	timeout 1200 $(PY) -m pretrain.deepspeed_env \
 	    || echo "warning: DeepSpeed's CPU communication op did not build (no C++ compiler?): each run will try again"
 	touch $(STAMP)
 

@@ -17,6 +17,7 @@ def import_deepspeed(verbose: bool = False) -> Any:
     ``verbose``: every rank would print it, and the start-up block says what matters once. Errors still show."""
     import logging
 
+    extensions_dir()
     if verbose:
         import deepspeed
 
@@ -36,16 +37,35 @@ def import_deepspeed(verbose: bool = False) -> Any:
 STALE_BUILD_LOCK_S = 600  # the CPU comm op builds in about 2 minutes; a lock this old has no builder behind it
 
 
+def extensions_dir() -> str:
+    """Where torch JIT-builds C++ ops for this environment: ``TORCH_EXTENSIONS_DIR`` where set, else
+    ``<sys.prefix>/torch_extensions`` where that is writable (put in ``os.environ``, so ranks and their children
+    agree), else torch's default.
+
+    torch's default, ``~/.cache/torch_extensions``, is one folder for every environment of a user: two venvs
+    with different torch paths rebuild the op over each other under one lock file, and a process killed while it
+    holds that lock leaves every other environment waiting forever (a CI run on a fresh clone hung 90 minutes on
+    a lock a killed clone had left there)."""
+    if "TORCH_EXTENSIONS_DIR" not in os.environ and os.access(sys.prefix, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.path.join(sys.prefix, "torch_extensions")
+    from torch.utils.cpp_extension import _get_build_directory
+
+    return os.path.dirname(_get_build_directory("deepspeed_shm_comm", False))
+
+
+def _build_lock() -> str:
+    return os.path.join(extensions_dir(), "deepspeed_shm_comm", "lock")
+
+
 def check_cpu_comm_build_lock(now: float | None = None) -> None:
     """Refuse to start, in one line, where DeepSpeed's CPU communication op has a stale build lock.
 
-    Every DeepSpeed process on CPU loads ``deepspeed_shm_comm``, JIT-compiling it on first use under torch's lock
-    file; a process killed during that build leaves the lock, and every later run then waits on it forever,
-    silently (torch's FileBaton has no timeout). ``make`` builds the op at install time, so ranks never do."""
-    from torch.utils.cpp_extension import _get_build_directory
-
+    Every DeepSpeed process on CPU loads ``deepspeed_shm_comm`` through torch's JIT loader, which takes a lock
+    file even when there is nothing to build; a process killed holding it leaves the lock, and every later run
+    then waits on it forever, silently (torch's FileBaton has no timeout). ``make`` builds the op at install
+    time, so ranks hold the lock for a no-op build only."""
+    lock = _build_lock()
     try:
-        lock = os.path.join(_get_build_directory("deepspeed_shm_comm", False), "lock")
         age = (time.time() if now is None else now) - os.stat(lock).st_mtime
     except OSError:
         return
@@ -55,6 +75,25 @@ def check_cpu_comm_build_lock(now: float | None = None) -> None:
             f"was killed; every run would wait on it forever: delete it if no build is running, then "
             f"rerun the same command"
         )
+
+
+def build_cpu_comm_op() -> None:
+    """Build DeepSpeed's CPU communication op into this environment's extensions folder (``make`` runs this at
+    install time, so no rank builds it under a collective timeout). A stale lock (older than any build takes) is
+    removed first, with a line saying so: at install time the folder is this environment's alone."""
+    lock = _build_lock()
+    try:
+        age = time.time() - os.stat(lock).st_mtime
+    except OSError:
+        age = 0.0
+    if age > STALE_BUILD_LOCK_S:
+        print(f"removing {lock}: left {age / 60:.0f} min ago by a killed build", flush=True)
+        os.unlink(lock)
+    import_deepspeed()
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    ShareMemCommBuilder().load(verbose=False)
+    print(f"DeepSpeed's CPU communication op is built in {extensions_dir()}", flush=True)
 
 
 def shm_buffer_path(rank: int) -> Path:
@@ -73,3 +112,7 @@ def release_shm_buffer(rank: int) -> None:
     the machine ran out of memory. The mappings stay valid after the unlink (POSIX), so the run is unaffected and
     nothing is left behind, whatever way the processes end."""
     shm_buffer_path(rank).unlink(missing_ok=True)
+
+
+if __name__ == "__main__":
+    build_cpu_comm_op()

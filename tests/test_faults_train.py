@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from data_prep.errors import UserError
 from pretrain import deepspeed_env
 from pretrain.data import ResumableDistributedSampler
 from pretrain.trainer import find_checkpoint
-from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, run_env
+from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, run_env, tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -31,6 +32,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 # commit (shards written, before the COMPLETE marker), retention (marker written, before old bundles are pruned).
 SITECUSTOMIZE = """
 import os
+import shutil
 spec = os.environ.get("FAULT", "")
 if spec.startswith("scale:"):
     import pretrain.model as m
@@ -238,13 +240,7 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
     """A 1.5 MB tmpfs as run dir: the first checkpoint fits, a later one does not. One error line, exit 2, no
     half-written checkpoint, and the complete one still loads."""
     mnt = tmp_path / "small"
-    mnt.mkdir()
-    if (
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1536k", "tmpfs", str(mnt)], capture_output=True).returncode
-        != 0
-    ):
-        pytest.fail("cannot mount a small tmpfs here (these fault tests need root)")
-    try:
+    with tmpfs(mnt, "size=1536k"):
         run = mnt / "run"
         r = _run(run, data, "trainer.max_steps=40", "trainer.checkpoint_every=2", "trainer.keep_last=8", "logger=none")
         errors = _error_lines(r)
@@ -254,8 +250,6 @@ def test_full_disk_during_save_keeps_previous_checkpoint(data, tmp_path):
         assert ckpts and all((c / "COMPLETE").is_file() for c in ckpts)  # no partial tag left behind
         sd = torch.load(ckpts[-1] / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         assert sd["module"]["bert.embeddings.word_embeddings.weight"].shape[1] == 32
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 RESIZE = [
@@ -332,15 +326,10 @@ def test_world_size_change_on_resume(data, inject_dir, resize_reference, tmp_pat
 
 def test_read_only_run_dir_is_one_line(data, tmp_path):
     mnt = tmp_path / "ro"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.fail("cannot mount a read-only tmpfs here (these fault tests need root)")
-    try:
+    with tmpfs(mnt, "size=1m,ro"):
         r = _run(mnt / "run", data, "trainer.max_steps=2")
         errors = _error_lines(r)
         assert r.returncode == 2 and len(errors) == 1 and "Read-only file system" in errors[0], r.stderr[-2000:]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
 def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
@@ -373,3 +362,33 @@ def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
         deepspeed_env.check_cpu_comm_build_lock(now=old + deepspeed_env.STALE_BUILD_LOCK_S + 1)
     lock.unlink()
     deepspeed_env.check_cpu_comm_build_lock()  # no lock: nothing to say
+
+
+def test_install_build_of_comm_op_is_per_environment_and_clears_a_stale_lock(tmp_path):
+    """``make`` builds the CPU comm op with ``python -m pretrain.deepspeed_env``: into ``<venv>/torch_extensions``
+    (not ``~/.cache``, which every clone of a user shares and where one killed clone's lock hung the next clone's
+    install for 90 minutes), and a lock older than any build is removed with a line saying so, not waited on."""
+    env = {k: v for k, v in run_env().items() if k != "TORCH_EXTENSIONS_DIR"}
+    probe = (
+        "import os, pretrain.deepspeed_env as e; print(e.extensions_dir()); print(os.environ['TORCH_EXTENSIONS_DIR'])"
+    )
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [os.path.join(sys.prefix, "torch_extensions")] * 2
+
+    built = Path(sys.prefix) / "torch_extensions" / "deepspeed_shm_comm"
+    if not (built / "deepspeed_shm_comm.so").exists():
+        pytest.skip(f"{built}: the op is not built in this environment (make builds it; no C++ compiler?)")
+    ext = tmp_path / "ext"
+    shutil.copytree(built, ext / "deepspeed_shm_comm")  # a built op: the build below is ninja's no-op
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.touch()
+    old = time.time() - 3600
+    os.utime(lock, (old, old))
+    cmd = [sys.executable, "-m", "pretrain.deepspeed_env"]
+    r = subprocess.run(
+        cmd, capture_output=True, text=True, env={**env, "TORCH_EXTENSIONS_DIR": str(ext)}, cwd=ROOT, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"removing {lock}: left 60 min ago" in r.stdout and not lock.exists()
+    assert f"built in {ext}" in r.stdout
