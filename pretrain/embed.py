@@ -269,7 +269,7 @@ def run_embed(
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
     dev = _device(device)
     data = read_texts(input_path, column)  # before the model: a wrong path fails in a second, not after loading
-    source = load_model(model_path)
+    source = load_model(model_path, heads=False)  # embeddings read the encoder: MLM/NSP heads may be absent
     config = source.model.config
     n_layers = config.num_hidden_layers
     if not -(n_layers + 1) <= layer <= n_layers:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from pretrain.embed import run_embed
+from pretrain.hf import weight_keys
 from pretrain.weights import ModelSource, load_model
 from tests.helpers import ROOT, run_env, run_main
 
@@ -237,9 +238,11 @@ def test_run_dir_checkpoint_and_hf_export_give_the_same_vectors(trained, sentenc
     np.testing.assert_allclose(got["hf"]["embedding"], got["run"]["embedding"], atol=1e-5)
 
 
-def test_hidden_states_and_mean_pooling_match_transformers_on_the_export(trained, sentences, tmp_path):
+def test_hidden_states_and_mean_pooling_match_transformers_on_the_export(trained, sentences, tmp_path, capsys):
     """Every layer equals transformers' output_hidden_states, and the tool's mean pooling is the masked mean a
-    sentence-transformers pipeline computes on the export (importing transformers takes about 6 s)."""
+    sentence-transformers pipeline computes on the export (importing transformers takes about 6 s). The encoder
+    saved alone by transformers (no MLM/NSP heads, as sentence-embedding models ship) embeds the same, and the
+    tool says nothing about the heads it does not use."""
     from transformers import AutoTokenizer, BertModel
 
     hf_dir = trained[1] / "hf"
@@ -256,6 +259,14 @@ def test_hidden_states_and_mean_pooling_match_transformers_on_the_export(trained
     m = batch["attention_mask"][..., None].float()
     sentence_transformers_mean = (theirs[-1] * m).sum(1) / m.sum(1).clamp(min=1e-9)
     np.testing.assert_allclose(np.load(tmp_path / "mean.npy"), sentence_transformers_mean.numpy(), atol=1e-5)
+
+    headless = tmp_path / "headless"
+    hf.save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
+    assert not any(k.startswith("cls.") for k in weight_keys(headless))
+    code, out, err = _main(capsys, headless, "--input", sentences, "--output", tmp_path / "headless.npy")
+    assert code == 0 and "warning" not in err and "freshly initialised" not in out + err, err
+    np.testing.assert_allclose(np.load(tmp_path / "headless.npy"), np.load(tmp_path / "mean.npy"), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------- a model pretrained on books
