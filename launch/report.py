@@ -15,8 +15,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from data_prep.errors import UserError  # noqa: E402
+from pretrain.cli import guard  # noqa: E402
 from pretrain.reference import outside_band, shipped, write_reference  # noqa: E402
-from pretrain.report import ReportError, load_reference, load_run, summary_table, write_report  # noqa: E402
+from pretrain.report import load_reference, load_run, summary_table, write_report  # noqa: E402
 
 EPILOG = """examples:
   python launch/report.py runs/tiny-cpu
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 where the run leaves the reference's band")
     parser.add_argument("--write-reference", metavar="CSV", help="write the first run's curves as a reference CSV")
     args = parser.parse_args(argv)
+    return guard(lambda: report(args))  # a bad run directory or reference (ReportError): one line, exit 2
+
+
+def report(args: argparse.Namespace) -> int:
     try:
         if args.write_reference:
             path = write_reference(args.run_dirs[0], args.write_reference, provenance(args.run_dirs[0]))
@@ -62,13 +68,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         refs = [shipped(r) or r if not Path(r).suffix else r for r in args.reference] or auto_reference(args.run_dirs)
         result = write_report(args.run_dirs, args.out, refs)
-    except ReportError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except OSError as e:  # the output folder: read-only, full disk, a file in the way
         where = e.filename or args.out or Path(args.run_dirs[0]) / "report"
-        print(f"error: {where}: cannot write the report ({e.strerror}); give a writable --out", file=sys.stderr)
-        return 2
+        raise UserError(f"{where}: cannot write the report ({e.strerror}); give a writable --out") from None
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(summary_table(result["rows"]))
@@ -77,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {path}")
     if args.check:
         if not refs:
-            print(f"error: --check: no reference for {args.run_dirs[0]}; give --reference", file=sys.stderr)
-            return 2
+            raise UserError(f"--check: no reference for {args.run_dirs[0]}; give --reference")
         off = outside_band(load_run(args.run_dirs[0]), load_reference(refs[0]), "mlm_loss", BAND, relative=True)
         for line in off:
             print(f"outside the reference band: {line}")

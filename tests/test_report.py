@@ -167,6 +167,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and str(tmp_path / name) in err[0] and why in err[0]
     assert not (tmp_path / "good" / "report").exists()  # nothing written when one run is unusable
+    blocker = tmp_path / "blocker"  # a file where the output folder should go
+    blocker.write_text("")
+    assert main([str(tmp_path / "good"), "--out", str(blocker / "rep")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(blocker) in err[0] and "cannot write the report" in err[0] and "--out" in err[0]
+    assert main([str(tmp_path / "good"), "--check", "--out", str(tmp_path / "rep")]) == 2  # good: no shipped one
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --check: no reference for") and "--reference" in err[0]
     # the real process: exit code 2, one line, no traceback
     r = subprocess.run([sys.executable, str(REPORT), str(tmp_path / "missing")], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)  # fmt: skip
