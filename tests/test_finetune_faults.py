@@ -156,7 +156,7 @@ def test_signal_checkpoints_exits_75_and_the_rerun_matches(task, inject, referen
     _same(_outcome(run), reference)
 
 
-@pytest.mark.parametrize("where", [pytest.param("checkpoint", marks=pytest.mark.long), "best", "results"])  # CI time
+@pytest.mark.parametrize("where", ["checkpoint", "best", "results"])
 def test_full_disk_at_each_write_is_one_line_and_the_rerun_matches(task, inject, reference, tmp_path, where):
     mnt = tmp_path / "small"
     with tmpfs(mnt, "size=48m"):
