@@ -67,6 +67,8 @@ def report(args: argparse.Namespace) -> int:
             print(f"reference written: {path}")
             return 0
         refs = [shipped(r) or r if not Path(r).suffix else r for r in args.reference] or auto_reference(args.run_dirs)
+        if args.check and not refs:  # before any work: nothing is written for a command that cannot succeed
+            raise UserError(f"--check: no reference for {args.run_dirs[0]}; give --reference")
         result = write_report(args.run_dirs, args.out, refs)
     except OSError as e:  # the output folder: read-only, full disk, a file in the way
         where = e.filename or args.out or Path(args.run_dirs[0]) / "report"
@@ -78,8 +80,6 @@ def report(args: argparse.Namespace) -> int:
     for path in [result["report"], *result["figures"].values()]:
         print(f"  {path}")
     if args.check:
-        if not refs:
-            raise UserError(f"--check: no reference for {args.run_dirs[0]}; give --reference")
         off = outside_band(load_run(args.run_dirs[0]), load_reference(refs[0]), "mlm_loss", BAND, relative=True)
         for line in off:
             print(f"outside the reference band: {line}")

@@ -175,6 +175,7 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert main([str(tmp_path / "good"), "--check", "--out", str(tmp_path / "rep")]) == 2  # good: no shipped one
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --check: no reference for") and "--reference" in err[0]
+    assert not (tmp_path / "rep").exists()  # refused before the report is written
     # the real process: exit code 2, one line, no traceback
     r = subprocess.run([sys.executable, str(REPORT), str(tmp_path / "missing")], capture_output=True, text=True,
                        timeout=60, cwd=tmp_path)  # fmt: skip
