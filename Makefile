@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# Every DeepSpeed process on CPU loads a C++ communication op, JIT-compiled on first use (about 2 minutes);
 	# build it now, once, into this venv (not the user-wide ~/.cache that other clones share and lock), so no rank
 	# builds it under a collective timeout or is killed holding its build lock. Bounded: a hung build never hangs make.
-	timeout 1200 $(PY) -m pretrain.deepspeed_env \
+	timeout 1200 $(PY) -m pretrain.runtime.deepspeed_env \
 	    || echo "warning: DeepSpeed's CPU communication op did not build (no C++ compiler?): each run will try again"
 	touch $(STAMP)
 
@@ -44,6 +44,8 @@ test-gpu: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
+	# the layers of docs/architecture.md, as import-linter contracts in pyproject.toml: an import that climbs fails
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/prep_throughput.py

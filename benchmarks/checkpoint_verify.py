@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pretrain.benchmark import synthetic_data  # noqa: E402
+from pretrain.tools.benchmark import synthetic_data  # noqa: E402
 
 ARGS = ["trainer.max_seq_length=128", "trainer.micro_batch_size=1", "trainer.global_batch_size=1",
         "trainer.log_every=1", "trainer.eval_batches=0", "trainer.checkpoint_every=0", "trainer.max_steps=3",

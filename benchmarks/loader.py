@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 import numpy as np  # noqa: E402
 
 from data_prep.store import A_LEN, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard  # noqa: E402
-from pretrain.data import build_dataloader  # noqa: E402
-from pretrain.masking import MaskingConfig  # noqa: E402
+from pretrain.training.data import build_dataloader  # noqa: E402
+from pretrain.training.masking import MaskingConfig  # noqa: E402
 
 
 def synthetic(root: Path, seq: int, samples: int, vocab_size: int = 30522, seed: int = 0) -> Path:

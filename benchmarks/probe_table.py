@@ -22,8 +22,8 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from data_prep.errors import UserError  # noqa: E402
-from pretrain.batch_probe import GIB, choose, measure  # noqa: E402
-from pretrain.model import BertConfig, BertForPreTraining  # noqa: E402
+from pretrain.models.bert import BertConfig, BertForPreTraining  # noqa: E402
+from pretrain.training.batch_probe import GIB, choose, measure  # noqa: E402
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "model"
 

@@ -33,7 +33,7 @@ import hydra  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from data_prep.errors import UserError  # noqa: E402
-from pretrain.config import register_configs  # noqa: E402
+from pretrain.training.config import register_configs  # noqa: E402
 
 register_configs()
 
@@ -44,8 +44,8 @@ def main(cfg: DictConfig) -> None:
 
 
 def _bench(cfg: DictConfig) -> int:
-    from pretrain import distributed as D
-    from pretrain.benchmark import run
+    from pretrain.runtime import distributed as D
+    from pretrain.tools.benchmark import run
 
     try:
         config = OmegaConf.to_object(cfg)
@@ -63,7 +63,7 @@ if __name__ == "__main__":
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         print(__doc__, end="")
         sys.exit(0)
-    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/config.py")
+    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/training/config.py")
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)

@@ -7,7 +7,7 @@ MODEL is a run directory (its newest complete checkpoint), a checkpoint (RUN_DIR
 Hugging Face directory (RUN_DIR/hf, or any BERT directory with config.json, weights and vocab.txt or
 tokenizer.json). FILE is a text file with one sentence per line (blank lines skipped) or a table (.csv, .tsv,
 .jsonl, .parquet) whose text column --column names. Rows come out in input order; the layouts are described in
-pretrain/embed.py. Exit codes: 0 done, 2 a mistake in the input (one ``error:`` line), 130 Ctrl-C.
+pretrain/tools/embed.py. Exit codes: 0 done, 2 a mistake in the input (one ``error:`` line), 130 Ctrl-C.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pretrain.cli import guard  # noqa: E402
-from pretrain.embed import POOLINGS, run_embed  # noqa: E402
+from pretrain.tools.embed import POOLINGS, run_embed  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pretrain.cli import guard  # noqa: E402
-from pretrain.evaluation import DEFAULT_SEED, run_evaluate  # noqa: E402
+from pretrain.tools.evaluate import DEFAULT_SEED, run_evaluate  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

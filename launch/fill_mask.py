@@ -15,9 +15,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from data_prep.errors import UserError  # noqa: E402
 from data_prep.vocab import SPECIAL_TOKENS  # noqa: E402
+from pretrain.checkpoint.hf import fill_mask  # noqa: E402
+from pretrain.checkpoint.weights import load_model  # noqa: E402
 from pretrain.cli import guard  # noqa: E402
-from pretrain.hf import fill_mask  # noqa: E402
-from pretrain.weights import load_model  # noqa: E402
 
 MASK = SPECIAL_TOKENS["mask_token"]
 

@@ -29,7 +29,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
+from pretrain.runtime.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
 
 catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
 

@@ -6,8 +6,8 @@
     python launch/pretrain.py                                 (the tiny CPU smoke run: needs data/out from prepare_data)
 
 Config groups (conf/): model, data, optim, scheduler, deepspeed, trainer, logger, experiment; fields documented
-in pretrain/config.py. The run dir is ``runs/<name>[,<overrides>]`` (or ``run_dir=...``), the same on every rank,
-so a requeued job with the same command resumes (``resume=auto``, the default).
+in pretrain/training/config.py. The run dir is ``runs/<name>[,<overrides>]`` (or ``run_dir=...``), the same on
+every rank, so a requeued job with the same command resumes (``resume=auto``, the default).
 
 Exit codes (each failure is one ``error:`` line on stderr, no traceback):
   0   done (or stopped at trainer.stop_at_step).
@@ -36,7 +36,7 @@ if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().p
 elif ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from pretrain.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
+from pretrain.runtime.signals import catch_preempt_signals  # noqa: E402  (no torch import: it is lazy there)
 
 catch_preempt_signals()  # first: a SLURM signal while torch imports must not kill the job (nor lose exit 75)
 
@@ -50,7 +50,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from data_prep.errors import UserError  # noqa: E402
-from pretrain.config import register_configs  # noqa: E402
+from pretrain.training.config import register_configs  # noqa: E402
 
 register_configs()
 
@@ -72,7 +72,7 @@ def _train(cfg: DictConfig) -> int:
         )
     try:
         cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-        config = OmegaConf.to_object(cfg)  # typed: pretrain.config.Config, model a BertConfig
+        config = OmegaConf.to_object(cfg)  # typed: pretrain.training.config.Config, model a BertConfig
     except ValueError as e:  # a dataclass's own check (heads must divide hidden_size, masking rates)
         raise UserError(str(e)) from None
     except OmegaConfBaseException as e:  # e.g. an interpolation to a key that does not exist
@@ -82,13 +82,14 @@ def _train(cfg: DictConfig) -> int:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg_dict, run_dir / "config.yaml")
         (run_dir / "overrides.txt").write_text("\n".join(overrides) + "\n")
-    from pretrain.trainer import train
+    from pretrain.training.trainer import train
 
     return train(config)
 
 
 if __name__ == "__main__":
-    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/config.py")  # before Hydra's own report
+    # before Hydra's own report
+    problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/training/config.py")
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)

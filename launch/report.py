@@ -4,7 +4,7 @@ Reads each run's ``RUN_DIR/metrics.jsonl`` and writes, into ``--out`` (default: 
 ``report_steps.png`` and ``report_tokens.png`` (loss, MLM and NSP accuracy, training and validation, learning
 rate, throughput and gradient norm against optimizer steps and against tokens seen; several runs overlaid, one
 colour each, named after their directories) and ``report.md`` (a summary table, one row per run, and the
-figures). The logic lives in ``pretrain/report.py``.
+figures). The logic lives in ``pretrain/tools/report.py``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 
 from data_prep.errors import UserError  # noqa: E402
 from pretrain.cli import guard  # noqa: E402
-from pretrain.reference import outside_band, shipped, write_reference  # noqa: E402
-from pretrain.report import load_reference, load_run, summary_table, write_report  # noqa: E402
+from pretrain.tools.reference import outside_band, shipped, write_reference  # noqa: E402
+from pretrain.tools.report import load_reference, load_run, summary_table, write_report  # noqa: E402
 
 EPILOG = """examples:
   python launch/report.py runs/tiny-cpu

@@ -22,8 +22,8 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 
 from data_prep.errors import DISK_ERRNOS, UserError, first_line
-from pretrain import distributed as D
-from pretrain.signals import ignore_preempt_signals
+from pretrain.runtime import distributed as D
+from pretrain.runtime.signals import ignore_preempt_signals
 
 USER_ERROR_EXIT_CODE = 2
 INTERRUPTED_EXIT_CODE = 130
@@ -42,7 +42,7 @@ def one_line_warnings() -> None:
 
 def resume_hint(run_dir: Path) -> str:
     """Where a rerun of the same command would continue from: the tail of a lost-rank or interrupted line."""
-    from pretrain.checkpoint import find_checkpoint  # torch: only once the run is under way
+    from pretrain.checkpoint.bundle import find_checkpoint  # torch: only once the run is under way
 
     tag = find_checkpoint(run_dir / "checkpoints")
     if tag is None:

@@ -1,4 +1,4 @@
-"""trainer.micro_batch_size=auto (pretrain/batch_probe.py): measured activation bytes, ZeRO partitioning of the
+"""trainer.micro_batch_size=auto (pretrain/training/batch_probe.py): measured activation bytes, ZeRO partitioning of the
 static memory, the chosen micro-batch under a cap and a divisor of the global batch, and a real run that uses it."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from data_prep.errors import UserError
-from pretrain.batch_probe import GIB, MARGIN, probe, saved_bytes, static_bytes
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.training.batch_probe import GIB, MARGIN, probe, saved_bytes, static_bytes
 from tests.helpers import LAUNCH, ROOT, SMALL, make_data, run_env
 
 

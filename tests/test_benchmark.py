@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from data_prep.store import LENGTH, NSP_LABEL
-from pretrain.benchmark import hf_model, synthetic_data
-from pretrain.config import inspect_data
-from pretrain.metrics import mfu
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.tools.benchmark import hf_model, synthetic_data
+from pretrain.training.config import inspect_data
+from pretrain.training.metrics import mfu
 from tests.helpers import ROOT, run_env
 
 KW = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.checkpoint import CheckpointError, file_table, verify
+from pretrain.checkpoint.bundle import CheckpointError, file_table, verify
 from tests.helpers import (
     FINETUNE,
     FINETUNE_FAST,

@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_prep.errors import UserError
-from pretrain.config import _run_slug, build_ds_config, gradient_accumulation_steps
+from pretrain.training.config import _run_slug, build_ds_config, gradient_accumulation_steps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -135,8 +135,8 @@ def test_optimizer_section_follows_the_same_precedence(tmp_path):
 def test_group_yamls_hold_only_what_differs_from_the_schema():
     """Each conf/<group>/<choice>.yaml keeps only the values that differ from the dataclass defaults (model: from
     BertConfig's, with vocab_size taken from the data): one source of truth per value."""
-    from pretrain.config import Config
     from pretrain.finetune.config import FinetuneConfig
+    from pretrain.training.config import Config
 
     schema = OmegaConf.structured(Config)
     finetune = OmegaConf.to_container(OmegaConf.structured(FinetuneConfig))
@@ -184,10 +184,10 @@ def test_prepare_data_help_lists_its_own_options_only():
 
 def test_every_schema_field_has_a_docstring():
     from data_prep.config import PrepareConfig
-    from pretrain import config as C
     from pretrain.cli import field_docs
-    from pretrain.masking import MaskingConfig
-    from pretrain.model import BertConfig
+    from pretrain.models.bert import BertConfig
+    from pretrain.training import config as C
+    from pretrain.training.masking import MaskingConfig
 
     schemas = [C.Config, C.DataConfig, C.OptimConfig, C.SchedulerConfig, C.DeepSpeedSection, C.TrainerConfig]
     schemas += [C.LoggerConfig, C.BenchConfig, PrepareConfig, MaskingConfig, BertConfig]

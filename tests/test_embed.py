@@ -1,4 +1,4 @@
-"""launch/embed.py and pretrain/embed.py: every pooling to .npy and .parquet against hidden states computed here,
+"""launch/embed.py and pretrain/tools/embed.py: every pooling to .npy and .parquet against hidden states computed here,
 input order kept through length-sorted batches, table inputs, truncation, one-line errors, the run dir and its
 HF export giving the same vectors, and (slow) a model pretrained on the shared books telling contexts apart."""
 
@@ -16,9 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pretrain.embed import run_embed
-from pretrain.hf import weight_keys
-from pretrain.weights import ModelSource, load_model
+from pretrain.checkpoint.hf import weight_keys
+from pretrain.checkpoint.weights import ModelSource, load_model
+from pretrain.tools.embed import run_embed
 from tests.helpers import ROOT, run_env, run_main
 
 EMBED = ROOT / "launch" / "embed.py"

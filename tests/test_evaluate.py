@@ -1,4 +1,4 @@
-"""launch/evaluate.py and pretrain/evaluation.py on a real tiny run: the model from a run dir, a checkpoint or its
+"""launch/evaluate.py and pretrain/tools/evaluate.py on a real tiny run: the model from a run dir, a checkpoint or its
 HF export (same numbers, and the trainer's own validation figures), the unigram baseline at the same masked
 positions, --text prepared on the fly, the metrics.jsonl record, and one-line errors for bad input."""
 
@@ -17,11 +17,12 @@ import torch
 
 from data_prep.store import SplitReader
 from data_prep.vocab import read_vocab
-from pretrain.data import build_dataloader
-from pretrain.evaluation import evaluate_model, most_frequent_token, run_evaluate, token_counts
-from pretrain.hf import export_hf
-from pretrain.masking import IGNORE_INDEX, MaskingConfig
-from pretrain.weights import load_model
+from pretrain.checkpoint.hf import export_hf
+from pretrain.checkpoint.weights import load_model
+from pretrain.tools.evaluate import evaluate_model, run_evaluate
+from pretrain.training.data import build_dataloader
+from pretrain.training.masking import IGNORE_INDEX, MaskingConfig
+from pretrain.training.scores import most_frequent_token, token_counts
 from tests.helpers import ROOT, SMALL, TINY_EVAL_BATCHES, TINY_MICRO, make_data, run_env, run_main, tiny_corpus
 
 EVALUATE = ROOT / "launch" / "evaluate.py"

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data import PackingCollator, real_lengths
-from pretrain.masking import MaskingCollator, MaskingConfig
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.training.data import PackingCollator, real_lengths
+from pretrain.training.masking import MaskingCollator, MaskingConfig
 from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, make_data, run_env
 
 

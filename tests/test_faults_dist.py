@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain import distributed as D
-from pretrain import signals as S
-from pretrain.trainer import find_checkpoint
+from pretrain.runtime import distributed as D
+from pretrain.runtime import signals as S
+from pretrain.training.trainer import find_checkpoint
 from tests.helpers import LAUNCH, ROOT, SMALL, child_pids, free_port, hf_weights, launch_cmd, make_data, run_env
 
 PREPARE = str(ROOT / "launch" / "prepare_data.py")

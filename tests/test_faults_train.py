@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from data_prep.errors import UserError
-from pretrain import deepspeed_env
-from pretrain.data import ResumableDistributedSampler
-from pretrain.trainer import find_checkpoint
+from pretrain.runtime import deepspeed_env
+from pretrain.training.data import ResumableDistributedSampler
+from pretrain.training.trainer import find_checkpoint
 from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, run_env, tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
@@ -35,7 +35,7 @@ import os
 import shutil
 spec = os.environ.get("FAULT", "")
 if spec.startswith("scale:"):
-    import pretrain.model as m
+    import pretrain.models.bert as m
     factors = {int(k): float(v) for k, v in (x.split("=") for x in spec[6:].split(","))}
     orig, calls = m.BertForPreTraining.forward, [0]
     def forward(self, *a, **k):
@@ -48,7 +48,7 @@ if spec.startswith("scale:"):
     m.BertForPreTraining.forward = forward
 elif spec.startswith("record:"):  # append every training micro-batch's (epoch, sample) pairs to PATH.RANK
     import json
-    import pretrain.data as d
+    import pretrain.training.data as d
     path, orig = f"{spec[7:]}.{os.environ.get('RANK', '0')}", d.ShardDataset.__getitems__
     def getitems(self, items):
         if self.split == "train":
@@ -58,8 +58,8 @@ elif spec.startswith("record:"):  # append every training micro-batch's (epoch, 
     d.ShardDataset.__getitems__ = getitems
 elif spec.startswith("kill:"):
     import signal
-    import pretrain.checkpoint as c
-    import pretrain.engine as t
+    import pretrain.checkpoint.bundle as c
+    import pretrain.training.engine as t
     where, step = spec[5:].split("@")
     step = int(step)
     def die():
@@ -365,12 +365,14 @@ def test_stale_comm_op_build_lock_is_one_line(data, tmp_path, monkeypatch):
 
 
 def test_install_build_of_comm_op_is_per_environment_and_clears_a_stale_lock(tmp_path):
-    """``make`` builds the CPU comm op with ``python -m pretrain.deepspeed_env``: into ``<venv>/torch_extensions``
-    (not ``~/.cache``, which every clone of a user shares and where one killed clone's lock hung the next clone's
-    install for 90 minutes), and a lock older than any build is removed with a line saying so, not waited on."""
+    """``make`` builds the CPU comm op with ``python -m pretrain.runtime.deepspeed_env``: into
+    ``<venv>/torch_extensions`` (not ``~/.cache``, which every clone of a user shares and where one killed clone's lock
+    hung the next clone's install for 90 minutes), and a lock older than any build is removed with a line saying so, not
+    waited on."""
     env = {k: v for k, v in run_env().items() if k != "TORCH_EXTENSIONS_DIR"}
     probe = (
-        "import os, pretrain.deepspeed_env as e; print(e.extensions_dir()); print(os.environ['TORCH_EXTENSIONS_DIR'])"
+        "import os, pretrain.runtime.deepspeed_env as e; "
+        "print(e.extensions_dir()); print(os.environ['TORCH_EXTENSIONS_DIR'])"
     )
     r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
     assert r.returncode == 0, r.stderr
@@ -385,7 +387,7 @@ def test_install_build_of_comm_op_is_per_environment_and_clears_a_stale_lock(tmp
     lock.touch()
     old = time.time() - 3600
     os.utime(lock, (old, old))
-    cmd = [sys.executable, "-m", "pretrain.deepspeed_env"]
+    cmd = [sys.executable, "-m", "pretrain.runtime.deepspeed_env"]
     r = subprocess.run(
         cmd, capture_output=True, text=True, env={**env, "TORCH_EXTENSIONS_DIR": str(ext)}, cwd=ROOT, timeout=300
     )

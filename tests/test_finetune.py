@@ -193,8 +193,8 @@ def test_a_directory_saved_by_transformers_fine_tunes(tiny, tmp_path):
     import torch
     from transformers import BertConfig, BertForPreTraining
 
+    from pretrain.checkpoint.weights import load_model
     from pretrain.finetune.heads import from_pretrained
-    from pretrain.weights import load_model
 
     vocab = (tiny / "hf" / "vocab.txt").read_text().splitlines()
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ import os
 kind, _, arg = os.environ.get("FAULT", "").partition(":")
 if kind == "signal":
     import signal
-    import pretrain.engine as e
+    import pretrain.training.engine as e
     name, step = arg.split("@")
     orig_book = e.Engine.book
     def book(self, *a, **k):
@@ -37,7 +37,7 @@ if kind == "signal":
         return out
     e.Engine.book = book
 elif kind == "fill":
-    import pretrain.engine as e
+    import pretrain.training.engine as e
     import pretrain.finetune.loop as loop
     def fill(directory):
         f = open(os.path.join(directory, "filler"), "wb")

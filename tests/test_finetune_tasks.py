@@ -491,7 +491,7 @@ def test_kinds_registry_names_metrics_hf_classes_and_heads() -> None:
     import torch
 
     from pretrain.finetune import heads
-    from pretrain.model import BertConfig
+    from pretrain.models.bert import BertConfig
 
     assert list(KINDS) == ["classification", "regression", "ner", "qa"] and heads.KINDS is KINDS
     assert {k: (v.name, v.metric, v.hf_class) for k, v in KINDS.items()} == {

@@ -13,8 +13,8 @@ from data_prep import atomic
 from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import MANIFEST_VERSION, Manifest, read_manifest, write_manifest
 from data_prep.vocab import SPECIALS, read_vocab, special_ids
-from pretrain.checkpoint import CHECKPOINT_FORMAT, check_format
-from pretrain.config import inspect_data
+from pretrain.checkpoint.bundle import CHECKPOINT_FORMAT, check_format
+from pretrain.training.config import inspect_data
 from tests.helpers import make_data
 
 

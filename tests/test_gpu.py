@@ -13,7 +13,7 @@ import torch
 
 from data_prep.config import PrepareConfig
 from data_prep.pipeline import prepare
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models.bert import BertConfig, BertForPreTraining
 from tests.helpers import FINETUNE, FINETUNE_FAST, ROOT, classification_task
 
 pytestmark = [

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from data_prep.store import INDEX_COLUMNS, write_shard
-from pretrain.data import ResumableDistributedSampler, ShardDataset, build_dataloader
-from pretrain.masking import IGNORE_INDEX, MaskingConfig
+from pretrain.training.data import ResumableDistributedSampler, ShardDataset, build_dataloader
+from pretrain.training.masking import IGNORE_INDEX, MaskingConfig
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(300)] + [f"##p{i}" for i in range(50)]
 CLS, SEP = 2, 3
@@ -228,7 +228,7 @@ def test_errors(tmp_path: Path, data: Path) -> None:
 def test_tiny_model_learns(tmp_path: Path, shared_data: Path) -> None:
     from data_prep.config import PrepareConfig
     from data_prep.pipeline import prepare
-    from pretrain.model import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertConfig, BertForPreTraining
 
     root = tmp_path / "data"
     books = sorted((shared_data / "books").glob("*.txt.gz"))[:2]

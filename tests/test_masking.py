@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
+from pretrain.training.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
 from tests.helpers import (
     CLS_ID,
     FIRST_PIECE_ID,

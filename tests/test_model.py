@@ -1,4 +1,4 @@
-"""pretrain.model: equivalence with Hugging Face BERT, checkpoint round trips, sparse MLM loss, init, configs."""
+"""pretrain.models.bert: equivalence with Hugging Face BERT, checkpoint round trips, sparse MLM loss, init, configs."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import transformers  # a dev dependency: the reference implementation
 from omegaconf import OmegaConf
 
-from pretrain.hf import export_hf, fill_mask, load_hf
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.checkpoint.hf import export_hf, fill_mask, load_hf
+from pretrain.models.bert import BertConfig, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 1001  # not a multiple of 8: load_hf pads it to 1008 rows
@@ -283,7 +283,7 @@ def test_init_statistics() -> None:
 def test_model_yamls_load_into_config(name: str, shape: tuple[int, int, int, int]) -> None:
     from hydra import compose, initialize_config_dir
 
-    import pretrain.config  # noqa: F401 - registers the schema: each YAML holds what differs from BertConfig
+    import pretrain.training.config  # noqa: F401 - registers the schema: each YAML holds what differs from BertConfig
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         raw = OmegaConf.to_container(compose(config_name="config", overrides=[f"model={name}"]).model)

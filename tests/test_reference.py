@@ -1,4 +1,4 @@
-"""Reference curves (docs/reference/, pretrain/reference.py): written from a run with their provenance, read back,
+"""Reference curves (docs/reference/, pretrain/tools/reference.py): written from a run with their provenance, read back,
 overlaid by launch/report.py on a run of the same recipe, and a band check that a short demo run stays inside."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pretrain.reference import REFERENCE_DIR, outside_band, shipped, write_reference
-from pretrain.report import load_reference, load_run
+from pretrain.tools.reference import REFERENCE_DIR, outside_band, shipped, write_reference
+from pretrain.tools.report import load_reference, load_run
 from tests.helpers import ROOT, run_env, run_main
 
 REPORT = ROOT / "launch" / "report.py"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain.report import build_figure, load_reference, load_run, load_runs, summarize
+from pretrain.tools.report import build_figure, load_reference, load_run, load_runs, summarize
 from tests.helpers import LAUNCH, SMALL, make_data, run_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,8 +27,8 @@ BATCH, SEQ, TPS, LOG_EVERY, EVAL_EVERY, T0 = 32, 100, 4000.0, 10, 50, 1_800_000_
 
 
 def write_metrics(run_dir: Path, steps: int = 200, nsp: bool = True, extra_lines: tuple[str, ...] = ()) -> list[dict]:
-    """A run's metrics.jsonl with the keys ``pretrain.trainer.log_window`` and ``evaluate`` write: a train record
-    every LOG_EVERY steps (a constant throughput, so each window takes BATCH*SEQ*LOG_EVERY/TPS seconds), an eval
+    """A run's metrics.jsonl with the keys ``pretrain.training.trainer.log_window`` and ``evaluate`` write: a train
+    record every LOG_EVERY steps (a constant throughput, so each window takes BATCH*SEQ*LOG_EVERY/TPS seconds), an eval
     record every EVAL_EVERY, and the spike and skipped records a report leaves out."""
     run_dir.mkdir(parents=True, exist_ok=True)
     window = BATCH * SEQ * LOG_EVERY / TPS

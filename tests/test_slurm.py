@@ -195,7 +195,7 @@ def _fake_job(cluster: SlurmCluster, tmp_path: Path, extra_env: dict[str, str] |
 def test_usr1_to_batch_shell_is_forwarded_then_job_requeued(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """``scancel --signal=USR1 --batch`` (as ``--signal=B:USR1@T``): the script traps it, forwards it to srun,
     sees exit 75 and requeues; the requeued run gets the same run dir and resume=auto."""
-    _needs("pretrain/distributed.py")
+    _needs("pretrain/runtime/distributed.py")
     job, log = _fake_job(slurm_cluster, tmp_path)
     deadline = time.monotonic() + 120
     while not all((tmp_path / "run" / f"ready-{rank}-0").exists() for rank in (0, 1)):

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.data import ShardDataset, build_dataloader
-from pretrain.masking import IGNORE_INDEX, MaskingCollator, sample_keys
+from pretrain.training.data import ShardDataset, build_dataloader
+from pretrain.training.masking import IGNORE_INDEX, MaskingCollator, sample_keys
 from tests.helpers import CLS_ID, MASKING_VOCAB, ROOT, SEP_ID, SMALL, make_sample, run_env
 
 
@@ -57,7 +57,7 @@ def test_swaps_are_seeded_per_epoch_and_sample_not_per_batch():
 
 
 def test_pair_loss_skips_unlabelled_rows_and_a_batch_of_none_is_zero():
-    from pretrain.model import BertConfig, BertForPreTraining
+    from pretrain.models.bert import BertConfig, BertForPreTraining
 
     torch.manual_seed(0)
     model = BertForPreTraining(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,

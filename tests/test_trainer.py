@@ -19,12 +19,12 @@ from hydra import compose, initialize_config_dir
 
 from data_prep.errors import UserError
 from pretrain import cli
-from pretrain import distributed as D
-from pretrain import signals as S
-from pretrain.config import preflight
-from pretrain.metrics import truncate_metrics
-from pretrain.optim import Lamb, lr_lambda, param_groups
-from pretrain.trainer import find_checkpoint
+from pretrain.runtime import distributed as D
+from pretrain.runtime import signals as S
+from pretrain.training.config import preflight
+from pretrain.training.metrics import truncate_metrics
+from pretrain.training.optim import Lamb, lr_lambda, param_groups
+from pretrain.training.trainer import find_checkpoint
 from tests.helpers import (
     LAUNCH,
     ROOT,
@@ -94,7 +94,7 @@ def test_optimizer_choice_per_device(monkeypatch):
     """GPU and CPU: torch's fused AdamW (nothing to compile), DeepSpeed's Adam only under offload or when asked; LAMB
     falls back to pure PyTorch with one warning where DeepSpeed's op cannot build (here: no CUDA), after
     rewriting an arch-specific TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT cannot parse."""
-    from pretrain.optim import build_optimizer
+    from pretrain.training.optim import build_optimizer
 
     model = torch.nn.Linear(4, 4)
     opt, ds, _, desc = build_optimizer(_cfg(), model, on_cuda=True)
@@ -322,8 +322,8 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
 
 
 def test_init_from_weights_that_contradict_their_config_is_one_line(data, tmp_path):
-    from pretrain.hf import export_hf
-    from pretrain.model import BertConfig, BertForPreTraining
+    from pretrain.checkpoint.hf import export_hf
+    from pretrain.models.bert import BertConfig, BertForPreTraining
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hidden_layers=1)
     export_hf(BertForPreTraining(BertConfig(vocab_size=len(SHARD_VOCAB), **small)), data, tmp_path / "hf")
@@ -526,7 +526,7 @@ def test_log_lines_name_nsp_only_when_the_run_has_it():
     """MLM-only runs (RoBERTa mode) print no NSP figures: not in training lines, not in evaluation lines."""
     import time as _time
 
-    from pretrain.metrics import MetricsLogger, validation_lines
+    from pretrain.training.metrics import MetricsLogger, validation_lines
 
     log = MetricsLogger.__new__(MetricsLogger)  # plain_line reads only these
     log.start_step, log.max_steps, log.t0, log.pair = 0, 10, _time.time(), "nsp"

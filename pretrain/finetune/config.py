@@ -12,8 +12,8 @@ from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 
-from pretrain.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig
 from pretrain.finetune.heads import KINDS
+from pretrain.training.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig
 
 
 @dataclass

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pretrain.finetune.kinds import KINDS, TaskKind
-from pretrain.model import BertConfig, BertModel, BertPooler
+from pretrain.models.bert import BertConfig, BertModel, BertPooler
 
 __all__ = ["KINDS", "BertForTask", "TaskKind", "TaskOutput", "from_pretrained"]
 

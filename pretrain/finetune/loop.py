@@ -1,7 +1,8 @@
 """The fine-tuning loop: a task head on a pretrained encoder, trained on pretraining's engine
-(``pretrain/engine.py``: the optimizer step with accumulation, the non-finite skip/stop, checkpoint bundles with
+(``pretrain/training/engine.py``:
+the optimizer step with accumulation, the non-finite skip/stop, checkpoint bundles with
 the data position and RNG, preemption with exit 75, resume=auto|PATH|none, another world size, the time limit,
-retention, the averaged loss window) and evaluated by the one evaluation pass (``pretrain/scores.py``).
+retention, the averaged loss window) and evaluated by the one evaluation pass (``pretrain/training/scores.py``).
 
 Reads top to bottom: ``TaskBatches`` (the data position), ``evaluate``, ``setup``, ``finetune`` (steps, the
 epoch's evaluation, checkpoint and best model, results). Data order is a permutation seeded by (seed, epoch) cut
@@ -24,19 +25,19 @@ from omegaconf import OmegaConf
 
 from data_prep.atomic import write_json, write_text
 from data_prep.errors import UserError
-from pretrain import distributed as D
-from pretrain.data import bucket_by_length
-from pretrain.engine import Engine, resume_tag, start
+from pretrain.checkpoint.hf import export_hf, load_weights, read_weights
+from pretrain.checkpoint.weights import load_model
 from pretrain.finetune.config import FinetuneConfig
 from pretrain.finetune.heads import BertForTask, from_pretrained
 from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.prepare import Prepared, prepare
-from pretrain.hf import export_hf, load_weights, read_weights
-from pretrain.metrics import MetricsLogger
-from pretrain.model import BertConfig, BertForPreTraining
-from pretrain.scores import evaluate as evaluation_pass
-from pretrain.signals import StopFlag
-from pretrain.weights import load_model
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.runtime import distributed as D
+from pretrain.runtime.signals import StopFlag
+from pretrain.training.data import bucket_by_length
+from pretrain.training.engine import Engine, resume_tag, start
+from pretrain.training.metrics import MetricsLogger
+from pretrain.training.scores import evaluate as evaluation_pass
 
 GROUP_STEPS = 50  # global batches sorted together by length (group_by_length)
 

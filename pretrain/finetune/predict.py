@@ -12,11 +12,11 @@ from omegaconf import OmegaConf
 
 from data_prep.atomic import write_text
 from data_prep.errors import UserError
+from pretrain.checkpoint.hf import vocabulary
 from pretrain.finetune import tasks as T
 from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.loop import load_task_model
 from pretrain.finetune.prepare import decode, encode, read_split
-from pretrain.hf import vocabulary
 
 
 def _task_config(cfg: Any, run_dir: Path) -> Any:

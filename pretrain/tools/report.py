@@ -1,6 +1,6 @@
 """Run reports: training curves of one or more runs as PNG figures and a Markdown summary table.
 
-Reads ``RUN_DIR/metrics.jsonl`` as ``pretrain.metrics.MetricsLogger`` writes it: ``train`` records (one per log
+Reads ``RUN_DIR/metrics.jsonl`` as ``pretrain.training.metrics.MetricsLogger`` writes it: ``train`` records (one per log
 window: step, tokens seen, loss, MLM/NSP loss, learning rate, gradient norm, throughput), ``eval`` records
 (``val_*`` losses and accuracies), and others that a report leaves out: spikes, skipped steps, and the
 ``evaluate`` records of ``launch/evaluate.py`` (on other data or a whole split: not points of the same validation

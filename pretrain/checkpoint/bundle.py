@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from data_prep.atomic import fsync_dir, write_json
 from data_prep.errors import UserError
-from pretrain import distributed as D
+from pretrain.runtime import distributed as D
 
 CHECKPOINT_FORMAT = 2  # 2: COMPLETE lists every file's size and sha256; 1: no file list (nothing to verify)
 MARKER = "COMPLETE"

@@ -1,7 +1,8 @@
-"""The loop machinery that pretraining (``pretrain/trainer.py``) and fine-tuning (``pretrain/finetune/loop.py``)
-both stand on, whatever the model, batches and evaluation: the DeepSpeed engine and where it resumes from, the
-optimizer step with gradient accumulation, the agreed non-finite skip/stop, checkpoint bundles (client state,
-data position, RNG) with retention, preemption (SIGUSR1/SIGTERM, the time limit) and the loss window of the log.
+"""The loop machinery that pretraining (``pretrain/training/trainer.py``) and fine-tuning
+(``pretrain/finetune/loop.py``) both stand on, whatever the model, batches and evaluation: the DeepSpeed engine and
+where it resumes from, the optimizer step with gradient accumulation, the agreed non-finite skip/stop, checkpoint
+bundles (client state, data position, RNG) with retention, preemption (SIGUSR1/SIGTERM, the time limit) and the loss
+window of the log.
 
 Exit codes it decides: 3 stopped on non-finite losses (``trainer.max_nonfinite_steps`` in a row; nothing saved
 after the last good checkpoint), 75 preempted (a checkpoint was saved; the same command resumes).
@@ -33,8 +34,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import UserError
-from pretrain import distributed as D
-from pretrain.checkpoint import (
+from pretrain.checkpoint.bundle import (
     CheckpointError,
     TrainState,
     check_format,
@@ -50,12 +50,13 @@ from pretrain.checkpoint import (
     universal_tag,
     verify,
 )
-from pretrain.config import build_ds_config
-from pretrain.data import fork_rng, to_device
-from pretrain.deepspeed_env import import_deepspeed, release_shm_buffer
-from pretrain.metrics import MetricsLogger
-from pretrain.optim import build_optimizer, scheduler_factory
-from pretrain.signals import PREEMPTED_EXIT_CODE, StopFlag
+from pretrain.runtime import distributed as D
+from pretrain.runtime.deepspeed_env import import_deepspeed, release_shm_buffer
+from pretrain.runtime.signals import PREEMPTED_EXIT_CODE, StopFlag
+from pretrain.training.config import build_ds_config
+from pretrain.training.data import fork_rng, to_device
+from pretrain.training.metrics import MetricsLogger
+from pretrain.training.optim import build_optimizer, scheduler_factory
 
 NONFINITE_EXIT_CODE = 3
 SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor

@@ -3,7 +3,7 @@
 Design: :class:`ResumableDistributedSampler` is the DataLoader's ``batch_sampler``. It yields, for this rank,
 lists of ``(epoch, index)`` pairs; :class:`ShardDataset` reads a whole micro-batch at once
 (``__getitems__``) and tags every sample with its global index and epoch, and the
-:class:`~pretrain.masking.MaskingCollator` (the ``collate_fn``, run inside the worker) masks from those
+:class:`~pretrain.training.masking.MaskingCollator` (the ``collate_fn``, run inside the worker) masks from those
 numbers alone. So batches and masks are identical for any ``num_workers``, and resuming is exact.
 
 Resuming: the DataLoader prefetches, so the sampler cannot know what the model has consumed. The training
@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data_prep.store import A_LEN, LENGTH, NSP_LABEL, OFFSET, SplitReader
-from pretrain.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
+from pretrain.training.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
 
 BatchIndex = list[tuple[int, int]]
 

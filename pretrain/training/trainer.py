@@ -1,8 +1,8 @@
 """Pretraining, top to bottom: ``setup`` (checks, process group, model, data, the engine and its resume),
 ``evaluate``, the step's pretraining bookkeeping (``log_spike``, ``log_window``), ``summarize`` and ``train``,
 which reads: resume, loop (step, log, evaluate, save, stop on signal), export, summary. The loop machinery
-(optimizer step, non-finite skip/stop, checkpoint bundles, preemption, resume) is ``pretrain/engine.py``, shared
-with fine-tuning; the log is ``pretrain/metrics.py``.
+(optimizer step, non-finite skip/stop, checkpoint bundles, preemption, resume) is
+``pretrain/training/engine.py``, shared with fine-tuning; the log is ``pretrain/training/metrics.py``.
 
 Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
 ``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
@@ -26,14 +26,16 @@ import torch
 import torch.distributed as dist
 
 from data_prep.errors import UserError
-from pretrain import distributed as D
-from pretrain.checkpoint import checkpoint_step, find_checkpoint, gather
-from pretrain.config import Config, preflight
-from pretrain.data import Batches, build_dataloader
-from pretrain.engine import Engine, resume_tag, spike_mean, start
-from pretrain.evaluation import most_frequent_token
-from pretrain.hf import export_hf
-from pretrain.metrics import (
+from pretrain.checkpoint.bundle import checkpoint_step, find_checkpoint, gather
+from pretrain.checkpoint.hf import export_hf
+from pretrain.checkpoint.weights import continue_from, pretraining_model
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.runtime import distributed as D
+from pretrain.runtime.signals import StopFlag
+from pretrain.training.config import Config, preflight
+from pretrain.training.data import Batches, build_dataloader
+from pretrain.training.engine import Engine, resume_tag, spike_mean, start
+from pretrain.training.metrics import (
     MetricsLogger,
     memory_gb,
     mfu,
@@ -42,11 +44,8 @@ from pretrain.metrics import (
     print_startup,
     print_summary,
 )
-from pretrain.model import BertConfig, BertForPreTraining
-from pretrain.scores import PRETRAINING_SUMS, pretraining_metrics, pretraining_scores
-from pretrain.scores import evaluate as evaluation_pass
-from pretrain.signals import StopFlag
-from pretrain.weights import continue_from, pretraining_model
+from pretrain.training.scores import PRETRAINING_SUMS, most_frequent_token, pretraining_metrics, pretraining_scores
+from pretrain.training.scores import evaluate as evaluation_pass
 
 UNIGRAM_SAMPLE = 1 << 26  # tokens read for the unigram baseline: seconds, not minutes, on a billion-token corpus
 VALIDATION_KEYS = ("mlm_loss", "mlm_acc", "unigram_acc", "nsp_loss", "nsp_acc")  # logged as val_*
@@ -86,9 +85,9 @@ def evaluate(ds: Engine, loader: Any, max_batches: int, unigram_id: int) -> dict
 
 
 def choose_micro_batch(cfg: Config, model: torch.nn.Module, env: Any, device: torch.device) -> None:
-    """``trainer.micro_batch_size=auto``: probe (pretrain/batch_probe.py), agree on the smallest answer across
+    """``trainer.micro_batch_size=auto``: probe (pretrain/training/batch_probe.py), agree on the smallest answer across
     ranks, set it and say what was chosen and why."""
-    from pretrain.batch_probe import memory_cap, probe
+    from pretrain.training.batch_probe import memory_cap, probe
 
     t = cfg.trainer
     found = probe(model.to(device), cfg, env.world_size, device, memory_cap(cfg, device, D.local_world_size()))

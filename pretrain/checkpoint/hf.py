@@ -1,8 +1,8 @@
 """The Hugging Face directory format: ``load_hf`` reads a ``transformers`` BERT directory into
 ``BertForPreTraining``, ``export_hf`` writes one (``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained``
 load it), ``vocabulary`` reads its tokenizer files, and ``fill_mask`` predicts masked tokens from a prompt.
-Parameter names map 1:1 (pretrain/model.py keeps HF's). Which weights a path means (a run, a checkpoint or such a
-directory) is ``pretrain/weights.py``'s to say."""
+Parameter names map 1:1 (pretrain/models/bert.py keeps HF's). Which weights a path means (a run, a checkpoint or such a
+directory) is ``pretrain/checkpoint/weights.py``'s to say."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import torch
 
 from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.models.bert import BertConfig, BertForPreTraining
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/checkpoint/hf.py
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")

@@ -27,8 +27,8 @@ from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import Manifest, read_manifest
 from data_prep.store import NSP_LABEL, ShardError, verify_data
 from data_prep.vocab import read_vocab
-from pretrain.masking import MaskingConfig
-from pretrain.model import BertConfig
+from pretrain.models.bert import BertConfig
+from pretrain.training.masking import MaskingConfig
 
 
 @dataclass
@@ -40,7 +40,8 @@ class DataConfig:
     bucket: bool = False
     """Group samples of similar length into batches (less padding); order is still deterministic."""
     masking: MaskingConfig = field(default_factory=MaskingConfig)
-    """Dynamic MLM masking (see ``pretrain/masking.py``); validation always uses static masks of the same rates."""
+    """Dynamic MLM masking (see ``pretrain/training/masking.py``); validation always uses static masks of the same
+    rates."""
     pack: bool = False
     """Pack each micro-batch's samples into as few rows as they fit (attention kept inside each sample, positions
     restarting, NSP read at each sample's [CLS]): no compute on padding, same losses per sample; the samples per
@@ -113,7 +114,7 @@ class TrainerConfig:
     micro_batch_size: Any = 8
     """Sequences per forward/backward on one device, or ``auto``: the largest that fits at ``max_seq_length`` with
     this precision, ZeRO stage and activation checkpointing (measured at start-up, with a safety margin, cut to a
-    divisor of the global batch per rank; ``pretrain/batch_probe.py``)."""
+    divisor of the global batch per rank; ``pretrain/training/batch_probe.py``)."""
     memory_cap_gb: float | None = None
     """Memory one rank may use for ``micro_batch_size=auto``: default the GPU's memory, on CPU the available memory
     shared by the ranks of the node."""
@@ -201,7 +202,7 @@ class LoggerConfig:
 @dataclass
 class Config:
     model: BertConfig = field(default_factory=lambda: BertConfig(vocab_size=None))
-    """Model shape: ``pretrain.model.BertConfig`` (Hugging Face field names, BERT-base defaults; each
+    """Model shape: ``pretrain.models.bert.BertConfig`` (Hugging Face field names, BERT-base defaults; each
     ``conf/model/*.yaml`` holds what differs); ``vocab_size: null`` = the size of the shards' vocabulary."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and loading (``conf/data/*.yaml``)."""
@@ -319,7 +320,8 @@ def _merge(base: dict, over: dict) -> dict:
 def build_ds_config(cfg: Any, world_size: int, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
     """DeepSpeed's JSON config generated from the Hydra config, ``deepspeed.extra`` merged in, then
     ``deepspeed.config_file`` on top: the one precedence rule, for every section. ``optimizer`` is the
-    ``"optimizer"`` section where DeepSpeed builds the optimizer itself (``pretrain.optim.build_optimizer``)."""
+    ``"optimizer"`` section where DeepSpeed builds the optimizer itself
+    (``pretrain.training.optim.build_optimizer``)."""
     t, ds = cfg.trainer, cfg.deepspeed
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r}: use one of {', '.join(PRECISIONS)}")

@@ -350,3 +350,29 @@ def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int, pair: st
         "raise trainer.max_steps to train on, or use another run_dir",
         flush=True,
     )
+
+
+class Progress:
+    """A tqdm bar on a terminal; when stdout is a file, a plain line at every tenth of the batches."""
+
+    def __init__(self, total: int, desc: str = "evaluate") -> None:
+        from tqdm.auto import tqdm
+
+        self.total, self.desc, self.done = total, desc, 0
+        self.plain = not sys.stdout.isatty()
+        self.bar = (
+            None if self.plain else tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
+        )
+        self.every = max(1, total // 10)
+
+    def update(self, note: str) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix_str(note, refresh=False)
+        elif self.done % self.every == 0 or self.done == self.total:
+            print(f"{self.desc}: batch {self.done}/{self.total}  {note}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

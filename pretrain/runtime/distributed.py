@@ -1,4 +1,4 @@
-"""Launcher detection, process-group set-up and lost-rank detection (preemption signals: pretrain/signals.py).
+"""Launcher detection, process-group set-up and lost-rank detection (preemption signals: pretrain/runtime/signals.py).
 
 The same script runs under ``deepspeed``, ``torchrun`` and ``srun``: DeepSpeed's launcher and torchrun export
 RANK/LOCAL_RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; under ``srun`` we derive them from SLURM_PROCID,
@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from data_prep.errors import first_line
-from pretrain import deepspeed_env
+from pretrain.runtime import deepspeed_env
 
 if TYPE_CHECKING:
     import torch

@@ -3,7 +3,7 @@
 ``docs/reference/NAME.csv`` (``NAME`` = the run's ``name``: ``demo-cpu``, ``tiny-cpu``) holds one row per log
 step of a run of that recipe: ``step, tokens, loss, mlm_loss, nsp_loss, nsp_acc, lr`` and, at evaluation steps,
 ``val_mlm_loss, val_mlm_acc, val_nsp_acc``. Its first line is a ``#`` comment naming the commit, date, machine
-and command that produced it. ``write_reference`` writes one from a run; ``pretrain.report.load_reference`` reads
+and command that produced it. ``write_reference`` writes one from a run; ``pretrain.tools.report.load_reference`` reads
 it (and any CSV with such columns); ``outside_band`` says where a run leaves it.
 """
 
@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.atomic import write_text
-from pretrain.report import Reference, Run, load_run
+from pretrain.tools.report import Reference, Run, load_run
 
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "docs" / "reference"
+REFERENCE_DIR = Path(__file__).resolve().parents[2] / "docs" / "reference"
 TRAIN_KEYS = ("loss", "mlm_loss", "nsp_loss", "nsp_acc", "lr")
 EVAL_KEYS = ("val_mlm_loss", "val_mlm_acc", "val_nsp_acc")
 

@@ -25,7 +25,7 @@ import torch
 
 from data_prep.errors import UserError
 from data_prep.vocab import read_vocab
-from pretrain.checkpoint import (
+from pretrain.checkpoint.bundle import (
     CheckpointError,
     check_format,
     checkpoint_step,
@@ -34,9 +34,9 @@ from pretrain.checkpoint import (
     newest_verified,
     verify,
 )
-from pretrain.deepspeed_env import import_deepspeed
-from pretrain.hf import ROOT, load_hf, vocabulary, weight_keys
-from pretrain.model import BertConfig, BertForPreTraining
+from pretrain.checkpoint.hf import ROOT, load_hf, vocabulary, weight_keys
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.runtime.deepspeed_env import import_deepspeed
 
 
 def resolve(path: str | os.PathLike, what: str, checksums: bool | None = True) -> tuple[str, Path]:

@@ -1,6 +1,6 @@
 """Evaluation after training: the unigram baseline, a single-process evaluation loop and the ``launch/evaluate.py``
 run (checks of the data against the model, a table on stdout, a record in the run's ``metrics.jsonl``). The model
-comes from ``pretrain.weights.load_model`` (a run directory, a checkpoint or a Hugging Face directory).
+comes from ``pretrain.checkpoint.weights.load_model`` (a run directory, a checkpoint or a Hugging Face directory).
 
 Every model is evaluated with the same masking (BERT's: 15%, 80/10/10, static, seeded by ``seed``) so numbers
 compare across runs and sources; the unigram baseline (always the most frequent token of the training split) is
@@ -23,60 +23,29 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import read_manifest
-from data_prep.store import SplitReader
 from data_prep.vocab import read_vocab
-from pretrain.data import build_dataloader
-from pretrain.hf import ROOT
-from pretrain.masking import MaskingCollator, MaskingConfig
-from pretrain.scores import PRETRAINING_SUMS, Sums, evaluate, pretraining_metrics, pretraining_scores
-from pretrain.weights import ModelSource, load_model
+from pretrain.checkpoint.hf import ROOT
+from pretrain.checkpoint.weights import ModelSource, load_model
+from pretrain.training.data import build_dataloader
+from pretrain.training.masking import MaskingConfig
+from pretrain.training.metrics import Progress
+from pretrain.training.scores import (
+    PRETRAINING_SUMS,
+    Sums,
+    evaluate,
+    most_frequent_token,
+    pretraining_metrics,
+    pretraining_scores,
+)
 
 DEFAULT_SEED = 1234  # the trainer's default seed: a default run evaluated with defaults sees its validation masks
-_CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
 
 
 # ------------------------------------------------------------------------------------------------ the data
-
-
-def token_counts(data_dir: str | os.PathLike, split: str = "train", max_tokens: int | None = None) -> np.ndarray:
-    """Occurrences of every token id in a split's shards (int64, up to the largest id present): ``np.bincount``
-    over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM. ``max_tokens``: read at
-    most that many, the same share from the start of every shard (an estimate for corpora of billions)."""
-    shards = SplitReader(data_dir, split).shards
-    per_shard = None if max_tokens is None else -(-max_tokens // max(1, len(shards)))
-    counts = np.zeros(0, dtype=np.int64)
-    for shard in shards:
-        end = len(shard.tokens) if per_shard is None else min(len(shard.tokens), per_shard)
-        for start in range(0, end, _CHUNK):
-            c = np.bincount(np.asarray(shard.tokens[start : min(end, start + _CHUNK)]))
-            if len(c) > len(counts):
-                counts = np.pad(counts, (0, len(c) - len(counts)))
-            counts[: len(c)] += c
-    return counts
-
-
-def most_frequent_token(
-    data_dir: str | os.PathLike,
-    split: str = "train",
-    exclude: Iterable[int] | None = None,
-    max_tokens: int | None = None,
-) -> int:
-    """Id of the most frequent token of a split (the unigram baseline's only answer). ``exclude`` defaults to
-    the special tokens masking never selects ([PAD], [CLS], [SEP], [MASK], read from ``data_dir/vocab.txt``):
-    every sample has a [CLS] and a [SEP], and a baseline that answers one is never scored."""
-    counts = token_counts(data_dir, split, max_tokens)
-    if exclude is None:
-        exclude = np.flatnonzero(MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt").ineligible)
-    drop = [i for i in exclude if i < len(counts)]
-    counts[drop] = -1
-    if not len(counts) or counts.max() <= 0:
-        raise ValueError(f"{Path(data_dir) / split}: no tokens that masking could select")
-    return int(counts.argmax())
 
 
 def _sha256(tokens: list[str]) -> str:
@@ -178,32 +147,6 @@ def prepare_text(
 # ------------------------------------------------------------------------------------------------ the loop
 
 
-class Progress:
-    """A tqdm bar on a terminal; when stdout is a file, a plain line at every tenth of the batches."""
-
-    def __init__(self, total: int, desc: str = "evaluate") -> None:
-        from tqdm.auto import tqdm
-
-        self.total, self.desc, self.done = total, desc, 0
-        self.plain = not sys.stdout.isatty()
-        self.bar = (
-            None if self.plain else tqdm(total=total, desc=desc, unit="batch", file=sys.stderr, dynamic_ncols=True)
-        )
-        self.every = max(1, total // 10)
-
-    def update(self, note: str) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix_str(note, refresh=False)
-        elif self.done % self.every == 0 or self.done == self.total:
-            print(f"{self.desc}: batch {self.done}/{self.total}  {note}", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
 def evaluate_model(
     model: Any,
     loader: Iterable[dict[str, torch.Tensor]],
@@ -214,7 +157,8 @@ def evaluate_model(
 ) -> dict[str, float | int]:
     """MLM loss/accuracy, the unigram baseline's accuracy at the same masked positions, NSP loss/accuracy and the
     majority-class NSP accuracy over the first ``num_batches`` batches; one process, through the one evaluation
-    pass (``pretrain.scores``). Keys: batches, samples, masked_tokens, mlm_loss, mlm_acc, perplexity, unigram_acc
+    pass (``pretrain.training.scores``).
+    Keys: batches, samples, masked_tokens, mlm_loss, mlm_acc, perplexity, unigram_acc
     (with ``unigram_id``), and nsp_loss, nsp_acc, nsp_majority_acc where the model has the NSP head and the data
     NSP labels."""
     config = getattr(model, "module", model).config

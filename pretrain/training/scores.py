@@ -10,15 +10,20 @@ a pretraining model (MLM and NSP/SOP); ``pretraining_metrics`` turns its sums in
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pretrain.data import fork_rng, to_device
-from pretrain.masking import IGNORE_INDEX
+from data_prep.store import SplitReader
+from pretrain.training.data import fork_rng, to_device
+from pretrain.training.masking import IGNORE_INDEX, MaskingCollator
 
+_CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
 PRETRAINING_SUMS = ("mlm_loss", "mlm_correct", "masked", "unigram_correct", "nsp_loss", "nsp_correct", "nsp_count",
                     "is_next", "samples")  # fmt: skip
 
@@ -115,3 +120,42 @@ def pretraining_metrics(s: dict[str, float], unigram: bool = True) -> dict[str, 
         res.update(nsp_loss=s["nsp_loss"] / n, nsp_acc=s["nsp_correct"] / n,
                    nsp_majority_acc=max(s["is_next"], n - s["is_next"]) / n)  # fmt: skip
     return res
+
+
+# ------------------------------------------------------------------------------ the unigram baseline
+
+
+def token_counts(data_dir: str | os.PathLike, split: str = "train", max_tokens: int | None = None) -> np.ndarray:
+    """Occurrences of every token id in a split's shards (int64, up to the largest id present): ``np.bincount``
+    over the memory-mapped token arrays, a chunk at a time, so nothing has to fit in RAM. ``max_tokens``: read at
+    most that many, the same share from the start of every shard (an estimate for corpora of billions)."""
+    shards = SplitReader(data_dir, split).shards
+    per_shard = None if max_tokens is None else -(-max_tokens // max(1, len(shards)))
+    counts = np.zeros(0, dtype=np.int64)
+    for shard in shards:
+        end = len(shard.tokens) if per_shard is None else min(len(shard.tokens), per_shard)
+        for start in range(0, end, _CHUNK):
+            c = np.bincount(np.asarray(shard.tokens[start : min(end, start + _CHUNK)]))
+            if len(c) > len(counts):
+                counts = np.pad(counts, (0, len(c) - len(counts)))
+            counts[: len(c)] += c
+    return counts
+
+
+def most_frequent_token(
+    data_dir: str | os.PathLike,
+    split: str = "train",
+    exclude: Iterable[int] | None = None,
+    max_tokens: int | None = None,
+) -> int:
+    """Id of the most frequent token of a split (the unigram baseline's only answer). ``exclude`` defaults to
+    the special tokens masking never selects ([PAD], [CLS], [SEP], [MASK], read from ``data_dir/vocab.txt``):
+    every sample has a [CLS] and a [SEP], and a baseline that answers one is never scored."""
+    counts = token_counts(data_dir, split, max_tokens)
+    if exclude is None:
+        exclude = np.flatnonzero(MaskingCollator.from_vocab_file(Path(data_dir) / "vocab.txt").ineligible)
+    drop = [i for i in exclude if i < len(counts)]
+    counts[drop] = -1
+    if not len(counts) or counts.max() <= 0:
+        raise ValueError(f"{Path(data_dir) / split}: no tokens that masking could select")
+    return int(counts.argmax())

@@ -2,10 +2,10 @@
 loader built from the same config as ``launch/pretrain.py``, on real shards (or synthetic shards of the same
 format when ``data.dir`` holds none), optionally side by side with ``transformers``' BERT.
 
-The step timed is the training engine's own (``pretrain.engine.Engine.step``: accumulation, the agreed non-finite
-check), and MFU is the one definition training logs (``pretrain.metrics.mfu``: our model's training FLOPs per token
-times the real, non-padding tokens per second). Both implementations are credited with the same FLOPs for the
-same tokens: MFU and the ratio compare like with like.
+The step timed is the training engine's own (``pretrain.training.engine.Engine.step``: accumulation, the agreed
+non-finite check), and MFU is the one definition training logs (``pretrain.training.metrics.mfu``: our model's
+training FLOPs per token times the real, non-padding tokens per second). Both implementations are credited with
+the same FLOPs for the same tokens: MFU and the ratio compare like with like.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ from data_prep.errors import UserError
 from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
 from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
 from data_prep.vocab import SPECIALS
-from pretrain import distributed as D
-from pretrain.config import preflight
-from pretrain.data import Batches, build_dataloader, real_lengths
-from pretrain.engine import start
-from pretrain.metrics import mfu as model_flops_utilisation
-from pretrain.metrics import peak_tflops
-from pretrain.model import BertConfig, BertForPreTraining
-from pretrain.signals import StopFlag
-from pretrain.weights import pretraining_model
+from pretrain.checkpoint.weights import pretraining_model
+from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.runtime import distributed as D
+from pretrain.runtime.signals import StopFlag
+from pretrain.training.config import preflight
+from pretrain.training.data import Batches, build_dataloader, real_lengths
+from pretrain.training.engine import start
+from pretrain.training.metrics import mfu as model_flops_utilisation
+from pretrain.training.metrics import peak_tflops
 
 SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
 

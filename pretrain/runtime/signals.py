@@ -8,7 +8,7 @@ from __future__ import annotations
 import signal
 from typing import TYPE_CHECKING, Any
 
-from pretrain.distributed import all_reduce
+from pretrain.runtime.distributed import all_reduce
 
 if TYPE_CHECKING:
     import torch

@@ -1,7 +1,8 @@
 """BERT / RoBERTa-style encoder for pretraining, in one readable file (nanoGPT style).
 
 Parameter names are exactly those of Hugging Face's ``BertForPreTraining`` (``nsp=True``) or ``BertForMaskedLM``
-(``nsp=False``), so checkpoints move both ways with ``pretrain.hf`` (``load_hf`` / ``export_hf``) and no key renaming.
+(``nsp=False``), so checkpoints move both ways with ``pretrain.checkpoint.hf`` (``load_hf`` / ``export_hf``) and no key
+renaming.
 Two things make it faster than the reference implementation:
 
 - the MLM head runs only at the ~15% masked positions (hidden states are gathered *before* the transform and the

@@ -30,8 +30,8 @@ import torch
 
 from data_prep.atomic import atomic_path, save_npy
 from data_prep.errors import UserError
-from pretrain.evaluation import Progress
-from pretrain.weights import load_model
+from pretrain.checkpoint.weights import load_model
+from pretrain.training.metrics import Progress
 
 POOLINGS = ("mean", "cls", "tokens")
 OUTPUTS = (".npy", ".parquet")
