@@ -42,12 +42,9 @@ def one_line_warnings() -> None:
 
 def resume_hint(run_dir: Path) -> str:
     """Where a rerun of the same command would continue from: the tail of a lost-rank or interrupted line."""
-    from pretrain.checkpoint.bundle import find_checkpoint  # torch: only once the run is under way
+    from pretrain.checkpoint.locate import resume_hint as hint  # torch: only once the run is under way
 
-    tag = find_checkpoint(run_dir / "checkpoints")
-    if tag is None:
-        return f"no complete checkpoint in {run_dir / 'checkpoints'} yet; rerun the same command to start again"
-    return f"the last complete checkpoint is {tag}; rerun the same command to resume"
+    return hint(run_dir)
 
 
 def guard(main: Callable[[], int], where: Callable[[], str] | None = None) -> int:

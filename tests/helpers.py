@@ -377,3 +377,11 @@ def tmpfs(mnt: Path, options: str) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def newest_bundle(root: Path) -> Path | None:
+    """The checkpoint a run dir's ``checkpoints/`` means (the one rule: newest that verifies), looked at quietly."""
+    from pretrain.checkpoint.bundle import complete_bundles
+    from pretrain.checkpoint.locate import newest_good
+
+    return newest_good(complete_bundles(root), quiet=True)

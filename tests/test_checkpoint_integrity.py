@@ -158,18 +158,68 @@ def test_the_last_good_checkpoint_verifies_and_precedes_the_non_finite_steps(dat
     assert f"last good checkpoint is {run / 'checkpoints' / 'step00000002'}" in errors[0]
 
 
-def test_tools_fall_back_on_a_run_and_refuse_a_damaged_checkpoint(data, reference, tmp_path):
+def test_tools_refuse_a_damaged_checkpoint_and_fall_back_on_a_run(data, reference, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(reference, run)
     tags = sorted((run / "checkpoints").glob("step*"))
     damage(tags[-1] / STATES, "finite")
     evaluate = str(ROOT / "launch" / "evaluate.py")
-    r = _run([evaluate, str(run), "--data", str(data), "--batches", "1"])
-    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    assert [w for w in _lines(r, "warning:") if "sha256" in w and f"using {tags[-2]}" in w]
     r = _run([evaluate, str(tags[-1]), "--data", str(data), "--batches", "1"])
     errors = _lines(r, "error:")
     assert r.returncode == 2 and len(errors) == 1 and STATES in errors[0] and "sha256" in errors[0], r.stderr
+    assert tags[-1].is_dir()  # given by path: refused, left where it is
+    r = _run([evaluate, str(run), "--data", str(data), "--batches", "1"])
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert [w for w in _lines(r, "warning:") if "sha256" in w and f"falling back to {tags[-2]}" in w]
+
+
+def test_one_rule_every_consumer_falls_back_from_a_damaged_step_20_to_step_10(data, tmp_path):
+    """The one checkpoint rule, from every side: with step 20 damaged, ``resume=auto``, ``resume=RUN_DIR``,
+    ``trainer.init_from=RUN_DIR`` and a tool (evaluate) each name it in one line and use step 10; given by path,
+    the damaged bundle is one line, exit 2."""
+    args = [a for a in ARGS if not a.startswith(("trainer.max_steps", "trainer.checkpoint_every"))]
+    args += ["trainer.max_steps=20", "trainer.checkpoint_every=10"]
+    made = tmp_path / "made"
+    r = _run([LAUNCH], f"data.dir={data}", f"run_dir={made}", *args)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    step10, step20 = (made / "checkpoints" / f"step{s:08d}" for s in (10, 20))
+    damage(step20 / STATES, "finite")
+    evaluate = str(ROOT / "launch" / "evaluate.py")
+    cases = {  # what each consumer is given: a copy of the damaged run each, so none sees another's set-aside
+        "resume=auto": lambda run: [LAUNCH, f"data.dir={data}", f"run_dir={run}", *args, "trainer.max_steps=21"],
+        "resume=RUN_DIR": lambda run: [
+            LAUNCH,
+            f"data.dir={data}",
+            f"run_dir={tmp_path / 'r2'}",
+            *args,
+            f"resume={run}",
+        ],  # fmt: skip
+        "init_from=RUN_DIR": lambda run: [
+            LAUNCH,
+            f"data.dir={data}",
+            f"run_dir={tmp_path / 'r3'}",
+            *args,
+            "trainer.max_steps=1",
+            f"trainer.init_from={run}",
+        ],  # fmt: skip
+        "evaluate RUN_DIR": lambda run: [evaluate, str(run), "--data", str(data), "--batches", "1"],
+    }
+    lines = {}
+    for name, cmd in cases.items():
+        run = tmp_path / name.replace(" ", "_").replace("=", "_")
+        shutil.copytree(made, run)
+        r = _run(cmd(run))
+        assert r.returncode == 0, (name, (r.stdout + r.stderr)[-3000:])
+        named = [w for w in _lines(r, "warning:") if "step00000020" in w]
+        assert len(named) == 1, (name, r.stderr[-2000:])
+        assert STATES in named[0] and "sha256" in named[0] and "set aside as corrupt-step00000020" in named[0]
+        assert named[0].endswith(f"falling back to {run / 'checkpoints' / 'step00000010'}"), (name, named[0])
+        lines[name] = named[0].replace(str(run), "RUN")
+        assert (run / "checkpoints" / "corrupt-step00000020").is_dir() and (run / "checkpoints" / step10.name).is_dir()
+    assert len(set(lines.values())) == 1, lines  # the same line, whoever asked
+    r = _run([LAUNCH], f"data.dir={data}", f"run_dir={tmp_path / 'r4'}", *args, f"resume={step20}")
+    errors = _lines(r, "error:")
+    assert r.returncode == 2 and len(errors) == 1 and f"resume={step20}" in errors[0] and STATES in errors[0], r.stderr
 
 
 # ------------------------------------------------------------------------------------------- fine-tuning

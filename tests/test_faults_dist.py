@@ -21,8 +21,18 @@ import torch
 
 from pretrain.runtime import distributed as D
 from pretrain.runtime import signals as S
-from pretrain.training.trainer import find_checkpoint
-from tests.helpers import LAUNCH, ROOT, SMALL, child_pids, free_port, hf_weights, launch_cmd, make_data, run_env
+from tests.helpers import (
+    LAUNCH,
+    ROOT,
+    SMALL,
+    child_pids,
+    free_port,
+    hf_weights,
+    launch_cmd,
+    make_data,
+    newest_bundle,
+    run_env,
+)
 
 PREPARE = str(ROOT / "launch" / "prepare_data.py")
 TIMEOUT_S = 18  # trainer.collective_timeout_minutes=0.3
@@ -70,7 +80,7 @@ def reference(data, tmp_path_factory) -> dict[str, torch.Tensor]:
 
 def _resumes_exactly(run_dir: Path, data: Path, reference: dict[str, torch.Tensor]) -> None:
     """The same command again (resume=auto) continues from the last complete checkpoint to the reference weights."""
-    tag = find_checkpoint(run_dir / "checkpoints")
+    tag = newest_bundle(run_dir / "checkpoints")
     assert tag is not None
     r = _launch(run_dir, data)
     assert r.returncode == 0 and f"resumed from {tag}" in r.stdout, (r.stdout + r.stderr)[-4000:]
@@ -130,7 +140,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
     ranks = [_rank(r, port, run_dir, data, tmp_path / f"rank{r}.log") for r in (0, 1)]
     try:
         _wait(
-            lambda: find_checkpoint(run_dir / "checkpoints") is not None or ranks[survivor].poll() is not None,
+            lambda: newest_bundle(run_dir / "checkpoints") is not None or ranks[survivor].poll() is not None,
             300,
             "the step-10 checkpoint",
         )
@@ -145,7 +155,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
             p.wait()
     out = (tmp_path / f"rank{survivor}.log").read_text()
     assert rc == D.LOST_RANK_EXIT_CODE, out[-3000:]
-    errors, tag = _errors(out), find_checkpoint(run_dir / "checkpoints")
+    errors, tag = _errors(out), newest_bundle(run_dir / "checkpoints")
     assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert errors[0].startswith(f"error: lost rank {victim} (") and f"checkpoint is {tag};" in errors[0], errors[0]
     assert "no heartbeat for" in errors[0] if victim else "store it hosts at 127.0.0.1" in errors[0]
@@ -237,7 +247,7 @@ def test_sigusr1_during_startup_checkpoints_first_step(data, reference, tmp_path
     assert any(early), "the signal was meant to arrive before torch was imported"
     assert launcher.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
     assert "preempted (SIGUSR1) at step 1:" in out
-    assert find_checkpoint(run_dir / "checkpoints").name == "step00000001"
+    assert newest_bundle(run_dir / "checkpoints").name == "step00000001"
     _resumes_exactly(run_dir, data, reference)
 
 
@@ -282,7 +292,7 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
     match = re.search(r"preempted \(signal on another rank\) at step (\d+):", out)
     assert match, out[-4000:]
     assert during_save > 0, "no signal landed during the save"
-    assert find_checkpoint(ckpts).name == f"step{int(match[1]):08d}"
+    assert newest_bundle(ckpts).name == f"step{int(match[1]):08d}"
     assert [p.name for p in ckpts.glob("step*") if not (p / "COMPLETE").exists()] == []  # nothing half-written
     _resumes_exactly(run_dir, data, reference)
 

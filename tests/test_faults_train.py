@@ -22,8 +22,7 @@ import torch
 from data_prep.errors import UserError
 from pretrain.runtime import deepspeed_env
 from pretrain.training.data import ResumableDistributedSampler
-from pretrain.training.trainer import find_checkpoint
-from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, run_env, tmpfs
+from tests.helpers import LAUNCH, ROOT, SMALL, hf_weights, launch_cmd, make_data, newest_bundle, run_env, tmpfs
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -167,7 +166,7 @@ def test_nonfinite_streak_stops_with_last_good_checkpoint(data, inject_dir, tmp_
     assert r.returncode == 3, (r.stdout + r.stderr)[-3000:]
     errors = _error_lines(r)
     assert len(errors) == 1 and "non-finite loss at step 7" in errors[0], r.stderr[-2000:]
-    last = find_checkpoint(run / "checkpoints")
+    last = newest_bundle(run / "checkpoints")
     assert last is not None and last.name == "step00000006"
     # The last good checkpoint is the newest saved before the streak's first non-finite step (5): step 4.
     assert f"last good checkpoint is {run / 'checkpoints' / 'step00000004'}" in errors[0], errors[0]
@@ -216,7 +215,7 @@ def test_killed_inside_save_resumes_from_complete_checkpoint(data, inject_dir, r
     assert r.returncode == -9, (r.stdout + r.stderr)[-3000:]
     ckpts = run / "checkpoints"
     expected = "step00000006" if where == "retention" else "step00000004"
-    assert find_checkpoint(ckpts).name == expected
+    assert newest_bundle(ckpts).name == expected
     assert (ckpts / "step00000004" / "COMPLETE").is_file()  # retention waits for a complete successor
     r = _run(run, data, *args)
     assert r.returncode == 0 and f"resumed from {ckpts / expected}" in r.stdout, (r.stdout + r.stderr)[-3000:]

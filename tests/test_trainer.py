@@ -24,7 +24,6 @@ from pretrain.runtime import signals as S
 from pretrain.training.config import preflight
 from pretrain.training.metrics import truncate_metrics
 from pretrain.training.optim import Lamb, lr_lambda, param_groups
-from pretrain.training.trainer import find_checkpoint
 from tests.helpers import (
     LAUNCH,
     ROOT,
@@ -35,6 +34,7 @@ from tests.helpers import (
     hf_weights,
     launch_cmd,
     make_data,
+    newest_bundle,
     run_env,
 )
 
@@ -160,7 +160,7 @@ def test_stop_flag_on_sigusr1():
             signal.signal(s, h)
 
 
-def test_truncate_metrics_and_find_checkpoint(tmp_path):
+def test_truncate_metrics_and_newest_bundle(tmp_path):
     m = tmp_path / "metrics.jsonl"
     m.write_text("".join(json.dumps({"step": s}) + "\n" for s in (2, 4, 6, 8)))
     truncate_metrics(m, 5)
@@ -169,7 +169,7 @@ def test_truncate_metrics_and_find_checkpoint(tmp_path):
         (tmp_path / "ck" / f"step{step:08d}").mkdir(parents=True)
         if complete:
             (tmp_path / "ck" / f"step{step:08d}" / "COMPLETE").write_text("{}")
-    assert find_checkpoint(tmp_path / "ck").name == "step00000008"  # the half-written step 12 is ignored
+    assert newest_bundle(tmp_path / "ck").name == "step00000008"  # the half-written step 12 is ignored
 
 
 # ---------------------------------------------------------------------------------------------- pre-flight
@@ -472,12 +472,12 @@ def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
     assert "preempted (signal on another rank) at step" in out  # rank 0 prints; only rank 1 got the signal
-    first = find_checkpoint(run_dir / "checkpoints")
+    first = newest_bundle(run_dir / "checkpoints")
     stop_step = int(first.name[4:])
     assert 1 <= stop_step < 12
     r = _launch(run_dir, *args, f"trainer.stop_at_step={stop_step + 2}")
     assert r.returncode == 0 and f"resumed from {first}" in r.stdout, (r.stdout + r.stderr)[-4000:]
-    assert find_checkpoint(run_dir / "checkpoints").name == f"step{stop_step + 2:08d}"
+    assert newest_bundle(run_dir / "checkpoints").name == f"step{stop_step + 2:08d}"
     assert not (run_dir / "hf").exists()
     r = _launch(run_dir, *args)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]

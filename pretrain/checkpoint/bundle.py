@@ -73,21 +73,9 @@ def _set_rng_state(s: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def gather(obj: Any) -> list[Any]:
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def complete_bundles(root: Path) -> list[Path]:
     """Tag dirs under ``root`` with a ``COMPLETE`` marker, newest first."""
     return sorted((p for p in root.glob("step*") if (p / MARKER).is_file()), reverse=True) if root.is_dir() else []
-
-
-def find_checkpoint(root: Path) -> Path | None:
-    """Newest tag dir under ``root`` with a ``COMPLETE`` marker (not verified: ``verify`` does that)."""
-    done = complete_bundles(root)
-    return done[0] if done else None
 
 
 def _sha256(path: Path, start: int, length: int) -> str:
@@ -171,29 +159,6 @@ def verify(tag: Path, checksums: bool = True, threads: int | None = None) -> dic
     return {"files": len(paths), "bytes": total, "seconds": time.perf_counter() - start, "checksums": checksums}
 
 
-def newest_verified(
-    bundles: list[Path], checksums: bool = True, set_aside: bool = False
-) -> tuple[Path | None, dict[str, Any] | None, list[tuple[str, str]]]:
-    """The first of ``bundles`` (newest first) that this code reads (``check_format``) and that verifies, with its
-    ``verify`` report, and for each bundle before it that failed: (the failure, a line saying what is used
-    instead). ``set_aside``: a failed bundle is moved to ``corrupt-<name>``, out of resume's and retention's way
-    but kept for a look."""
-    failures: list[tuple[str, str]] = []
-    for i, tag in enumerate(bundles):
-        check_format(tag)
-        try:
-            return tag, verify(tag, checksums), failures
-        except CheckpointError as e:
-            instead = bundles[i + 1] if i + 1 < len(bundles) else "no older checkpoint"
-            if set_aside:
-                aside = tag.with_name(f"corrupt-{tag.name}")
-                tag.rename(aside)
-                failures.append((str(e), f"{e}; moved aside to {aside.name}, falling back to {instead}"))
-            else:
-                failures.append((str(e), f"{e}; using {instead} instead"))
-    return None, None, failures
-
-
 def describe_verify(tag: Path, report: dict[str, Any]) -> str:
     """The one line that says what verifying ``tag`` checked and cost."""
     if not report["files"]:
@@ -208,7 +173,7 @@ def describe_verify(tag: Path, report: dict[str, Any]) -> str:
 def check_format(tag: Path) -> None:
     """Refuse, in one line, a checkpoint written by a newer version of this code (its ``COMPLETE`` marker says)."""
     try:
-        version = int(json.loads((tag / "COMPLETE").read_text()).get("format", 1))
+        version = int(json.loads((tag / MARKER).read_text()).get("format", 1))
     except (OSError, ValueError, AttributeError):
         return  # older markers carry no format: version 1
     if version > CHECKPOINT_FORMAT:
@@ -221,19 +186,9 @@ def check_format(tag: Path) -> None:
 def checkpoint_step(tag: Path) -> int:
     """The step of a complete checkpoint, from its ``COMPLETE`` marker (the tag name where the marker is older)."""
     try:
-        return int(json.loads((tag / "COMPLETE").read_text())["step"])
+        return int(json.loads((tag / MARKER).read_text())["step"])
     except (OSError, ValueError, KeyError):
         return int(tag.name.removeprefix("step").split("_")[0])
-
-
-def tag_dir(path: str, what: str) -> Path:
-    p = Path(path)
-    if (p / "COMPLETE").is_file():
-        return p
-    found = find_checkpoint(p / "checkpoints") or find_checkpoint(p)
-    if found is None:
-        raise UserError(f"{what}={path}: no complete checkpoint there (a step* dir with a COMPLETE marker)")
-    return found
 
 
 def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
@@ -256,9 +211,9 @@ def client_state(
         "format": CHECKPOINT_FORMAT,
         **extra,
         **asdict(state),
-        "window": gather(state.window),
-        "sampler": gather(position.state_dict()),
-        "rng": gather(_rng_state()),
+        "window": D.gather(state.window),
+        "sampler": D.gather(position.state_dict()),
+        "rng": D.gather(_rng_state()),
         "world_size": dist.get_world_size(),
         "config": cfg_dict,
         "wandb_id": wandb_id,
@@ -277,7 +232,6 @@ def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
         free = shutil.disk_usage(root).free / 2**20 if root.exists() else 0.0  # before the clean-up frees some
         if dist.get_rank() == 0:
             shutil.rmtree(root / tag, ignore_errors=True)  # never leave a half-written tag behind
-        prev = find_checkpoint(root)
         # torch reports a full disk as "unexpected pos ..." or "file write failed": say what it means
         why = (
             f": the disk is full ({free:,.0f} MB free)"
@@ -288,7 +242,7 @@ def save(engine: Any, root: Path, client: dict, keep_last: int) -> Path:
         )
         raise UserError(
             f"checkpoint {root / tag} could not be written{why}; free space under {root} or point "
-            f"run_dir elsewhere, then rerun to resume from {prev or 'the start'}"
+            "run_dir elsewhere, then rerun the same command to resume"
         )
     D.barrier()  # every rank has written its shards
     if dist.get_rank() == 0:
@@ -308,11 +262,11 @@ def mark_complete(tag: Path, step: int, world_size: int) -> None:
 
 def retain(root: Path, tag: str, keep_last: int) -> None:
     """Keep the newest ``keep_last`` complete bundles (``tag`` is complete by now) and drop half-written ones."""
-    done = sorted(p for p in root.glob("step*") if (p / "COMPLETE").is_file())
-    for old in done[: max(0, len(done) - max(1, keep_last))]:
+    done = complete_bundles(root)  # newest first
+    for old in done[max(1, keep_last) :]:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step*"):  # half-written leftovers of killed jobs
-        if not (stale / "COMPLETE").is_file() and stale.name < tag:
+        if not (stale / MARKER).is_file() and stale.name < tag:
             shutil.rmtree(stale, ignore_errors=True)
 
 

@@ -1,12 +1,12 @@
 """One way to get weights from a path, for every tool: ``trainer.init_from``, ``launch/evaluate.py``, fill-mask,
 embed and fine-tuning's ``pretrained=``.
 
-``resolve(path)`` applies the one precedence rule: a Hugging Face directory (``config.json`` beside weights) is
-itself; a checkpoint (``RUN_DIR/checkpoints/stepNNNNNNNN`` with its ``COMPLETE`` marker) is itself; a run
-directory means its newest complete checkpoint, and its ``hf/`` export only where no complete checkpoint is
-left (a finished run's ``hf/`` holds the same weights as its last checkpoint; a run trained further has newer
-checkpoints than its export). ``load_model`` returns the model in eval mode with its vocabulary and tokenizer;
-a checkpoint's model shape is the resolved config its client state carries.
+Which directory a path means is ``pretrain.checkpoint.locate.resolve``, the one rule: a Hugging Face directory
+(``config.json`` beside weights) is itself; a checkpoint (``RUN_DIR/checkpoints/stepNNNNNNNN`` with its ``COMPLETE``
+marker) is itself and must verify; a run directory means its newest checkpoint that verifies, and its ``hf/`` export
+only where no complete checkpoint is left (a finished run's ``hf/`` holds the same weights as its last checkpoint; a run
+trained further has newer checkpoints than its export). ``load_model`` returns the model in eval mode with its
+vocabulary and tokenizer; a checkpoint's model shape is the resolved config its client state carries.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import io
 import json
 import os
 import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,59 +24,11 @@ import torch
 
 from data_prep.errors import UserError
 from data_prep.vocab import read_vocab
-from pretrain.checkpoint.bundle import (
-    CheckpointError,
-    check_format,
-    checkpoint_step,
-    complete_bundles,
-    fp32_weights,
-    newest_verified,
-    verify,
-)
+from pretrain.checkpoint.bundle import check_format, checkpoint_step, fp32_weights
 from pretrain.checkpoint.hf import ROOT, load_hf, vocabulary, weight_keys
+from pretrain.checkpoint.locate import resolve
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime.deepspeed_env import import_deepspeed
-
-
-def resolve(path: str | os.PathLike, what: str, checksums: bool | None = True) -> tuple[str, Path]:
-    """(``"hf"`` or ``"checkpoint"``, the directory) that ``path`` means under the precedence rule above; one
-    ``UserError`` line naming ``what`` (the setting) for anything else. A checkpoint is verified against its
-    ``COMPLETE`` marker (``checksums``: sha256 too, else sizes; None: not at all): a given one must pass; for a run
-    directory, a newest bundle that fails is named in a warning and the next older one is used."""
-    p = Path(path)
-    if not p.exists():
-        raise UserError(
-            f"{what}={p}: not found; give a run directory, a checkpoint (RUN_DIR/checkpoints/stepNNNNNNNN) or a "
-            "Hugging Face model directory (RUN_DIR/hf)"
-        )
-    if (p / "config.json").is_file():
-        return "hf", p
-    if (p / "COMPLETE").is_file():
-        if checksums is not None:
-            try:
-                verify(p, checksums)
-            except CheckpointError as e:
-                raise UserError(f"{what}={p}: {e}") from None
-        return "checkpoint", p
-    bundles = complete_bundles(p / "checkpoints") or complete_bundles(p)
-    if bundles and checksums is None:
-        return "checkpoint", bundles[0]
-    tag, _, failures = newest_verified(bundles, checksums)
-    for _, line in failures:
-        warnings.warn(line, stacklevel=2)
-    if tag is not None:
-        return "checkpoint", tag
-    if bundles:
-        raise UserError(f"{what}={p}: no complete checkpoint there verifies; restore one, or give its hf/ export")
-    if (p / "hf" / "config.json").is_file():
-        return "hf", p / "hf"
-    if (p / "checkpoints").is_dir() or (p / "config.yaml").is_file() or list(p.glob("step*")):
-        raise UserError(f"{what}={p}: a run without a complete checkpoint (no step*/COMPLETE under "
-                        f"{p / 'checkpoints'}) and no hf/ export; train it to a checkpoint")  # fmt: skip
-    raise UserError(
-        f"{what}={p}: not a model: no config.json (Hugging Face directory), no COMPLETE marker (checkpoint) and "
-        "no checkpoints/ (run directory)"
-    )
 
 
 def pretraining_model(

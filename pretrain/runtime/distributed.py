@@ -369,9 +369,10 @@ def init(
     DeepSpeed's accelerator detection, so ``DS_ACCELERATOR=cpu`` runs on the CPU (gloo) even where a GPU is
     visible, as DeepSpeed's own launcher does."""
     global _heartbeat, _store
-    import deepspeed
     import torch
     import torch.distributed as dist
+
+    deepspeed = deepspeed_env.import_deepspeed(verbose)  # without its accelerator line on every rank
     from deepspeed.accelerator import get_accelerator
 
     if get_accelerator().device_name() == "cuda":
@@ -466,3 +467,12 @@ def all_reduce(t: torch.Tensor, op: Any = None) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op is None else op)
     return t
+
+
+def gather(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order, on every rank (a pickling all-gather)."""
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

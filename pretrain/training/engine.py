@@ -35,21 +35,15 @@ import torch
 
 from data_prep.errors import UserError
 from pretrain.checkpoint.bundle import (
-    CheckpointError,
     TrainState,
-    check_format,
-    checkpoint_step,
     client_state,
     complete_bundles,
-    describe_verify,
     fp32_weights,
-    newest_verified,
     restore,
     save,
-    tag_dir,
     universal_tag,
-    verify,
 )
+from pretrain.checkpoint.locate import newest_good, resume_from
 from pretrain.runtime import distributed as D
 from pretrain.runtime.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.runtime.signals import PREEMPTED_EXIT_CODE, StopFlag
@@ -73,58 +67,18 @@ class Position(Protocol):
 
 
 def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | None:
-    """The checkpoint ``resume`` names, verified against its ``COMPLETE`` marker (``checksums``: sha256 too, else
-    sizes). ``auto``: the newest complete bundle under ``ckpt_root`` that verifies; one that fails is named in one
-    line with the failed check, moved aside (``corrupt-stepNNNNNNNN``) and the next older one is tried; none left
-    is an error, and so is a run with only incomplete bundles (never silently started over). ``none``: None.
-    Anything else: a checkpoint or run directory whose (newest) complete bundle must verify. Rank 0 decides, every
-    rank gets its answer."""
-    if resume == "none":
-        return None
+    """The bundle ``resume`` names under the one rule (``pretrain.checkpoint.locate.resume_from``): rank 0
+    decides, every rank gets its answer (or its one-line error)."""
     tag, error = None, None
     if D.rank() == 0:
         try:
-            tag = _pick(resume, ckpt_root, checksums)
+            tag = resume_from(resume, ckpt_root, checksums)
         except UserError as e:
             error = str(e)
     tag, error = D.from_rank0((tag, error))
     if error is not None:
         raise UserError(error)
     return tag
-
-
-def _pick(resume: str, ckpt_root: Path, checksums: bool) -> Path | None:
-    if resume != "auto":
-        tag = tag_dir(resume, "resume")
-        check_format(tag)
-        try:
-            print(describe_verify(tag, verify(tag, checksums)), flush=True)
-        except CheckpointError as e:
-            raise UserError(f"resume={resume}: {e}") from None
-        return tag
-    bundles = complete_bundles(ckpt_root)
-    partial = sorted(p.name for p in ckpt_root.glob("step*")) if ckpt_root.is_dir() else []
-    if not bundles and partial:
-        raise UserError(
-            f"{ckpt_root} holds checkpoints but none is complete ({', '.join(partial[-3:])}: killed "
-            "while saving?); pass resume=none to start afresh, or restore a complete one"
-        )
-    tag, report, failures = newest_verified(bundles, checksums, set_aside=True)
-    for _, line in failures:
-        print(f"warning: {line}", file=sys.stderr, flush=True)
-    if tag is not None:
-        print(describe_verify(tag, report), flush=True)
-        return tag
-    if failures:
-        raise UserError(f"no checkpoint under {ckpt_root} verifies (the newest: {failures[0][0]}); restore one, or "
-                        "pass resume=none to start afresh")  # fmt: skip
-    return None
-
-
-def last_good(ckpt_root: Path, before_step: int) -> Path | None:
-    """The newest complete bundle saved before ``before_step`` that verifies: what "the last good checkpoint"
-    means in any message."""
-    return newest_verified([t for t in complete_bundles(ckpt_root) if checkpoint_step(t) < before_step])[0]
 
 
 def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, Any, dict, str]:
@@ -321,11 +275,12 @@ class Engine:
         return False, float(stats[6]) / (self.accum * self.env.world_size) if applied else None
 
     def nonfinite_stop(self, why: str) -> None:
-        """Stop on non-finite losses without saving; name the last good checkpoint (``last_good``: it verifies and
-        was saved before the first non-finite step of the streak)."""
+        """Stop on non-finite losses without saving; name the last good checkpoint (it verifies and was saved
+        before the first non-finite step of the streak)."""
         step = self.state.step
         if self.main:
-            last = last_good(self.ckpt_root, step - max(1, self.state.nonfinite_streak) + 1)
+            first_bad = step - max(1, self.state.nonfinite_streak) + 1
+            last = newest_good(complete_bundles(self.ckpt_root), quiet=True, before_step=first_bad)
             print(
                 f"error: non-finite loss at step {step}: {why}; stopping without a checkpoint. The last good "
                 f"checkpoint is {last or 'none (no checkpoint yet)'}: look at the data and learning rate, then "

@@ -26,8 +26,9 @@ import torch
 import torch.distributed as dist
 
 from data_prep.errors import UserError
-from pretrain.checkpoint.bundle import checkpoint_step, find_checkpoint, gather
+from pretrain.checkpoint.bundle import checkpoint_step
 from pretrain.checkpoint.hf import export_hf
+from pretrain.checkpoint.locate import finished
 from pretrain.checkpoint.weights import continue_from, pretraining_model
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
@@ -153,7 +154,7 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
 
 def log_spike(run: Run, step: int, loss: float, mean: float, batches: Batches) -> None:
     """Every rank's sample indices of this step (global indices into the split: ``data_prep.inspect``)."""
-    samples = sorted(i for ids in gather(batches.samples(run.cfg.trainer.micro_batch_size)) for i in ids)
+    samples = sorted(i for ids in D.gather(batches.samples(run.cfg.trainer.micro_batch_size)) for i in ids)
     rec = {"kind": "spike", "step": step, "loss": loss, "running_mean": mean, "epoch": run.ds.state.epoch}
     run.ds.logger.log({**rec, "samples": samples})
     if run.ds.main:
@@ -239,7 +240,11 @@ def summarize(run: Run, hf_dir: Path | None, t_loop: float) -> dict[str, Any]:
 
 def finished_before(cfg: Any, env: Any) -> bool:
     """The same command again after the run finished: say what it left (no process group, no new W&B run)."""
-    done = find_checkpoint(Path(cfg.run_dir) / "checkpoints") if cfg.resume == "auto" else None
+    done = (
+        finished(Path(cfg.run_dir), cfg.trainer.max_steps, cfg.trainer.verify_checkpoint)
+        if cfg.resume == "auto"
+        else None
+    )
     exported = (Path(cfg.run_dir) / "hf" / "model.safetensors").is_file()  # else the resume exports it
     step = checkpoint_step(done) if done is not None else -1
     if step < cfg.trainer.max_steps or not exported:
