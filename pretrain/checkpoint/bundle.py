@@ -53,7 +53,8 @@ class TrainState:
     skipped: int = 0  # steps skipped for a non-finite loss (or an fp16 overflow), over the whole run
     nonfinite_streak: int = 0  # consecutive steps with a non-finite loss, up to now
     # Running sums since the last log line (kept in checkpoints so a resumed log window averages the same steps).
-    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "mlm": 0.0, "nsp": 0.0, "micro": 0.0})
+    # (the loss, each of the model's named loss parts, micro-batches: the engine's log window fills in the keys)
+    window: dict[str, float] = field(default_factory=lambda: {"loss": 0.0, "micro": 0.0})
 
 
 def _rng_state() -> dict[str, Any]:

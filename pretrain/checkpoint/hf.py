@@ -18,7 +18,7 @@ import torch
 
 from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
-from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.bert import TIED_ALIASES, BertConfig, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/checkpoint/hf.py
 
@@ -64,7 +64,7 @@ def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path
     disagrees with the config is an error naming ``path``."""
     vocab_size = model.config.vocab_size
     own = model.state_dict()
-    for alias in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+    for alias in TIED_ALIASES:
         own.pop(alias, None)  # tied aliases: filled through their owners
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
@@ -152,7 +152,7 @@ def export_hf(
     c = model.config
     sd = {}
     for k, v in model.state_dict().items():
-        if k in ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"):
+        if k in TIED_ALIASES:
             continue
         if k in _VOCAB_KEYS:
             v = v[: c.vocab_size]

@@ -55,7 +55,7 @@ def pretraining_model(
                 f"{'; '.join(bad[:10])}{more}; pick the model config these weights were trained with"
             )
         missing, _ = model.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]
+        missing = [k for k in missing if k not in model.tied_aliases]
         if missing:
             print(f"init_from: {len(missing)} tensors not in {init_from}, freshly initialised: {missing[:4]}")
     return model

@@ -174,7 +174,9 @@ def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, P
     encoder = BertForPreTraining(src.model.config) if cfg.random_init else src.model
     model = from_pretrained(encoder, cfg.task.kind, data.num_labels)
     model.bert.encoder.checkpoint_layers = t.activation_checkpointing
-    ds = start(cfg, env, model, device, tag, batches, stop)
+    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    logger = MetricsLogger(cfg.logger, cfg.run_name, Path(cfg.run_dir).resolve(), env.is_main, config)
+    ds = start(cfg, env, model, device, tag, batches, stop, logger)
     if tag is None and env.is_main:
         what = "a randomly initialised encoder" if cfg.random_init else src.describe()
         print(f"fine-tuning {what}: {cfg.task.kind}, {len(data.train):,} training and {len(data.val):,} validation "
@@ -183,9 +185,6 @@ def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, P
         pad = {g: batches.padding(g) for g in (True, False)}
         what = f"grouped by length ({pad[False]:.0%} shuffled)" if cfg.group_by_length else "shuffled"
         print(f"batches {what}: padding {pad[cfg.group_by_length]:.0%} of the positions", flush=True)
-    config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    ds.logger = MetricsLogger(cfg, ds.run_dir, env.is_main, ds.client.get("wandb_id"), config, ds.state.step,
-                              t.max_steps)  # fmt: skip
     return ds, src, data, batches
 
 
@@ -204,13 +203,10 @@ def finetune(cfg: FinetuneConfig) -> int:
         _recover_best(ds, src, data, run_dir, history, metric)
     t0 = time.time()
     while state.step < t.max_steps:
-        stats, nonfinite = ds.step(batches)
-        stopped, _ = ds.book(stats, nonfinite)
+        stopped, _ = ds.book(ds.step(batches))
         if stopped:
             break
         if state.step % t.log_every == 0 and (rec := ds.close_window()) is not None:
-            for k in ("padded_tokens_per_s", "mlm_loss", "nsp_loss"):  # no pretraining heads here
-                rec.pop(k)
             ds.logger.log({**rec, "epoch": batches.epoch + 1})
         improved = False
         if batches.epoch_done:

@@ -107,6 +107,11 @@ class BertConfig:
         return cls(**kw)
 
 
+# Keys of a state dict that are views of other parameters (the decoder is tied to the word embeddings and to
+# ``cls.predictions.bias``): a checkpoint may lack them, a load must not call them missing.
+TIED_ALIASES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+
+
 @dataclass
 class PretrainingOutput:
     """What ``BertForPreTraining.forward`` returns; logits are only computed where they are needed."""
@@ -118,6 +123,11 @@ class PretrainingOutput:
     mlm_labels: torch.Tensor | None  # [M]
     nsp_logits: torch.Tensor | None  # [B, 2], None when nsp is off
     num_masked: int
+
+    @property
+    def loss_parts(self) -> dict[str, torch.Tensor]:
+        """The named parts of ``loss`` (what a training loop logs beside it; it knows no names of its own)."""
+        return {k: v for k, v in (("mlm", self.mlm_loss), ("nsp", self.nsp_loss)) if v is not None}
 
 
 class BertEmbeddings(nn.Module):
@@ -321,6 +331,13 @@ class BertPreTrainingHeads(nn.Module):
 
 class BertForPreTraining(nn.Module):
     """BERT with MLM head (and NSP head + pooler when ``config.nsp``); keys as HF BertForPreTraining/ForMaskedLM."""
+
+    tied_aliases = TIED_ALIASES  # state-dict keys that alias other parameters
+
+    @property
+    def loss_part_names(self) -> tuple[str, ...]:
+        """The ``loss_parts`` every forward with labels returns (the same on every rank: logged and reduced)."""
+        return ("mlm", "nsp") if self.config.nsp else ("mlm",)
 
     def __init__(self, config: BertConfig) -> None:
         super().__init__()

@@ -103,7 +103,7 @@ class Runner:
 
         t0 = time.perf_counter()
         self.batches.positions.clear()
-        stats, _ = self.ds.step(next_batch)
+        result = self.ds.step(next_batch)
         if cuda:
             torch.cuda.synchronize(device)
         if timed:
@@ -112,8 +112,8 @@ class Runner:
             t.wait_s.append(seen["wait"])
             t.step_seqs.append(seen["seqs"])
             t.sequences += seen["seqs"]
-            t.tokens += int(stats[3])
-            t.padded += int(stats[4])
+            t.tokens += int(result.tokens)
+            t.padded += int(result.positions)
             if cuda:
                 t.peak_gib = max(t.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
             else:  # the process's resident high-water mark: both implementations' when compared side by side

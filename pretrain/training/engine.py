@@ -98,50 +98,60 @@ def _scalar(x: Any) -> float | None:
     return None if x is None else float(x.item() if torch.is_tensor(x) else x)
 
 
+@dataclass
+class StepResult:
+    """One optimizer step on this rank, as ``Engine.step`` returns it. Tensors stay on the device (float64): read
+    them only where a figure is needed, so a step costs no host sync beyond the agreed non-finite check."""
+
+    loss: torch.Tensor  # this rank's loss, summed over its micro-batches
+    parts: dict[str, torch.Tensor]  # the model's named loss parts (``loss_parts``), summed likewise
+    tokens: torch.Tensor  # real tokens of the step's micro-batches (packed rows: every sample's)
+    positions: torch.Tensor  # positions computed (rows x length, padding included)
+    step_loss: torch.Tensor  # the loss summed over micro-batches and ranks
+    grad_norm: torch.Tensor | None  # measured here, where DeepSpeed reports none (plain fp32) and it was asked for
+    nonfinite: bool  # a rank saw a non-finite loss (agreed by all ranks)
+
+
 class LogWindow:
     """What this rank adds up between two log lines, and the record it becomes.
 
-    ``sums`` (loss, MLM, NSP per micro-batch, and micro-batches) is the ``TrainState.window`` dict, saved in
-    checkpoints so that a resumed window averages the same steps; tokens and time are for throughput only."""
+    ``sums`` (the loss, each named loss part of the model, micro-batches) is the ``TrainState.window`` dict, saved
+    in checkpoints so that a resumed window averages the same steps; tokens and time are for throughput only."""
 
-    def __init__(self, sums: dict[str, float], device: torch.device) -> None:
-        self.sums, self.device = sums, device
-        self.tokens = torch.zeros(2, dtype=torch.float64, device=device)  # real tokens, padded tokens
+    def __init__(self, sums: dict[str, float], parts: tuple[str, ...], device: torch.device) -> None:
+        self.keys = ("loss", *parts, "micro")  # the same on every rank: the model declares its parts
+        self.parts, self.sums, self.device = parts, sums, device
+        for k in self.keys:
+            sums.setdefault(k, 0.0)
+        self.tokens = torch.zeros(1, dtype=torch.float64, device=device)
         self.t0, self.steps = time.time(), 0
 
-    def add(self, stats: torch.Tensor, accum: int, applied: bool) -> None:
-        """One optimizer step's ``Engine.step`` stats; the losses of a skipped step are left out."""
+    def add(self, result: StepResult, accum: int, applied: bool) -> None:
+        """One optimizer step; the losses of a skipped step are left out."""
         self.steps += 1
-        self.tokens += stats[3:5]
+        self.tokens += result.tokens
         if applied:
-            for i, k in enumerate(("loss", "mlm", "nsp")):
-                self.sums[k] += float(stats[i])
+            self.sums["loss"] += float(result.loss)
+            for k in self.parts:
+                self.sums[k] += float(result.parts[k])
             self.sums["micro"] += accum
 
-    def close(self, all_reduce: Any, global_batch: int) -> tuple[dict[str, Any], int, int]:
-        """Reduce over ranks and start a new window: (partial record, real tokens, padded tokens). The record has
-        the losses (None without an applied step), sequences/s and tokens/s of the window."""
-        s = all_reduce(
-            torch.tensor(
-                [self.sums[k] for k in ("loss", "mlm", "nsp", "micro")], dtype=torch.float64, device=self.device
-            )
-        ).tolist()
-        toks = all_reduce(self.tokens.clone()).tolist()
+    def close(self, all_reduce: Any, global_batch: int) -> tuple[dict[str, Any], int]:
+        """Reduce over ranks and start a new window: (partial record, real tokens). The record has the loss and
+        ``<part>_loss`` for each part (None without an applied step), sequences/s and tokens/s of the window."""
+        s = dict(zip(self.keys, all_reduce(torch.tensor([self.sums[k] for k in self.keys], dtype=torch.float64,
+                                                       device=self.device)).tolist(), strict=True))  # fmt: skip
+        tokens = all_reduce(self.tokens.clone()).item()
         dt = max(time.time() - self.t0, 1e-9)
-        n = s[3]
-        rec = {
-            "loss": s[0] / n if n else None,
-            "mlm_loss": s[1] / n if n else None,
-            "nsp_loss": s[2] / n if n else None,
-            "sequences_per_s": self.steps * global_batch / dt,
-            "tokens_per_s": toks[0] / dt,
-            "padded_tokens_per_s": toks[1] / dt,
-        }
-        for k in self.sums:
+        n = s["micro"]
+        rec = {"loss": s["loss"] / n if n else None}
+        rec.update({f"{k}_loss": s[k] / n if n else None for k in self.parts})
+        rec.update(sequences_per_s=self.steps * global_batch / dt, tokens_per_s=tokens / dt)
+        for k in self.keys:
             self.sums[k] = 0.0
         self.tokens.zero_()
         self.t0, self.steps = time.time(), 0
-        return rec, int(toks[0]), int(toks[1])
+        return rec, int(tokens)
 
 
 @dataclass
@@ -175,8 +185,8 @@ class Engine:
     own_norm: bool  # DeepSpeed reports no gradient norm (plain fp32): ``step`` measures it
     stop: StopFlag
     window: LogWindow  # the losses and tokens since the last log record (its sums are checkpointed)
+    logger: MetricsLogger  # metrics.jsonl, W&B, the bar: opened by ``start`` at the step the run resumes from
     loop: LoopState = field(default_factory=LoopState)
-    logger: MetricsLogger | None = None
 
     @property
     def run_dir(self) -> Path:
@@ -196,43 +206,41 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- one step
 
-    def step(self, next_batch: Any, measure_norm: bool = False) -> tuple[torch.Tensor, bool]:
+    def step(self, next_batch: Any, measure_norm: bool = False) -> StepResult:
         """One optimizer step: ``accum`` micro-batches through ``engine.backward``/``engine.step`` (DeepSpeed
-        scales the loss and steps the optimizer at the boundary). Returns float64 [loss, mlm, nsp, tokens, padded
-        tokens, grad norm, step loss summed over ranks] and whether any rank saw a non-finite loss (agreed before
-        the last ``engine.step()``, where a plain client optimizer's update is then skipped). The model's output
-        has ``loss``, and ``mlm_loss``/``nsp_loss`` where it pretrains. The norm is measured here
+        scales the loss and steps the optimizer at the boundary). The model's output has ``loss`` and, where it
+        names them (``loss_parts``), the parts it is made of; the ranks agree on a non-finite loss before the last
+        ``engine.step()``, where a plain client optimizer's update is then skipped. The norm is measured here
         (``measure_norm``) only where DeepSpeed does not report one (plain fp32)."""
         engine, device, accum = self.engine, self.device, self.accum
-        stats = torch.zeros(7, dtype=torch.float64, device=device)
+        zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
+        loss, tokens, positions, grad_norm = zero(), zero(), zero(), None
+        parts = {k: zero() for k in self.window.parts}
         bad = torch.zeros(2, dtype=torch.float64, device=device)  # non-finite micro-batches, summed losses
         nonfinite = False
         for micro in range(accum):
             batch = to_device(next_batch(), device)
             out = engine(**batch)
             engine.backward(out.loss)
-            loss = out.loss.detach().double()
-            bad[0] += (~torch.isfinite(loss)).double()
+            micro_loss = out.loss.detach().double()
+            bad[0] += (~torch.isfinite(micro_loss)).double()
             if micro == accum - 1:
-                bad[1] = stats[0] + loss
+                bad[1] = loss + micro_loss
                 nonfinite = bool(D.all_reduce(bad)[0].item() > 0)  # one agreed answer for every rank
-                stats[6] = bad[1]
                 if measure_norm and self.own_norm and not nonfinite:  # averaged over ranks, not yet clipped
                     norms = [p.grad.detach().float().norm() for p in engine.module.parameters() if p.grad is not None]
-                    stats[5] = torch.stack(norms).norm().double() if norms else 0.0
+                    grad_norm = torch.stack(norms).norm().double() if norms else zero()
             if micro == accum - 1 and nonfinite and self.skip_nonfinite:
                 self._step_without_update()
             else:
                 engine.step()
-            stats[0] += loss
-            for i, name in ((1, "mlm_loss"), (2, "nsp_loss")):
-                part = getattr(out, name, None)
-                if part is not None:
-                    stats[i] += part.detach().double()
+            loss += micro_loss
+            for k, v in getattr(out, "loss_parts", {}).items():
+                parts[k] += v.detach().double()
             mask = batch.get("attention_mask")  # packed rows number their samples: count real tokens
-            stats[3] += (mask > 0).sum() if mask is not None else batch["input_ids"].numel()
-            stats[4] += batch["input_ids"].numel()
-        return stats, nonfinite
+            tokens += (mask > 0).sum() if mask is not None else batch["input_ids"].numel()
+            positions += batch["input_ids"].numel()
+        return StepResult(loss, parts, tokens, positions, bad[1], grad_norm, nonfinite)
 
     def _step_without_update(self) -> None:
         """The plain client optimizer (ZeRO-0, fp32) has no overflow check: skip its update for this step only,
@@ -248,13 +256,13 @@ class Engine:
         else:
             opt.step = own
 
-    def book(self, stats: torch.Tensor, nonfinite: bool) -> tuple[bool, float | None]:
+    def book(self, result: StepResult) -> tuple[bool, float | None]:
         """Book a finished step: the counters, the log window, skipped steps and non-finite streaks. Returns
         (stop the run now, the step's loss averaged over micro-batches and ranks; None for a skipped step)."""
-        state, t, engine, loop = self.state, self.cfg.trainer, self.engine, self.loop
+        state, t, engine, loop, nonfinite = self.state, self.cfg.trainer, self.engine, self.loop, result.nonfinite
         state.step, state.epoch, loop.job_steps = state.step + 1, self.position.epoch, loop.job_steps + 1
         applied = engine.was_step_applied() and not nonfinite
-        self.window.add(stats, self.accum, applied=applied)
+        self.window.add(result, self.accum, applied=applied)
         if nonfinite and engine.was_step_applied() and not self.skip_nonfinite:
             why = "this ZeRO stage and precision cannot skip the update, so the weights after it are discarded"
             self.nonfinite_stop(why)
@@ -272,7 +280,7 @@ class Engine:
             state.nonfinite_streak = 0
         state.sequences += t.global_batch_size
         self.logger.advance()
-        return False, float(stats[6]) / (self.accum * self.env.world_size) if applied else None
+        return False, float(result.step_loss) / (self.accum * self.env.world_size) if applied else None
 
     def nonfinite_stop(self, why: str) -> None:
         """Stop on non-finite losses without saving; name the last good checkpoint (it verifies and was saved
@@ -293,7 +301,7 @@ class Engine:
     def close_window(self) -> dict[str, Any] | None:
         """Reduce the log window over ranks: the common part of a ``train`` record (None: only skipped steps)."""
         t, state = self.cfg.trainer, self.state
-        rec, tokens, _ = self.window.close(D.all_reduce, t.global_batch_size)
+        rec, tokens = self.window.close(D.all_reduce, t.global_batch_size)
         state.tokens += tokens
         self.loop.job_tokens += tokens
         if rec["loss"] is None:
@@ -304,21 +312,20 @@ class Engine:
     def loss_scale(self) -> float | None:
         return _scalar(getattr(self.engine.optimizer, "cur_scale", 1.0))
 
-    def grad_norm(self, stats: torch.Tensor) -> float | None:
-        return float(stats[5]) if self.own_norm else _scalar(self.engine.get_global_grad_norm())
+    def grad_norm(self, result: StepResult) -> float | None:
+        return _scalar(result.grad_norm) if self.own_norm else _scalar(self.engine.get_global_grad_norm())
 
     # ------------------------------------------------------------------------------------- checkpoints
 
-    def checkpoint(self, extra: dict[str, Any] | None = None, config: dict | None = None) -> Path:
+    def checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
         """Save a bundle now: the engine's files and the client state (counters, every rank's data position and
         RNG, the resolved config, the W&B id, a trainer's ``extra`` keys)."""
         t = self.cfg.trainer
-        wandb_id = self.logger.wandb_id if self.logger is not None else None
-        client = client_state(self.state, self.position, config or {}, wandb_id, extra or {})
+        client = client_state(self.state, self.position, self.logger.config, self.logger.wandb_id, extra or {})
         self.loop.last_ckpt = save(self.engine, self.ckpt_root, client, t.keep_last)
         return self.loop.last_ckpt
 
-    def save_or_stop(self, due: bool, extra: dict[str, Any] | None = None, config: dict | None = None) -> bool:
+    def save_or_stop(self, due: bool, extra: dict[str, Any] | None = None) -> bool:
         """Checkpoint when ``due``, on preemption (a signal, or the time limit on any rank) and at
         ``trainer.stop_at_step``. True: leave the loop (``loop.code`` 75 when preempted)."""
         t, state, loop = self.cfg.trainer, self.state, self.loop
@@ -326,7 +333,7 @@ class Engine:
         preempted = self.stop.agreed(over_time, self.device)  # every rank takes the same decision
         stopping = t.stop_at_step is not None and t.stop_at_step <= state.step < t.max_steps
         if due or preempted or stopping:
-            self.checkpoint(extra, config)
+            self.checkpoint(extra)
         if preempted:
             reason = self.stop.signal_name or ("time limit" if over_time else "signal on another rank")
             loop.status = f"preempted ({reason}) at step {state.step}: resume=auto continues"
@@ -348,18 +355,20 @@ class Engine:
         with fork_rng(self.device):
             model = build()
         missing, unexpected = model.load_state_dict(self.fp32_state_dict(tag), strict=False)
-        missing = [k for k in missing if not k.startswith("cls.predictions.decoder")]  # tied aliases
+        missing = [k for k in missing if k not in getattr(model, "tied_aliases", ())]
         if missing or unexpected:
             raise RuntimeError(f"fp32 weights of {tag}: missing {missing[:3]} / unexpected {unexpected[:3]}")
         return model
 
 
 def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None, position: Position,
-          stop: StopFlag, record: bool = True, compile: bool | None = None) -> Engine:  # fmt: skip
+          stop: StopFlag, logger: MetricsLogger | None = None, record: bool = True,
+          compile: bool | None = None) -> Engine:  # fmt: skip
     """The DeepSpeed engine of ``model`` (its optimizer, schedule, ZeRO stage and precision from ``cfg``), resumed
     from checkpoint ``tag`` when given (``resume_tag``): weights, optimizer, schedule, counters, data position
     and RNG. With ``record``, the run dir's ``ds_config.json`` records the DeepSpeed config actually used.
-    ``compile``: ``engine.compile()`` (default: ``trainer.compile``)."""
+    ``compile``: ``engine.compile()`` (default: ``trainer.compile``). ``logger`` (none: nothing is logged) is
+    opened at the step the run resumes from; the resolved config it holds goes into every checkpoint."""
     t = cfg.trainer
     deepspeed = import_deepspeed(cfg.verbose)
     client_opt, groups, schedule, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
@@ -382,6 +391,8 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
         if env.is_main:
             print(f"resumed from {tag} at step {state.step}", flush=True)
     position.set_epoch(state.epoch)
+    logger = logger or MetricsLogger.disabled()
+    logger.open(client.get("wandb_id"), state.step, t.max_steps)
     # Who skips a non-finite step: DeepSpeed's wrappers check for overflow (fp16 loss scaler, bf16 optimizer,
     # ZeRO 1-2, where fp32 has the check off: turn it on); a plain client optimizer (ZeRO-0, fp32) is skipped here.
     if hasattr(engine.optimizer, "check_grad_overflow"):
@@ -400,7 +411,8 @@ def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag:
         skip_nonfinite=engine.optimizer is client_opt and client_opt is not None,
         own_norm=engine.zero_optimization_stage() == 0 and t.precision == "fp32",
         stop=stop,
-        window=LogWindow(state.window, device),
+        window=LogWindow(state.window, tuple(getattr(model, "loss_part_names", ())), device),
+        logger=logger,
     )
 
 

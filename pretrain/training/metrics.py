@@ -88,45 +88,52 @@ def truncate_metrics(path: Path, step: int) -> None:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a no-op logger."""
+    """Rank 0 writes; other ranks (and ``MetricsLogger.disabled()``) hold a no-op logger. Built by the caller from
+    its own sections, then ``open``ed by the engine once it knows where the run resumes (step, W&B id)."""
 
     def __init__(
-        self,
-        cfg: Any,
-        run_dir: Path,
-        is_main: bool,
-        wandb_id: str | None,
-        config: dict,
-        start_step: int,
-        max_steps: int,
+        self, logger: Any, run_name: str, run_dir: Path, is_main: bool, config: dict, pair: str = "nsp"
     ) -> None:
+        self.logger, self.run_name, self.config = logger, run_name, config  # config: the resolved config (W&B)
         self.is_main, self.run_dir = is_main, run_dir
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         self.wandb_mode = "disabled"
-        self.wandb_id = wandb_id
+        self.wandb_id: str | None = None
         self.bar = None
-        data = getattr(cfg, "data", None)  # fine-tuning has no pair head
-        self.pair = getattr(data, "pair_task", "nsp")  # nsp or sop: what the pair head's nsp_* figures are
-        if not is_main:
+        self.plain = False
+        self.pair = pair  # nsp or sop: what a pair head's nsp_* figures are
+        self.t0, self.start_step, self.max_steps = time.time(), 0, 0
+
+    @classmethod
+    def disabled(cls) -> MetricsLogger:
+        """A logger that writes nothing (the benchmark's engine)."""
+        return cls(None, "", Path("."), False, {})
+
+    def open(self, wandb_id: str | None, start_step: int, max_steps: int) -> None:
+        """Start logging at ``start_step``: metrics.jsonl cut back to it, the W&B run (resumed under ``wandb_id``),
+        a bar on a terminal or plain lines in a file."""
+        self.wandb_id, self.t0, self.start_step, self.max_steps = wandb_id, time.time(), start_step, max_steps
+        if not self.is_main:
             return
+        cfg, run_dir = self.logger, self.run_dir
         truncate_metrics(self.path, start_step)
         self.file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
-        if cfg.logger.wandb and wandb_mode(cfg.logger.mode) != "disabled":
+        if cfg.wandb and wandb_mode(cfg.mode) != "disabled":
             import wandb
 
-            mode = self.wandb_mode = wandb_mode(cfg.logger.mode)
+            mode = self.wandb_mode = wandb_mode(cfg.mode)
             self.wandb_id = wandb_id or secrets.token_hex(4)  # not the global RNG: resumes stay exact
             self.wandb = wandb.init(
-                project=cfg.logger.project,
-                entity=cfg.logger.entity,
-                name=cfg.run_name,
+                project=cfg.project,
+                entity=cfg.entity,
+                name=self.run_name,
                 id=self.wandb_id,
                 resume="allow",
                 dir=str(run_dir),
                 mode=mode,
-                config=config,
-                tags=list(cfg.logger.tags) or None,
+                config=self.config,
+                tags=list(cfg.tags) or None,
             )
             print(f"W&B ({mode}): run {self.wandb_id}, files in {self.wandb.dir}", flush=True)
         # A terminal gets a progress bar; a file (SLURM, nohup, CI) gets one plain line per log record instead.
@@ -144,7 +151,6 @@ class MetricsLogger:
                 disable=None,
             )
         )
-        self.t0, self.start_step, self.max_steps = time.time(), start_step, max_steps
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.is_main:

@@ -35,7 +35,7 @@ from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
 from pretrain.training.config import Config, preflight
 from pretrain.training.data import Batches, build_dataloader
-from pretrain.training.engine import Engine, resume_tag, spike_mean, start
+from pretrain.training.engine import Engine, StepResult, resume_tag, spike_mean, start
 from pretrain.training.metrics import (
     MetricsLogger,
     memory_gb,
@@ -138,16 +138,15 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     except ValueError as e:
         raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
     unigram_id = most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1
-    ds = start(cfg, env, model, device, tag, sampler, stop)
+    cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
+    logger = MetricsLogger(cfg.logger, cfg.run_name, run_dir, env.is_main, cfg_dict, pair=cfg.data.pair_task)
+    ds = start(cfg, env, model, device, tag, sampler, stop, logger)
     if tag is None and t.init_from and env.is_main:
         print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
-    cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
     flops, peak = model.flops_per_token(t.max_seq_length), peak_tflops(t.peak_tflops, device)
     if env.is_main:
         print_startup(cfg, model.config, model.num_parameters(), info, env, device, threads,
                       ds.engine.zero_optimization_stage(), ds.opt_desc, ds.accum, ds.state.step, run_dir)  # fmt: skip
-    ds.logger = MetricsLogger(cfg, run_dir, env.is_main, ds.client.get("wandb_id"), cfg_dict, ds.state.step,
-                              t.max_steps)  # fmt: skip
     return Run(cfg=cfg, cfg_dict=cfg_dict, ds=ds, loader=loader, val_loader=val_loader, info=info, model_kw=model_kw,
                flops_per_token=flops, peak_tflops=peak, unigram_id=unigram_id)  # fmt: skip
 
@@ -177,16 +176,15 @@ def watch_spikes(run: Run, step_loss: float, batches: Batches) -> None:
         history.append(step_loss)
 
 
-def log_window(run: Run, stats: torch.Tensor) -> None:
+def log_window(run: Run, result: StepResult) -> None:
     """Close the log window: one ``train`` record (metrics.jsonl, W&B, the bar or a plain line)."""
     ds = run.ds
     rec = ds.close_window()
     if rec is None:  # a window of skipped steps only has no loss to report
         return
-    rec.pop("padded_tokens_per_s")
     rec.update(
-        nsp_loss=rec["nsp_loss"] if run.info.nsp and run.model_kw.get("nsp", True) else None,
-        grad_norm=ds.grad_norm(stats),
+        nsp_loss=rec.get("nsp_loss") if run.info.nsp and run.model_kw.get("nsp", True) else None,
+        grad_norm=ds.grad_norm(result),
         mfu=mfu(run.flops_per_token, rec["tokens_per_s"], run.peak_tflops, ds.env.world_size),
         memory_gb=memory_gb(ds.device),
         tokens=ds.state.tokens,
@@ -270,21 +268,21 @@ def train(cfg: Config) -> int:
     while state.step < t.max_steps:
         log_now = (state.step + 1) % t.log_every == 0 or state.step + 1 == t.max_steps
         batches.positions.clear()
-        stats, nonfinite = ds.step(batches, measure_norm=log_now)
-        stopped, step_loss = ds.book(stats, nonfinite)
+        result = ds.step(batches, measure_norm=log_now)
+        stopped, step_loss = ds.book(result)
         if stopped:
             break
         if step_loss is not None:
             watch_spikes(run, step_loss, batches)
         if log_now:
-            log_window(run, stats)
+            log_window(run, result)
         if run.val_loader is not None and (
             t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps
         ):
             run.last_val = evaluate(ds, run.val_loader, t.eval_batches, run.unigram_id)
             ds.logger.log({"kind": "eval", "step": state.step, **run.last_val})
         due = bool(t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.max_steps
-        if ds.save_or_stop(due, config=run.cfg_dict):
+        if ds.save_or_stop(due):
             break
     hf_dir = export(run) if state.step >= t.max_steps and loop.code == 0 else None
     summary = summarize(run, hf_dir, t_loop)
