@@ -174,14 +174,15 @@ def check_overrides(config_dir: Path, config_name: str, docs: str, argv: list[st
 
 
 def field_docs(schema: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass schema (read from its source: Python keeps none at run
-    time), whitespace collapsed."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(schema)))
-    body, docs = tree.body[0].body, {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
-            if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
-                docs[node.target.id] = " ".join(nxt.value.value.split())
+    """The docstring under each field of a dataclass schema and of the schemas it extends (read from their source:
+    Python keeps none at run time), whitespace collapsed."""
+    docs: dict[str, str] = {}
+    for cls in reversed([c for c in schema.__mro__ if is_dataclass(c)]):  # a subclass's own doc wins
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(nxt, ast.Expr):
+                if isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+                    docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
 
 

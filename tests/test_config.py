@@ -185,13 +185,18 @@ def test_prepare_data_help_lists_its_own_options_only():
 def test_every_schema_field_has_a_docstring():
     from data_prep.config import PrepareConfig
     from pretrain.cli import field_docs
+    from pretrain.finetune.config import FinetuneConfig, TaskConfig
     from pretrain.models.bert import BertConfig
     from pretrain.training import config as C
     from pretrain.training.masking import MaskingConfig
 
     schemas = [C.Config, C.DataConfig, C.OptimConfig, C.SchedulerConfig, C.DeepSpeedSection, C.TrainerConfig]
+    schemas += [C.LoopConfig, FinetuneConfig, TaskConfig]
     schemas += [C.LoggerConfig, C.BenchConfig, PrepareConfig, MaskingConfig, BertConfig]
     from dataclasses import fields
 
     missing = [f"{s.__name__}.{f.name}" for s in schemas for f in fields(s) if f.name not in field_docs(s)]
     assert not missing, missing
+    declared = [f.name for f in fields(C.TrainerConfig)]  # the loop's fields once, the pretraining loop's added
+    assert declared[: len(fields(C.LoopConfig))] == [f.name for f in fields(C.LoopConfig)]
+    assert not set(C.TrainerConfig.__annotations__) & {f.name for f in fields(C.LoopConfig)}

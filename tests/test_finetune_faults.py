@@ -203,7 +203,13 @@ def test_nonfinite_loss_is_skipped_and_counted(task, inject, tmp_path):
 
 
 def test_a_key_fine_tuning_does_not_read_is_refused(task, tmp_path):
-    for key, hint in (("trainer.eval_every=5", "no such option"), ("+trainer.init_from=x", "no such option")):
+    refused = (
+        ("trainer.eval_every=5", "no such option"),
+        ("+trainer.init_from=x", "no such option"),
+        ("trainer.max_steps=5", "epochs x steps per epoch"),
+        ("trainer.micro_batch_size=auto", "pretraining"),
+    )
+    for key, hint in refused:
         r = _run(task, tmp_path / "run", key)
         errors = _errors(r)
         assert r.returncode == 2 and len(errors) == 1 and hint in errors[0], (r.stdout + r.stderr)[-2000:]

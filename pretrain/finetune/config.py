@@ -1,8 +1,8 @@
 """Fine-tuning configuration: the schema behind ``conf/finetune.yaml`` and its ``finetune/`` task group.
 
-The optimizer, schedule, DeepSpeed and logger sections are pretraining's own dataclasses (one source of truth
-for precision, ZeRO and W&B); ``trainer`` holds only the loop settings fine-tuning reads, with pretraining's
-meaning, so a key it would ignore (``trainer.eval_every``, ``trainer.init_from``...) is refused as unknown.
+The optimizer, schedule, DeepSpeed, logger and loop (``trainer``) sections are pretraining's own dataclasses (one
+source of truth for every field); ``trainer`` is ``LoopConfig``, the settings the shared engine reads, so a key of
+pretraining's loop alone (``trainer.eval_every``, ``trainer.init_from``...) is refused as unknown.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 
 from pretrain.finetune.heads import KINDS
-from pretrain.training.config import DeepSpeedSection, LoggerConfig, OptimConfig, SchedulerConfig
+from pretrain.training.config import DeepSpeedSection, LoggerConfig, LoopConfig, OptimConfig, SchedulerConfig
 
 
 @dataclass
@@ -61,45 +61,6 @@ class TaskConfig:
 
 
 @dataclass
-class FinetuneTrainerConfig:
-    """The loop settings of fine-tuning: pretraining's ``trainer`` fields that the shared engine reads."""
-
-    max_seq_length: int = 128
-    """Tokens per feature: longer texts are cut (counted) or refused (``task.truncate=false``); QA windows."""
-    global_batch_size: int = 32
-    """Features per optimizer step, over all ranks and accumulation steps."""
-    micro_batch_size: int = 32
-    """Features per forward pass on one rank; accumulation = global / (micro x ranks)."""
-    precision: str = "fp32"
-    """``fp32``, ``bf16`` or ``fp16`` (DeepSpeed's mixed precision; the best model is written in fp32)."""
-    log_every: int = 20
-    """Optimizer steps per ``train`` log record (the loss averaged over them, every micro-batch, every rank)."""
-    checkpoint_every: int = 0
-    """Optimizer steps between checkpoints within an epoch; 0 = after each epoch only (preemption and
-    ``stop_at_step`` checkpoint at any step)."""
-    keep_last: int = 1
-    """Complete checkpoints kept (the newest ones)."""
-    max_time_minutes: float | None = None
-    """Checkpoint and exit 75 once the job has run this long (a SLURM time limit); the rerun resumes."""
-    stop_at_step: int | None = None
-    """Checkpoint and stop (exit 0) at this optimizer step; the rerun resumes."""
-    max_nonfinite_steps: int = 3
-    """Stop (exit 3) after this many non-finite losses in a row; each one is skipped and counted."""
-    verify_checkpoint: bool = True
-    """Check the checkpoint a run resumes from (and ``init_from``/``pretrained``) against the sha256 of every file
-    that its ``COMPLETE`` marker lists; a bundle that fails is named and the next older one is used. false: file
-    sizes only (a truncated file is still caught; a damaged one of the right size is not), no read of every byte."""
-    activation_checkpointing: bool = False
-    """Recompute each encoder layer in the backward pass: less memory for longer sequences, about a third slower."""
-    compile: bool = False
-    """``torch.compile`` the model through DeepSpeed's ``engine.compile()``."""
-    collective_timeout_minutes: float = 5.0
-    """Bound of every collective: a rank that died or froze is named and the run exits 69."""
-    rendezvous_timeout_minutes: float = 1.0
-    """Bound of the wait for every rank to join at start-up."""
-
-
-@dataclass
 class FinetuneConfig:
     pretrained: str = "???"
     """What to fine-tune: a pretraining run dir (its newest complete checkpoint), a checkpoint, or a Hugging Face
@@ -119,15 +80,16 @@ class FinetuneConfig:
     (or with ``model`` when the run dir holds none)."""
     predict_file: str | None = None
     """``mode=predict``: the file to label (same format as the training data; labels not needed)."""
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, weight_decay=0.01))
-    """Optimizer (``conf/optim/*.yaml``)."""
-    scheduler: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(name="linear", warmup_ratio=0.1))
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer (``conf/optim/*.yaml``; fine-tuning's learning rate in ``conf/finetune.yaml``)."""
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     """Learning-rate schedule (``conf/scheduler/*.yaml``); its length is epochs x steps per epoch."""
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     """ZeRO and raw DeepSpeed settings (``conf/deepspeed/*.yaml``)."""
-    trainer: FinetuneTrainerConfig = field(default_factory=FinetuneTrainerConfig)
-    """Batch sizes, precision, sequence length and the loop's settings (the schedule's length is epochs x steps
-    per epoch; a checkpoint is written after each epoch)."""
+    trainer: LoopConfig = field(default_factory=LoopConfig)
+    """Batch sizes, precision, sequence length and the loop's settings, as pretraining's (``LoopConfig``; defaults
+    for fine-tuning in ``conf/finetune.yaml``). The schedule's length is epochs x steps per epoch; a checkpoint is
+    written after each epoch."""
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     """Weights & Biases (``conf/logger/*.yaml``); metrics.jsonl is always written."""
     run_dir: str = "runs/finetune"

@@ -164,12 +164,17 @@ def load_task_model(path: Path) -> BertForTask:
 def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, Prepared, TaskBatches]:
     """Model source, task data, head, the engine (resumed), the log."""
     t = cfg.trainer
+    if t.max_steps is not None:
+        raise UserError(f"trainer.max_steps={t.max_steps}: fine-tuning trains epochs x steps per epoch; set epochs")
+    if not isinstance(t.micro_batch_size, int) or isinstance(t.micro_batch_size, bool):
+        raise UserError(f"trainer.micro_batch_size={t.micro_batch_size!r}: give a number of features (auto is for "
+                        "pretraining)")  # fmt: skip
     src = load_model(cfg.pretrained, "pretrained", heads=False, checksums=t.verify_checkpoint)
     data = prepare(cfg, src)
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
     tag = resume_tag(cfg.resume, Path(cfg.run_dir).resolve() / "checkpoints", t.verify_checkpoint)
     batches = TaskBatches(data, cfg, env.rank, env.world_size)
-    t.max_steps = cfg.epochs * batches.steps_per_epoch  # the schedule's length
+    t.max_steps = cfg.epochs * batches.steps_per_epoch  # the schedule's length (a given one is refused first)
     torch.manual_seed(cfg.seed)
     encoder = BertForPreTraining(src.model.config) if cfg.random_init else src.model
     model = from_pretrained(encoder, cfg.task.kind, data.num_labels)

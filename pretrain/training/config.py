@@ -104,54 +104,44 @@ class DeepSpeedSection:
 
 
 @dataclass
-class TrainerConfig:
-    phase: int = 1
-    """BERT phase: 1 (128 tokens, from scratch) or 2 (512 tokens, weights from ``init_from``, optimizer reset)."""
+class LoopConfig:
+    """The loop settings the engine (``pretrain/training/engine.py``) reads: batch, steps, precision, checkpoint
+    cadence, retention, verification, timeouts and the non-finite policy. Declared once, here; pretraining's and
+    fine-tuning's ``trainer`` sections are this plus what their own loops read. Fine-tuning's defaults are in
+    ``conf/finetune.yaml``."""
+
     max_seq_length: int = 128
-    """Longest sample the data may hold (the shards' manifest ``max_seq_length`` must not exceed it)."""
+    """Longest sample (tokens): the shards' manifest ``max_seq_length`` must not exceed it; fine-tuning cuts (or
+    refuses, ``task.truncate=false``) longer texts and windows QA contexts to it."""
     global_batch_size: int = 16
     """Sequences per optimizer step over all ranks; gradient accumulation = global / (micro x world size)."""
     micro_batch_size: Any = 8
-    """Sequences per forward/backward on one device, or ``auto``: the largest that fits at ``max_seq_length`` with
-    this precision, ZeRO stage and activation checkpointing (measured at start-up, with a safety margin, cut to a
-    divisor of the global batch per rank; ``pretrain/training/batch_probe.py``)."""
-    memory_cap_gb: float | None = None
-    """Memory one rank may use for ``micro_batch_size=auto``: default the GPU's memory, on CPU the available memory
-    shared by the ranks of the node."""
-    max_steps: int = 40
-    """Optimizer steps to train (the schedule ends here)."""
+    """Sequences per forward/backward on one device, or (pretraining) ``auto``: the largest that fits at
+    ``max_seq_length`` with this precision, ZeRO stage and activation checkpointing (measured at start-up, with a
+    safety margin, cut to a divisor of the global batch per rank; ``pretrain/training/batch_probe.py``)."""
+    max_steps: int | None = None
+    """Optimizer steps to train (the schedule ends here). Pretraining: set by the ``trainer`` group
+    (``conf/trainer/*.yaml``); fine-tuning: epochs x steps per epoch, so a value given there is refused."""
     precision: str = "fp32"
     """``fp32``, ``bf16`` or ``fp16`` (dynamic loss scaling); DeepSpeed keeps fp32 master weights."""
     log_every: int = 5
-    """Steps between metrics lines (metrics.jsonl, W&B, progress bar)."""
-    eval_every: int = 20
-    """Steps between validation passes (and one at the end); 0 = only at the end."""
-    eval_batches: int = 20
-    """Validation micro-batches per rank per pass (static masks: comparable across passes); 0 = no validation
-    (otherwise an empty validation split is an error)."""
+    """Steps per ``train`` record (metrics.jsonl, W&B, progress bar): the loss averaged over them, every
+    micro-batch and every rank."""
     checkpoint_every: int = 20
-    """Steps between checkpoints (and one at the end); 0 = only at the end and on preemption."""
+    """Steps between checkpoints (and one at the end); 0 = only at the end and on preemption (fine-tuning: after
+    each epoch too)."""
     keep_last: int = 2
     """Complete checkpoints kept; older ones are deleted only once a newer one is complete."""
     max_time_minutes: float | None = None
     """Wall-clock budget of this job: when exceeded, checkpoint and exit with code 75 (requeue to continue)."""
     stop_at_step: int | None = None
     """Checkpoint and stop (exit 0) at this step without finishing; simulates an interruption in tests."""
-    init_from: str | None = None
-    """Weights only (optimizer, schedule and step start afresh) from a run dir, a checkpoint dir (or tag dir) or a
-    Hugging Face directory: phase 2 from phase 1, or continued pretraining of a published checkpoint
-    (``experiment=continue-bert``), whose ``config.json`` then sets the architecture and whose vocabulary and casing
-    the data must share (prepare it with ``vocab=`` that directory)."""
-    peak_tflops: float | None = None
-    """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
     activation_checkpointing: bool = False
     """Keep only each encoder layer's input and recompute the layer in backward: about a third more compute for
     much less activation memory (BERT-large at 512 tokens); losses and gradients are unchanged."""
     compile: bool = False
     """``torch.compile`` the model under the DeepSpeed engine (``engine.compile()``, inductor): fused kernels, at
     the cost of a compile at start-up (and when batch shapes change); measure with ``launch/benchmark.py``."""
-    deterministic: bool = False
-    """``torch.use_deterministic_algorithms`` (bit-exact GPU resumes at some speed cost; CPU is exact anyway)."""
     collective_timeout_minutes: float = 5.0
     """How long a collective waits for a rank that died, froze or never started before every other rank stops
     with an error naming it (the NCCL/gloo default is 30 minutes). Must exceed the longest gap between two
@@ -162,11 +152,37 @@ class TrainerConfig:
     its data checks: raise it where ranks verify a very large corpus at different speeds."""
     max_nonfinite_steps: int = 3
     """A step whose loss or gradients are not finite is skipped (fp16: DeepSpeed lowers the loss scale); this many
-    in a row stop the run, naming the step and the last good checkpoint. 0 = stop at the first."""
+    in a row stop the run (exit 3), naming the step and the last good checkpoint. 0 = stop at the first."""
     verify_checkpoint: bool = True
-    """Check the checkpoint a run resumes from (and ``init_from``/``pretrained``) against the sha256 of every file
-    that its ``COMPLETE`` marker lists; a bundle that fails is named and the next older one is used. false: file
-    sizes only (a truncated file is still caught; a damaged one of the right size is not), no read of every byte."""
+    """Check the checkpoint a run resumes from (and ``trainer.init_from``/``pretrained``) against the sha256 of
+    every file its ``COMPLETE`` marker lists; a run directory's newest bundle that fails is named and the next
+    older one is used. false: file sizes only (a truncated file is still caught; a damaged one of the right size
+    is not), no read of every byte."""
+
+
+@dataclass
+class TrainerConfig(LoopConfig):
+    """Pretraining's ``trainer`` section: the loop settings and what the pretraining loop adds."""
+
+    phase: int = 1
+    """BERT phase: 1 (128 tokens, from scratch) or 2 (512 tokens, weights from ``init_from``, optimizer reset)."""
+    memory_cap_gb: float | None = None
+    """Memory one rank may use for ``micro_batch_size=auto``: default the GPU's memory, on CPU the available memory
+    shared by the ranks of the node."""
+    eval_every: int = 20
+    """Steps between validation passes (and one at the end); 0 = only at the end."""
+    eval_batches: int = 20
+    """Validation micro-batches per rank per pass (static masks: comparable across passes); 0 = no validation
+    (otherwise an empty validation split is an error)."""
+    init_from: str | None = None
+    """Weights only (optimizer, schedule and step start afresh) from a run dir, a checkpoint dir (or tag dir) or a
+    Hugging Face directory: phase 2 from phase 1, or continued pretraining of a published checkpoint
+    (``experiment=continue-bert``), whose ``config.json`` then sets the architecture and whose vocabulary and casing
+    the data must share (prepare it with ``vocab=`` that directory)."""
+    peak_tflops: float | None = None
+    """Dense peak TFLOP/s of one device for the MFU estimate; null = looked up from the GPU name (none on CPU)."""
+    deterministic: bool = False
+    """``torch.use_deterministic_algorithms`` (bit-exact GPU resumes at some speed cost; CPU is exact anyway)."""
     loss_spike_factor: float = 10.0
     """A step whose loss exceeds this times the running mean is logged (``kind: spike`` in metrics.jsonl) with the
     ids of its samples, so the document behind it can be found; training continues. 0 = off."""
@@ -432,6 +448,8 @@ def preflight(
         raise UserError(f"optim.name={cfg.optim.name!r}: use adamw or lamb")
     if cfg.trainer.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={cfg.trainer.precision!r}: use one of {', '.join(PRECISIONS)}")
+    if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps < 1:
+        raise UserError(f"trainer.max_steps={cfg.trainer.max_steps}: give the optimizer steps to train (>= 1)")
     gradient_accumulation_steps(cfg, world_size)
     build_ds_config(cfg, world_size)  # a bad deepspeed.config_file fails here, before any work
     if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
