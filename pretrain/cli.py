@@ -3,8 +3,7 @@ the documented exit code for whatever a user can meet, never a traceback for a u
 disk), the DeepSpeed launcher's ``--local_rank`` argument, and Hydra overrides checked before Hydra runs, so a
 typo is one ``error:`` line with the close match and exit code 2.
 
-Exit codes: 0 done; 2 a configuration, data or disk mistake (``UserError``, a full or read-only disk); 3 stopped
-on non-finite losses; 69 a rank is missing; 75 preempted, checkpoint saved; 130 interrupted (Ctrl-C).
+Exit codes: ``pretrain.runtime.exits`` (their table: docs/architecture.md).
 
 Imports nothing heavy at module level: the entry points call it before torch is imported.
 """
@@ -23,10 +22,8 @@ from pathlib import Path
 
 from data_prep.errors import DISK_ERRNOS, UserError, first_line
 from pretrain.runtime import distributed as D
+from pretrain.runtime import exits
 from pretrain.runtime.signals import ignore_preempt_signals
-
-USER_ERROR_EXIT_CODE = 2
-INTERRUPTED_EXIT_CODE = 130
 
 
 def one_line_warnings() -> None:
@@ -60,20 +57,20 @@ def guard(main: Callable[[], int], where: Callable[[], str] | None = None) -> in
         return code
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT_CODE
+        return exits.USER_ERROR
     except D.RendezvousError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.stdout.flush()
-        os._exit(D.LOST_RANK_EXIT_CODE)  # not sys.exit: a store client may still be connecting on a thread
+        os._exit(exits.LOST_RANK)  # not sys.exit: a store client may still be connecting on a thread
     except KeyboardInterrupt:
         print(f"interrupted{f': {where()}' if where else ''}", file=sys.stderr, flush=True)
-        return INTERRUPTED_EXIT_CODE
+        return exits.INTERRUPTED
     except OSError as e:
         if e.errno not in DISK_ERRNOS:
             raise
         print(f"error: {e.filename or 'output'}: {e.strerror}; free space or fix the permissions (or point the "
               "output elsewhere), then rerun the same command", file=sys.stderr, flush=True)  # fmt: skip
-        return USER_ERROR_EXIT_CODE
+        return exits.USER_ERROR
     except Exception as e:
         lost = D.explain_failure(e)  # None: not a communication failure but a bug, which keeps its traceback
         if lost is None:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.runtime import distributed as D
-from pretrain.runtime import signals as S
+from pretrain.runtime import exits
 from tests.helpers import (
     LAUNCH,
     ROOT,
@@ -154,7 +153,7 @@ def test_lost_rank_is_named_then_resume_is_exact(data, reference, tmp_path, sig,
             p.kill()  # SIGKILL also ends a stopped process
             p.wait()
     out = (tmp_path / f"rank{survivor}.log").read_text()
-    assert rc == D.LOST_RANK_EXIT_CODE, out[-3000:]
+    assert rc == exits.LOST_RANK, out[-3000:]
     errors, tag = _errors(out), newest_bundle(run_dir / "checkpoints")
     assert len(errors) == 1 and "Traceback" not in out, out[-3000:]
     assert errors[0].startswith(f"error: lost rank {victim} (") and f"checkpoint is {tag};" in errors[0], errors[0]
@@ -186,7 +185,7 @@ def test_rank_that_never_joins_is_named(data, tmp_path):
     took = time.time() - t0  # start-up (imports, pre-flight) included
     for rank, port, code in ((0, good, codes[0]), (1, wrong, codes[1])):
         out = (tmp_path / f"rank{rank}.log").read_text()
-        assert code == D.LOST_RANK_EXIT_CODE, out[-3000:]
+        assert code == exits.LOST_RANK, out[-3000:]
         errors = _errors(out)
         assert len(errors) == 1 and "Traceback" not in out and "TCPStore" not in out, out[-3000:]
         assert errors[0].startswith(f"error: rendezvous at 127.0.0.1:{port} failed after"), errors[0]
@@ -245,7 +244,7 @@ def test_sigusr1_during_startup_checkpoints_first_step(data, reference, tmp_path
     finally:
         launcher.kill()
     assert any(early), "the signal was meant to arrive before torch was imported"
-    assert launcher.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert launcher.returncode == exits.PREEMPTED, out[-4000:]
     assert "preempted (SIGUSR1) at step 1:" in out
     assert newest_bundle(run_dir / "checkpoints").name == "step00000001"
     _resumes_exactly(run_dir, data, reference)
@@ -287,7 +286,7 @@ def test_sigterm_on_one_rank_then_signals_during_the_save(data, reference, tmp_p
         out = launcher.communicate(timeout=300)[0]
     finally:
         launcher.kill()
-    assert launcher.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert launcher.returncode == exits.PREEMPTED, out[-4000:]
     # rank 0 prints the summary: it got no signal itself, and stopped at the step where it learnt of rank 1's
     match = re.search(r"preempted \(signal on another rank\) at step (\d+):", out)
     assert match, out[-4000:]

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from data_prep.errors import UserError
 from pretrain import cli
 from pretrain.runtime import distributed as D
+from pretrain.runtime import exits
 from pretrain.runtime import signals as S
 from pretrain.training.config import preflight
 from pretrain.training.metrics import truncate_metrics
@@ -470,7 +471,7 @@ def test_preempt_then_resume_is_exact(zero_run, data, tmp_path):
     assert rank1, "rank 1 not found"
     os.kill(rank1[0], signal.SIGUSR1)
     out = proc.communicate(timeout=300)[0]
-    assert proc.returncode == S.PREEMPTED_EXIT_CODE, out[-4000:]
+    assert proc.returncode == exits.PREEMPTED, out[-4000:]
     assert "preempted (signal on another rank) at step" in out  # rank 0 prints; only rank 1 got the signal
     first = newest_bundle(run_dir / "checkpoints")
     stop_step = int(first.name[4:])

@@ -33,6 +33,7 @@ from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.prepare import Prepared, prepare
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
+from pretrain.runtime import exits
 from pretrain.runtime.signals import StopFlag
 from pretrain.training.data import bucket_by_length
 from pretrain.training.engine import Engine, resume_tag, start
@@ -236,7 +237,7 @@ def finetune(cfg: FinetuneConfig) -> int:
             _results(cfg, run_dir, history, metric, time.time() - t0, data.dropped)
         elif loop.status:
             print(f"{loop.status.replace('resume=auto continues', 'rerun the same command to resume')}", flush=True)
-    elif env.is_main and loop.code == 75:
+    elif env.is_main and loop.code == exits.PREEMPTED:
         print(f"{loop.status}; checkpoint {loop.last_ckpt}", flush=True)
     D.shutdown()
     return loop.code

@@ -29,12 +29,11 @@ from typing import TYPE_CHECKING, Any
 from packaging.version import Version
 
 from data_prep.errors import first_line
-from pretrain.runtime import deepspeed_env
+from pretrain.runtime import deepspeed_env, exits
 
 if TYPE_CHECKING:
     import torch
 
-LOST_RANK_EXIT_CODE = 69  # EX_UNAVAILABLE: a rank died, froze or never joined; rerun the same command to resume
 # ---------------------------------------------------------------------------------------------- launcher env
 
 
@@ -274,7 +273,7 @@ def set_failure_hint(hint: Callable[[], str]) -> None:
 
 
 def exit_lost_rank(message: str) -> None:
-    """Print ``error: <message>: <hint>`` once per process and exit LOST_RANK_EXIT_CODE at once: tearing down a
+    """Print ``error: <message>: <hint>`` once per process and exit ``exits.LOST_RANK`` at once: tearing down a
     process group whose peer is gone can block, and so can joining threads stuck in a collective."""
     with _exit_lock:  # the heartbeat thread and the main thread may both get here
         try:
@@ -283,7 +282,7 @@ def exit_lost_rank(message: str) -> None:
             tail = ""
         sys.stdout.flush()
         print(f"error: {message}{tail}", file=sys.stderr, flush=True)
-        os._exit(LOST_RANK_EXIT_CODE)
+        os._exit(exits.LOST_RANK)
 
 
 @contextmanager

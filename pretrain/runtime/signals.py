@@ -13,7 +13,6 @@ from pretrain.runtime.distributed import all_reduce
 if TYPE_CHECKING:
     import torch
 
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: checkpoint saved, requeue the job with the same run dir to continue
 PREEMPT_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 _early_signals: list[str] = []  # preemption signals that arrived before the trainer's StopFlag existed

@@ -2,20 +2,19 @@
 (``pretrain/finetune/loop.py``) both stand on, whatever the model, batches and evaluation: the DeepSpeed engine and
 where it resumes from, the optimizer step with gradient accumulation, the agreed non-finite skip/stop, checkpoint
 bundles (client state, data position, RNG) with retention, preemption (SIGUSR1/SIGTERM, the time limit) and the loss
-window of the log.
-
-Exit codes it decides: 3 stopped on non-finite losses (``trainer.max_nonfinite_steps`` in a row; nothing saved
-after the last good checkpoint), 75 preempted (a checkpoint was saved; the same command resumes).
+window of the log. It knows no model: a forward returns ``loss`` and, where the model names them, its
+``loss_parts``; a step is a typed ``StepResult``. It decides two exit codes (``pretrain.runtime.exits``):
+``NONFINITE`` and ``PREEMPTED``.
 
 Non-finite losses: the ranks agree on them once per step (one all-reduce, with the step's loss). A step with one
 is skipped: DeepSpeed's own overflow check skips it under fp16, bf16 and ZeRO 1-2 (turned on for fp32 too); under
 ZeRO-0 in fp32 (a plain client optimizer) its update is skipped here. Where neither holds (ZeRO-3 in bf16 or
 fp32) the update may have been applied, so the run stops at once rather than save suspect weights.
 
-Resumes (``resume=auto``: the newest complete checkpoint of the run dir; ``resume=PATH``: that checkpoint or run;
-``resume=none``: afresh) are exact: the data position comes back from the ``position`` object's state, the RNG
-states of every rank are restored, so the weights match an uninterrupted run (bit for bit on CPU). Another world
-size loads DeepSpeed's universal conversion of the bundle and keeps the data position in samples.
+Resumes (which bundle: ``pretrain.checkpoint.locate``, the one rule) are exact: the data position comes back from the
+``position`` object's state, the RNG states of every rank are restored, so the weights match an uninterrupted run (bit
+for bit on CPU). Another world size loads DeepSpeed's universal conversion of the bundle and keeps the data position in
+samples.
 """
 
 from __future__ import annotations
@@ -45,14 +44,14 @@ from pretrain.checkpoint.bundle import (
 )
 from pretrain.checkpoint.locate import newest_good, resume_from
 from pretrain.runtime import distributed as D
+from pretrain.runtime import exits
 from pretrain.runtime.deepspeed_env import import_deepspeed, release_shm_buffer
-from pretrain.runtime.signals import PREEMPTED_EXIT_CODE, StopFlag
+from pretrain.runtime.signals import StopFlag
 from pretrain.training.config import build_ds_config
 from pretrain.training.data import fork_rng, to_device
 from pretrain.training.metrics import MetricsLogger
 from pretrain.training.optim import build_optimizer, scheduler_factory
 
-NONFINITE_EXIT_CODE = 3
 SPIKE_HISTORY = 100  # running mean of the last this-many step losses, for trainer.loss_spike_factor
 
 
@@ -296,7 +295,7 @@ class Engine:
                 file=sys.stderr,
                 flush=True,
             )
-        self.loop.status, self.loop.code = f"stopped: non-finite loss at step {step}", NONFINITE_EXIT_CODE
+        self.loop.status, self.loop.code = f"stopped: non-finite loss at step {step}", exits.NONFINITE
 
     def close_window(self) -> dict[str, Any] | None:
         """Reduce the log window over ranks: the common part of a ``train`` record (None: only skipped steps)."""
@@ -337,7 +336,7 @@ class Engine:
         if preempted:
             reason = self.stop.signal_name or ("time limit" if over_time else "signal on another rank")
             loop.status = f"preempted ({reason}) at step {state.step}: resume=auto continues"
-            loop.code = PREEMPTED_EXIT_CODE
+            loop.code = exits.PREEMPTED
         elif stopping:
             loop.status = f"stopped at trainer.stop_at_step={state.step}: resume=auto continues"
         return bool(preempted or stopping)

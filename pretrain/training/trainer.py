@@ -4,11 +4,8 @@ which reads: resume, loop (step, log, evaluate, save, stop on signal), export, s
 (optimizer step, non-finite skip/stop, checkpoint bundles, preemption, resume) is
 ``pretrain/training/engine.py``, shared with fine-tuning; the log is ``pretrain/training/metrics.py``.
 
-Exit codes of ``train``: 0 finished (or stopped at ``trainer.stop_at_step``), 75 preempted (SIGUSR1/SIGTERM or
-``trainer.max_time_minutes``; a checkpoint was saved, requeue with the same run dir and ``resume=auto``), 3 stopped
-on non-finite losses (``trainer.max_nonfinite_steps`` in a row; nothing saved after the last good checkpoint).
-Data order and masks follow from the sampler position, so a resumed run matches an uninterrupted one (bit for bit
-on CPU).
+``train`` returns an exit code of ``pretrain.runtime.exits`` (DONE, PREEMPTED, NONFINITE). Data order and masks follow
+from the sampler position, so a resumed run matches an uninterrupted one (bit for bit on CPU).
 """
 
 from __future__ import annotations
