@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_prep.errors import UserError
-from pretrain.training.config import _run_slug, build_ds_config, gradient_accumulation_steps
+from pretrain.training.config import EngineConfig, _run_slug, build_ds_config, gradient_accumulation_steps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -40,7 +40,7 @@ def test_experiment_composes_to_valid_ds_config(experiment):
     OmegaConf.to_object(cfg)  # every field validates against the dataclass schema
     assert cfg.name == experiment
     world = {"tiny-cpu": 2, "demo-cpu": 1}.get(experiment, 8)  # CPU presets run on one or two ranks
-    ds = build_ds_config(cfg, world)
+    ds = build_ds_config(EngineConfig.of(cfg), world)
     t = cfg.trainer
     assert ds["train_batch_size"] == t.global_batch_size
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == t.global_batch_size
@@ -62,22 +62,22 @@ def test_experiment_values():
 @pytest.mark.parametrize("choice", DEEPSPEED)
 def test_deepspeed_choices(choice):
     cfg = _compose(f"deepspeed={choice}")
-    ds = build_ds_config(cfg, 2)
+    ds = build_ds_config(EngineConfig.of(cfg), 2)
     assert ds["zero_optimization"]["stage"] == int(choice[4])
     assert ("offload_optimizer" in ds["zero_optimization"]) == choice.endswith("offload")
 
 
 def test_gradient_accumulation_derived_and_checked():
     cfg = _compose("trainer.global_batch_size=64", "trainer.micro_batch_size=4")
-    assert gradient_accumulation_steps(cfg, 2) == 8
-    assert build_ds_config(cfg, 4)["gradient_accumulation_steps"] == 4
+    assert gradient_accumulation_steps(cfg.trainer, 2) == 8
+    assert build_ds_config(EngineConfig.of(cfg), 4)["gradient_accumulation_steps"] == 4
     with pytest.raises(UserError, match="global_batch_size=64 is not divisible"):
-        gradient_accumulation_steps(cfg, 3)
+        gradient_accumulation_steps(cfg.trainer, 3)
 
 
 def test_precision_and_clipping_single_source():
     cfg = _compose("trainer.precision=fp16", "optim.max_grad_norm=0.5")
-    ds = build_ds_config(cfg, 1)
+    ds = build_ds_config(EngineConfig.of(cfg), 1)
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and not ds["bf16"]["enabled"]
     assert ds["gradient_clipping"] == 0.5
 
@@ -88,7 +88,7 @@ def test_raw_json_wins_with_warning(tmp_path):
     cfg = _compose(f"deepspeed.config_file={raw}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = build_ds_config(cfg, 1)
+        ds = build_ds_config(EngineConfig.of(cfg), 1)
     assert ds["gradient_clipping"] == 2.0 and ds["zero_optimization"]["stage"] == 2 and ds["new_key"] == 1
     text = " ".join(str(w.message) for w in caught)
     assert "gradient_clipping=2.0" in text and "zero_optimization.stage=2" in text
@@ -121,13 +121,13 @@ def test_optimizer_section_follows_the_same_precedence(tmp_path):
     JSON wins over optim.*, with a warning naming each contradiction."""
     ours = {"type": "Lamb", "params": {"lr": 0.006, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.01}}
     cfg = _compose("optim=lamb")
-    assert build_ds_config(cfg, 1, ours)["optimizer"] == ours
+    assert build_ds_config(EngineConfig.of(cfg), 1, ours)["optimizer"] == ours
     raw = tmp_path / "ds.json"
     raw.write_text(json.dumps({"optimizer": {"type": "Lamb", "params": {"lr": 0.002}}}))
     cfg = _compose("optim=lamb", f"deepspeed.config_file={raw}")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = build_ds_config(cfg, 1, ours)
+        ds = build_ds_config(EngineConfig.of(cfg), 1, ours)
     assert ds["optimizer"]["params"]["lr"] == 0.002 and ds["optimizer"]["params"]["eps"] == 1e-6
     assert "optimizer.params.lr=0.002 (Hydra config: 0.006)" in " ".join(str(w.message) for w in caught)
 

@@ -97,24 +97,27 @@ def test_optimizer_choice_per_device(monkeypatch):
     rewriting an arch-specific TORCH_CUDA_ARCH_LIST that DeepSpeed's JIT cannot parse."""
     from pretrain.training.optim import build_optimizer
 
+    def _sections(cfg):  # what build_optimizer reads of a config
+        return cfg.optim, cfg.deepspeed.zero_optimization, cfg.trainer.precision
+
     model = torch.nn.Linear(4, 4)
-    opt, ds, _, desc = build_optimizer(_cfg(), model, on_cuda=True)
+    opt, ds, _, desc = build_optimizer(*_sections(_cfg()), model, on_cuda=True)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and ds is None
     assert desc == "AdamW: PyTorch fused (CUDA)"
-    opt, ds, _, desc = build_optimizer(_cfg("deepspeed=zero2_offload"), model, on_cuda=True)
+    opt, ds, _, desc = build_optimizer(*_sections(_cfg("deepspeed=zero2_offload")), model, on_cuda=True)
     assert opt is None and ds["type"] == "AdamW" and "offload" in desc
-    opt, ds, _, _ = build_optimizer(_cfg("optim.implementation=deepspeed"), model, on_cuda=True)
+    opt, ds, _, _ = build_optimizer(*_sections(_cfg("optim.implementation=deepspeed")), model, on_cuda=True)
     assert opt is None and ds["type"] == "AdamW"
-    opt, ds, _, desc = build_optimizer(_cfg("deepspeed=zero2_offload"), model, on_cuda=False)
+    opt, ds, _, desc = build_optimizer(*_sections(_cfg("deepspeed=zero2_offload")), model, on_cuda=False)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["fused"] and desc == "AdamW: PyTorch fused (CPU)"
 
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0a;10.0a+PTX")
     with pytest.warns(UserWarning, match="FusedLamb op does not build here"):
-        opt, ds, _, desc = build_optimizer(_cfg("optim=lamb"), model, on_cuda=True)
+        opt, ds, _, desc = build_optimizer(*_sections(_cfg("optim=lamb")), model, on_cuda=True)
     assert isinstance(opt, Lamb) and ds is None and desc == "LAMB: pure PyTorch"
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0;10.0+PTX"
     with pytest.raises(ValueError, match="optim.implementation=deepspeed but DeepSpeed's FusedLamb"):
-        build_optimizer(_cfg("optim=lamb", "optim.implementation=deepspeed"), model, on_cuda=True)
+        build_optimizer(*_sections(_cfg("optim=lamb", "optim.implementation=deepspeed")), model, on_cuda=True)
 
 
 def test_bert_schedule_warmup_then_polynomial():

@@ -35,6 +35,7 @@ from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime.signals import StopFlag
+from pretrain.training.config import EngineConfig
 from pretrain.training.data import bucket_by_length
 from pretrain.training.engine import Engine, resume_tag, start
 from pretrain.training.metrics import MetricsLogger
@@ -182,7 +183,7 @@ def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, P
     model.bert.encoder.checkpoint_layers = t.activation_checkpointing
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = MetricsLogger(cfg.logger, cfg.run_name, Path(cfg.run_dir).resolve(), env.is_main, config)
-    ds = start(cfg, env, model, device, tag, batches, stop, logger)
+    ds = start(EngineConfig.of(cfg), env, model, device, tag, batches, stop, logger)
     if tag is None and env.is_main:
         what = "a randomly initialised encoder" if cfg.random_init else src.describe()
         print(f"fine-tuning {what}: {cfg.task.kind}, {len(data.train):,} training and {len(data.val):,} validation "

@@ -29,7 +29,7 @@ from pretrain.checkpoint.weights import pretraining_model
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import preflight
+from pretrain.training.config import EngineConfig, preflight
 from pretrain.training.data import Batches, build_dataloader, real_lengths
 from pretrain.training.engine import start
 from pretrain.training.metrics import mfu as model_flops_utilisation
@@ -190,7 +190,8 @@ def run(cfg: Any, env: Any) -> list[str]:
                                            masking=cfg.data.masking, bucket=cfg.data.bucket,
                                            pack=cfg.data.pack and name == "ours")  # fmt: skip
         # the reference runs as its users run it: eager
-        ds = start(cfg, env, model, device, None, sampler, stop, record=False, compile=t.compile and name == "ours")
+        compile = t.compile and name == "ours"
+        ds = start(EngineConfig.of(cfg), env, model, device, None, sampler, stop, record=False, compile=compile)
         runners.append(Runner(name, ds, Batches(loader, sampler, device)))  # drawn as training draws them
     for i in range(b.warmup + b.steps):  # interleaved: drift and noise hit both alike
         for r in runners:

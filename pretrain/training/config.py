@@ -189,6 +189,29 @@ class TrainerConfig(LoopConfig):
 
 
 @dataclass
+class EngineConfig:
+    """The sections of a run's configuration the engine reads, and nothing else of it: pretraining and fine-tuning
+    both hold them under these names (``of``)."""
+
+    loop: LoopConfig
+    """The loop settings (``trainer``)."""
+    optim: OptimConfig
+    """The optimizer (``optim``)."""
+    scheduler: SchedulerConfig
+    """The learning-rate schedule (``scheduler``)."""
+    deepspeed: DeepSpeedSection
+    """ZeRO and raw DeepSpeed settings (``deepspeed``)."""
+    run_dir: str
+    """Where checkpoints and metrics go."""
+    verbose: bool = False
+    """Show DeepSpeed's own messages."""
+
+    @classmethod
+    def of(cls, cfg: Any) -> EngineConfig:
+        return cls(cfg.trainer, cfg.optim, cfg.scheduler, cfg.deepspeed, cfg.run_dir, cfg.verbose)
+
+
+@dataclass
 class BenchConfig:
     warmup: int = 3
     """Untimed steps first (allocations, kernel selection, the loader's first batches)."""
@@ -302,8 +325,7 @@ register_configs()
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def gradient_accumulation_steps(cfg: Any, world_size: int) -> int:
-    t = cfg.trainer
+def gradient_accumulation_steps(t: LoopConfig, world_size: int) -> int:
     if not isinstance(t.micro_batch_size, int) or isinstance(t.micro_batch_size, bool):
         raise UserError(f"trainer.micro_batch_size={t.micro_batch_size!r}: give a positive integer or auto")
     per_step = t.micro_batch_size * world_size
@@ -333,18 +355,18 @@ def _merge(base: dict, over: dict) -> dict:
     return base
 
 
-def build_ds_config(cfg: Any, world_size: int, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
+def build_ds_config(cfg: EngineConfig, world_size: int, optimizer: dict[str, Any] | None = None) -> dict[str, Any]:
     """DeepSpeed's JSON config generated from the Hydra config, ``deepspeed.extra`` merged in, then
     ``deepspeed.config_file`` on top: the one precedence rule, for every section. ``optimizer`` is the
     ``"optimizer"`` section where DeepSpeed builds the optimizer itself
     (``pretrain.training.optim.build_optimizer``)."""
-    t, ds = cfg.trainer, cfg.deepspeed
+    t, ds = cfg.loop, cfg.deepspeed
     if t.precision not in PRECISIONS:
         raise UserError(f"trainer.precision={t.precision!r}: use one of {', '.join(PRECISIONS)}")
     out: dict[str, Any] = {
         "train_batch_size": t.global_batch_size,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": gradient_accumulation_steps(cfg, world_size),
+        "gradient_accumulation_steps": gradient_accumulation_steps(t, world_size),
         "gradient_clipping": float(cfg.optim.max_grad_norm),
         "bf16": {"enabled": t.precision == "bf16"},
         "fp16": {
@@ -450,8 +472,8 @@ def preflight(
         raise UserError(f"trainer.precision={cfg.trainer.precision!r}: use one of {', '.join(PRECISIONS)}")
     if not isinstance(cfg.trainer.max_steps, int) or cfg.trainer.max_steps < 1:
         raise UserError(f"trainer.max_steps={cfg.trainer.max_steps}: give the optimizer steps to train (>= 1)")
-    gradient_accumulation_steps(cfg, world_size)
-    build_ds_config(cfg, world_size)  # a bad deepspeed.config_file fails here, before any work
+    gradient_accumulation_steps(cfg.trainer, world_size)
+    build_ds_config(EngineConfig.of(cfg), world_size)  # a bad deepspeed.config_file fails here, before any work
     if cfg.trainer.phase == 2 and not cfg.trainer.init_from:
         warnings.warn("trainer.phase=2 without trainer.init_from: phase 2 starts from random weights", stacklevel=2)
     info = inspect_data(cfg.data.dir, cfg.data.verify)

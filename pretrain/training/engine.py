@@ -47,7 +47,7 @@ from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import build_ds_config
+from pretrain.training.config import EngineConfig, build_ds_config
 from pretrain.training.data import fork_rng, to_device
 from pretrain.training.metrics import MetricsLogger
 from pretrain.training.optim import build_optimizer, scheduler_factory
@@ -80,12 +80,15 @@ def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | N
     return tag
 
 
-def engine_config(cfg: Any, model: torch.nn.Module, world_size: int, cuda: bool) -> tuple[Any, list, Any, dict, str]:
+def engine_config(
+    cfg: EngineConfig, model: torch.nn.Module, world_size: int, cuda: bool
+) -> tuple[Any, list, Any, dict, str]:
     """The optimizer, schedule and DeepSpeed config of ``model`` as training builds them: (client optimizer or
     None, param groups, the LR scheduler factory, the DeepSpeed JSON under the one precedence rule, a description
     of the optimizer)."""
-    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg, model, cuda)
-    schedule = scheduler_factory(cfg)
+    zero = cfg.deepspeed.zero_optimization
+    client_opt, ds_opt, groups, opt_desc = build_optimizer(cfg.optim, zero, cfg.loop.precision, model, cuda)
+    schedule = scheduler_factory(cfg.scheduler, cfg.loop.max_steps)
     ds_config = build_ds_config(cfg, world_size, ds_opt)  # repeated warnings are shown once
     if client_opt is not None and "optimizer" in ds_config:  # the raw JSON names one: it wins, as every value does
         client_opt, opt_desc = None, f"{ds_config['optimizer'].get('type')}: DeepSpeed, from deepspeed.config_file"
@@ -170,7 +173,7 @@ class LoopState:
 class Engine:
     """A DeepSpeed engine and the loop machinery around it: built by ``start``, driven by a trainer's loop."""
 
-    cfg: Any  # a config with trainer, optim, scheduler, deepspeed, logger sections and seed, run_dir, resume
+    cfg: EngineConfig  # the run's sections the engine reads
     env: Any
     device: torch.device
     engine: Any  # deepspeed.DeepSpeedEngine
@@ -258,7 +261,7 @@ class Engine:
     def book(self, result: StepResult) -> tuple[bool, float | None]:
         """Book a finished step: the counters, the log window, skipped steps and non-finite streaks. Returns
         (stop the run now, the step's loss averaged over micro-batches and ranks; None for a skipped step)."""
-        state, t, engine, loop, nonfinite = self.state, self.cfg.trainer, self.engine, self.loop, result.nonfinite
+        state, t, engine, loop, nonfinite = self.state, self.cfg.loop, self.engine, self.loop, result.nonfinite
         state.step, state.epoch, loop.job_steps = state.step + 1, self.position.epoch, loop.job_steps + 1
         applied = engine.was_step_applied() and not nonfinite
         self.window.add(result, self.accum, applied=applied)
@@ -299,7 +302,7 @@ class Engine:
 
     def close_window(self) -> dict[str, Any] | None:
         """Reduce the log window over ranks: the common part of a ``train`` record (None: only skipped steps)."""
-        t, state = self.cfg.trainer, self.state
+        t, state = self.cfg.loop, self.state
         rec, tokens = self.window.close(D.all_reduce, t.global_batch_size)
         state.tokens += tokens
         self.loop.job_tokens += tokens
@@ -319,7 +322,7 @@ class Engine:
     def checkpoint(self, extra: dict[str, Any] | None = None) -> Path:
         """Save a bundle now: the engine's files and the client state (counters, every rank's data position and
         RNG, the resolved config, the W&B id, a trainer's ``extra`` keys)."""
-        t = self.cfg.trainer
+        t = self.cfg.loop
         client = client_state(self.state, self.position, self.logger.config, self.logger.wandb_id, extra or {})
         self.loop.last_ckpt = save(self.engine, self.ckpt_root, client, t.keep_last)
         return self.loop.last_ckpt
@@ -327,7 +330,7 @@ class Engine:
     def save_or_stop(self, due: bool, extra: dict[str, Any] | None = None) -> bool:
         """Checkpoint when ``due``, on preemption (a signal, or the time limit on any rank) and at
         ``trainer.stop_at_step``. True: leave the loop (``loop.code`` 75 when preempted)."""
-        t, state, loop = self.cfg.trainer, self.state, self.loop
+        t, state, loop = self.cfg.loop, self.state, self.loop
         over_time = t.max_time_minutes is not None and (time.time() - loop.t_start) / 60 > t.max_time_minutes
         preempted = self.stop.agreed(over_time, self.device)  # every rank takes the same decision
         stopping = t.stop_at_step is not None and t.stop_at_step <= state.step < t.max_steps
@@ -344,7 +347,7 @@ class Engine:
     def fp32_state_dict(self, tag: Path | None) -> dict[str, torch.Tensor]:
         """The model's fp32 weights: the engine's module where it holds them whole (ZeRO-0 in fp32), else the
         master weights of checkpoint ``tag`` (bf16/fp16 modules, ZeRO-3's partitioned parameters)."""
-        if self.engine.zero_optimization_stage() == 0 and self.cfg.trainer.precision == "fp32":
+        if self.engine.zero_optimization_stage() == 0 and self.cfg.loop.precision == "fp32":
             return self.engine.module.state_dict()
         return fp32_weights(tag)
 
@@ -360,15 +363,15 @@ class Engine:
         return model
 
 
-def start(cfg: Any, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None, position: Position,
-          stop: StopFlag, logger: MetricsLogger | None = None, record: bool = True,
+def start(cfg: EngineConfig, env: Any, model: torch.nn.Module, device: torch.device, tag: Path | None,
+          position: Position, stop: StopFlag, logger: MetricsLogger | None = None, record: bool = True,
           compile: bool | None = None) -> Engine:  # fmt: skip
     """The DeepSpeed engine of ``model`` (its optimizer, schedule, ZeRO stage and precision from ``cfg``), resumed
     from checkpoint ``tag`` when given (``resume_tag``): weights, optimizer, schedule, counters, data position
     and RNG. With ``record``, the run dir's ``ds_config.json`` records the DeepSpeed config actually used.
     ``compile``: ``engine.compile()`` (default: ``trainer.compile``). ``logger`` (none: nothing is logged) is
     opened at the step the run resumes from; the resolved config it holds goes into every checkpoint."""
-    t = cfg.trainer
+    t = cfg.loop
     deepspeed = import_deepspeed(cfg.verbose)
     client_opt, groups, schedule, ds_config, opt_desc = engine_config(cfg, model, env.world_size, device.type == "cuda")
     if env.is_main and record:

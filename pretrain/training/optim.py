@@ -108,13 +108,16 @@ def _apex_lamb():
     return FusedLAMB
 
 
-def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dict | None, list, str]:
+def build_optimizer(
+    o: Any, zero: dict[str, Any], precision: str, model: nn.Module, on_cuda: bool
+) -> tuple[Any, dict | None, list, str]:
     """``(client_optimizer or None, DeepSpeed "optimizer" section or None, param groups, description)``.
 
     Exactly one of the first two is set: DeepSpeed builds its fused optimizers itself from the config section
     (and then picks CPU Adam under ZeRO offload); client optimizers are handed to ``deepspeed.initialize``.
+    ``o``: the ``optim`` section; ``zero``: DeepSpeed's ``zero_optimization`` section; ``precision``:
+    ``trainer.precision``.
     """
-    o = cfg.optim
     groups = param_groups(model, o.weight_decay)
     betas = tuple(float(b) for b in o.betas)
     impl = o.implementation
@@ -142,14 +145,14 @@ def build_optimizer(cfg: Any, model: nn.Module, on_cuda: bool) -> tuple[Any, dic
                 f"DeepSpeed's FusedLamb op does not build here ({error}): pure PyTorch LAMB instead", stacklevel=2
             )
         label = "pure PyTorch" if impl == "torch" or on_cuda else "pure PyTorch (CPU fallback)"
-        if cfg.deepspeed.zero_optimization.get("stage", 0) > 0 or cfg.trainer.precision != "fp32":
+        if zero.get("stage", 0) > 0 or precision != "fp32":
             warnings.warn(
                 "LAMB under ZeRO or bf16/fp16 sees flattened partitions: its trust ratio is per partition, "
                 "not per layer (use deepspeed=zero0 with fp32, or a GPU with DeepSpeed/apex LAMB)",
                 stacklevel=2,
             )
         return Lamb(groups, lr=o.lr, betas=betas, eps=o.eps), None, groups, f"LAMB: {label}"
-    offload = cfg.deepspeed.zero_optimization.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+    offload = zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
     if on_cuda and (offload or impl == "deepspeed"):  # DeepSpeed builds CPU Adam (offload) or its fused Adam
         desc = "AdamW: DeepSpeed CPU Adam (ZeRO offload)" if offload else "AdamW: DeepSpeed fused Adam"
         return None, {"type": "AdamW", "params": ds_params}, groups, desc
@@ -186,16 +189,16 @@ def lr_lambda(max_steps: int, warmup_steps: int, power: float, min_lr_ratio: flo
     return f
 
 
-def warmup_steps(cfg: Any) -> int:
-    s = cfg.scheduler
-    return int(s.warmup_steps) if s.warmup_steps is not None else int(math.ceil(s.warmup_ratio * cfg.trainer.max_steps))
+def warmup_steps(s: Any, max_steps: int) -> int:
+    """Warm-up steps of the ``scheduler`` section ``s`` in a run of ``max_steps``."""
+    return int(s.warmup_steps) if s.warmup_steps is not None else int(math.ceil(s.warmup_ratio * max_steps))
 
 
-def scheduler_factory(cfg: Any) -> Callable[[torch.optim.Optimizer], LambdaLR]:
-    """A callable for ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it wraps."""
-    s = cfg.scheduler
+def scheduler_factory(s: Any, max_steps: int) -> Callable[[torch.optim.Optimizer], LambdaLR]:
+    """A callable for ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it wraps.
+    ``s``: the ``scheduler`` section."""
     if s.name not in ("bert", "linear"):
         raise ValueError(f"scheduler.name={s.name!r}: use bert or linear")
     power = 1.0 if s.name == "linear" else float(s.power)
-    fn = lr_lambda(cfg.trainer.max_steps, warmup_steps(cfg), power, float(s.min_lr_ratio))
+    fn = lr_lambda(max_steps, warmup_steps(s, max_steps), power, float(s.min_lr_ratio))
     return lambda optimizer: LambdaLR(optimizer, fn)

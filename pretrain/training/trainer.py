@@ -30,7 +30,7 @@ from pretrain.checkpoint.weights import continue_from, pretraining_model
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import Config, preflight
+from pretrain.training.config import Config, EngineConfig, preflight
 from pretrain.training.data import Batches, build_dataloader
 from pretrain.training.engine import Engine, StepResult, resume_tag, spike_mean, start
 from pretrain.training.metrics import (
@@ -137,7 +137,7 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     unigram_id = most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1
     cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
     logger = MetricsLogger(cfg.logger, cfg.run_name, run_dir, env.is_main, cfg_dict, pair=cfg.data.pair_task)
-    ds = start(cfg, env, model, device, tag, sampler, stop, logger)
+    ds = start(EngineConfig.of(cfg), env, model, device, tag, sampler, stop, logger)
     if tag is None and t.init_from and env.is_main:
         print(f"phase {t.phase}: weights from {t.init_from}; optimizer, schedule and step start afresh", flush=True)
     flops, peak = model.flops_per_token(t.max_seq_length), peak_tflops(t.peak_tflops, device)
