@@ -38,7 +38,7 @@ from pretrain.training.config import register_configs  # noqa: E402
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(ROOT) / "conf"), config_name="config")
 def main(cfg: DictConfig) -> None:
     cli.run_entry(lambda: _bench(cfg))
 
@@ -59,7 +59,8 @@ def _bench(cfg: DictConfig) -> int:
     return 0
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-benchmark`` (pyproject.toml) and ``python launch/benchmark.py``."""
     if any(a in ("--help", "-h") for a in sys.argv[1:]):
         print(__doc__, end="")
         sys.exit(0)
@@ -68,3 +69,7 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -60,5 +60,10 @@ def main(argv: list[str]) -> int:
     return guard(run)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-embed`` (pyproject.toml) and ``python launch/embed.py``."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

@@ -46,5 +46,10 @@ def main(argv: list[str]) -> int:
     return guard(lambda: predict(a.model, a.texts, a.top_k))
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-fill-mask`` (pyproject.toml) and ``python launch/fill_mask.py``."""
     sys.exit(main(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    run()

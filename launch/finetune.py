@@ -47,7 +47,7 @@ from pretrain.finetune.config import register  # noqa: E402
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="finetune")
+@hydra.main(version_base="1.3", config_path=str(Path(ROOT) / "conf"), config_name="finetune")
 def main(cfg: DictConfig) -> None:
     cli.run_entry(lambda: _run(cfg), lambda: cli.resume_hint(Path(cfg.run_dir).resolve()))
 
@@ -69,9 +69,14 @@ def _run(cfg: DictConfig) -> int:
     return predict(config) if config.mode == "predict" else finetune(config)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-finetune`` (pyproject.toml) and ``python launch/finetune.py``."""
     problem = cli.check_overrides(Path(ROOT) / "conf", "finetune", "pretrain/finetune/config.py")
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -27,7 +27,7 @@ from pretrain.cli import check_overrides, help_text, run_entry  # noqa: E402  (l
 ConfigStore.instance().store(name="prepare_data_schema", node=PrepareConfig)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="prepare_data")
+@hydra.main(version_base="1.3", config_path=str(Path(ROOT) / "conf"), config_name="prepare_data")
 def main(cfg: DictConfig) -> None:
     logging.getLogger("data_prep").setLevel(logging.INFO)
 
@@ -38,7 +38,8 @@ def main(cfg: DictConfig) -> None:
     run_entry(run, lambda: "completed parts and shards are kept; rerun the same command to finish")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-prepare-data`` (pyproject.toml) and ``python launch/prepare_data.py``."""
     if any(a in ("--help", "-h") for a in sys.argv[1:]):  # the data-prep options, not Hydra's list of conf/ groups
         print(help_text(__doc__, PrepareConfig), end="")
         sys.exit(0)
@@ -47,3 +48,7 @@ if __name__ == "__main__":
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run()

@@ -55,7 +55,7 @@ from pretrain.training.config import register_configs  # noqa: E402
 register_configs()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(Path(ROOT) / "conf"), config_name="config")
 def main(cfg: DictConfig) -> None:
     cli.run_entry(lambda: _train(cfg), lambda: cli.resume_hint(Path(cfg.run_dir).resolve()))
 
@@ -87,10 +87,15 @@ def _train(cfg: DictConfig) -> int:
     return train(config)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-pretrain`` (pyproject.toml) and ``python launch/pretrain.py``."""
     # before Hydra's own report
     problem = cli.check_overrides(Path(ROOT) / "conf", "config", "pretrain/training/config.py")
     if problem:
         print(f"error: {problem}", file=sys.stderr, flush=True)
         sys.exit(2)
     main()
+
+
+if __name__ == "__main__":
+    run()

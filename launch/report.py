@@ -122,5 +122,10 @@ def provenance(run_dir: str) -> str:
             f"python launch/pretrain.py {command}")  # fmt: skip
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The console script ``bert-report`` (pyproject.toml) and ``python launch/report.py``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()
