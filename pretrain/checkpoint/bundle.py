@@ -32,7 +32,8 @@ import torch
 import torch.distributed as dist
 
 from data_prep.atomic import fsync_dir, write_json
-from data_prep.errors import UserError
+from data_prep.errors import UserError, first_line
+from pretrain.checkpoint import safe_load
 from pretrain.runtime import distributed as D
 
 CHECKPOINT_FORMAT = 2  # 2: COMPLETE lists every file's size and sha256; 1: no file list (nothing to verify)
@@ -193,13 +194,23 @@ def checkpoint_step(tag: Path) -> int:
 
 
 def fp32_weights(tag: Path) -> dict[str, torch.Tensor]:
-    try:  # ZeRO checkpoints (and bf16): the fp32 master weights, whatever the stage and world size
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if not any(tag.glob("*_optim_states.pt")):  # no ZeRO optimizer partitions: the module's are the master weights
+        states = tag / "mp_rank_00_model_states.pt"
+        if not states.is_file():
+            raise UserError(f"{tag}: no *_optim_states.pt and no {states.name}; not a complete checkpoint")
+        sd = safe_load.load_file(states)
+        if stage := safe_load.zero_stage(sd):  # its fp32 weights were in the optimizer partitions that are missing
+            raise UserError(
+                f"{tag}: a ZeRO-{stage} checkpoint without its *_optim_states.pt files; give a complete one"
+            )
+        return {k: v.float() for k, v in sd["module"].items()}
+    safe_load.check_bundle(tag)  # DeepSpeed's loader unpickles with weights_only=False: only allowed types reach it
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    try:  # ZeRO 1-3 (and bf16): the fp32 master weights, whatever the stage and world size
         return get_fp32_state_dict_from_zero_checkpoint(str(tag.parent), tag=tag.name)
-    except Exception:  # stage 0 without a ZeRO optimizer: the module weights are the master weights
-        sd = torch.load(tag / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
-        return {k: v.float() for k, v in sd.items()}
+    except (ValueError, KeyError, OSError, RuntimeError) as e:  # a rank's partition missing, another layout
+        raise UserError(f"{tag}: DeepSpeed cannot gather its fp32 weights ({first_line(e)[:200]})") from None
 
 
 def client_state(

@@ -18,6 +18,7 @@ import torch
 
 from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
+from pretrain.checkpoint import safe_load
 from pretrain.models.bert import TIED_ALIASES, BertConfig, BertForPreTraining
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/checkpoint/hf.py
@@ -36,7 +37,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if (path / "model.safetensors.index.json").is_file():  # sharded checkpoint
         shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
         return {k: v for s in shards for k, v in load_file(path / s).items()}
-    return torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    return safe_load.load_file(path / "pytorch_model.bin", deepspeed=False)  # weights only, or one UserError
 
 
 def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

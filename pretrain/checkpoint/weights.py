@@ -24,6 +24,7 @@ import torch
 
 from data_prep.errors import UserError
 from data_prep.vocab import read_vocab
+from pretrain.checkpoint import safe_load
 from pretrain.checkpoint.bundle import check_format, checkpoint_step, fp32_weights
 from pretrain.checkpoint.hf import ROOT, load_hf, vocabulary, weight_keys
 from pretrain.checkpoint.locate import resolve
@@ -141,7 +142,7 @@ def _client_state(tag: Path) -> dict:
     if not files:
         raise UserError(f"{tag}: no DeepSpeed model states (*model_states.pt); not a checkpoint of this trainer")
     try:
-        return torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        return safe_load.load_file(files[0], mmap=True)  # weights only: a refused pickle is one UserError
     except (RuntimeError, OSError, EOFError, ValueError) as e:  # truncated or overwritten mid-copy
         why = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:200]
         raise UserError(f"{files[0]}: unreadable ({why}); the checkpoint is damaged, give an older one") from None
