@@ -30,9 +30,9 @@ from tqdm import tqdm
 
 from data_prep.atomic import AtomicFile, write_text
 from data_prep.config import PrepareConfig, task_dir
+from data_prep.corpora import Unit, expand_units, input_files, iter_unit_documents, parse_input
 from data_prep.errors import DataPrepError
 from data_prep.procs import die_with_parent
-from data_prep.readers import Unit, expand_units, input_files, iter_unit_documents, parse_input
 from data_prep.report import Report
 from data_prep.sentences import RawDoc, clean_document, split_sentences
 from data_prep.store import sha256_file

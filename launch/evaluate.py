@@ -19,7 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
 from pretrain.cli import guard  # noqa: E402
-from pretrain.tools.evaluate import DEFAULT_SEED, run_evaluate  # noqa: E402
+from pretrain.tools.evaluate import run_evaluate  # noqa: E402
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -37,7 +37,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--split", default="validation", help="split of --data to evaluate (default: validation)")
     p.add_argument("--batches", type=int, default=None, metavar="N", help="at most N batches (default: all)")
     p.add_argument("--batch-size", type=int, default=32, metavar="B", help="samples per batch (default: 32)")
-    p.add_argument("--seed", type=int, default=DEFAULT_SEED, help=f"masking seed (default: {DEFAULT_SEED})")
+    p.add_argument("--seed", type=int, default=None, help="masking seed (default: the run's own seed, else 1234)")
     p.add_argument("--max-seq-length", type=int, default=None, metavar="L",
                    help="sample length for --text (default: the run's, else 128)")  # fmt: skip
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda where there is one)")

@@ -12,9 +12,7 @@ Groups (conf/): finetune (classification, regression, ner, qa; presets sst2, mrp
 scheduler, deepspeed, logger; fields documented in pretrain/finetune/config.py. After each epoch the validation
 metric is logged; the best model is kept in RUN_DIR/best (a Hugging Face directory), results in
 RUN_DIR/results.json and a row of results.md beside the run dir. resume=auto continues a stopped run.
-Exit codes (one ``error:`` line each, no traceback): 0 done (or stopped at trainer.stop_at_step), 2 a
-configuration, data or disk mistake, 3 stopped on non-finite losses, 69 a rank is missing, 75 preempted
-(SIGUSR1/SIGTERM or trainer.max_time_minutes: checkpoint saved, the same command resumes), 130 interrupted.
+Each failure is one ``error:`` line, no traceback, and an exit code from the table in docs/architecture.md.
 """
 
 from __future__ import annotations

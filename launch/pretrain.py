@@ -9,18 +9,8 @@ Config groups (conf/): model, data, optim, scheduler, deepspeed, trainer, logger
 in pretrain/training/config.py. The run dir is ``runs/<name>[,<overrides>]`` (or ``run_dir=...``), the same on
 every rank, so a requeued job with the same command resumes (``resume=auto``, the default).
 
-Exit codes (each failure is one ``error:`` line on stderr, no traceback):
-  0   done (or stopped at trainer.stop_at_step).
-  2   configuration or data mistake: an unknown option (with the close match), a bad value, a missing group
-      option, a wrong data.dir, a vocabulary or batch-size mismatch; found before any work.
-  69  a rank is missing: one died, froze or its node went away mid-run (named, from the heartbeats the ranks
-      keep in the rendezvous store), or a rank never joined the rendezvous at MASTER_ADDR:MASTER_PORT. Both are
-      bounded by trainer.collective_timeout_minutes (a killed rank is seen at once, a frozen one after it).
-      The last complete checkpoint is kept; rerun the same command to resume.
-  75  preempted (SIGUSR1/SIGTERM on any rank, or trainer.max_time_minutes): every rank checkpointed, requeue to
-      continue. A signal that arrives during start-up (even while torch is still importing) is kept: the run
-      does its first step, checkpoints it and exits 75; further signals during the save change nothing.
-  130 interrupted (Ctrl-C).
+Each failure is one ``error:`` line on stderr, no traceback, and a documented exit code (0 done, 2 a mistake found
+before any work, 75 preempted: requeue; the table is in docs/architecture.md, the codes in pretrain/runtime/exits.py).
 """
 
 from __future__ import annotations

@@ -286,7 +286,7 @@ def small_vocab(path: Path, specials_first: bool = False) -> Path:
 def read_documents(spec, **overrides):
     """The documents a reader yields for an input spec, and its Report (``strict`` and ``hf`` loader in overrides)."""
     from data_prep.config import PrepareConfig
-    from data_prep.readers import expand_units, iter_unit_documents
+    from data_prep.corpora import expand_units, iter_unit_documents
     from data_prep.report import Report
 
     report = Report(strict=overrides.pop("strict", False))

@@ -12,8 +12,8 @@ import pytest
 from data_prep.store import LENGTH, NSP_LABEL
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.tools.benchmark import hf_model, synthetic_data
-from pretrain.training.config import inspect_data
 from pretrain.training.metrics import mfu
+from pretrain.training.preflight import inspect_data
 from tests.helpers import ROOT, run_env
 
 KW = dict(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)

@@ -11,7 +11,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from data_prep.errors import UserError
-from pretrain.training.config import EngineConfig, _run_slug, build_ds_config, gradient_accumulation_steps
+from pretrain.training.config import EngineConfig, _run_slug
+from pretrain.training.ds_config import build_ds_config, gradient_accumulation_steps
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))

@@ -88,7 +88,7 @@ def test_zero_stages_0_1_2_train_alike(group, data, tmp_path):
     for stage in (0, 1, 2):
         ds, batches = _engine(group, data, tmp_path / f"zero{stage}", stage=stage, max_steps=12)
         losses[stage] = _train(ds, batches, 12)
-        assert ds.engine.zero_optimization_stage() == stage
+        assert ds.zero_stage == stage
         rec = ds.close_window()
         assert rec["kind"] == "train" and rec["loss"] > 0 and rec["mlm_loss"] > 0 and rec["nsp_loss"] > 0
         assert "padded_tokens_per_s" not in rec

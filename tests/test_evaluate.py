@@ -19,9 +19,10 @@ from data_prep.store import SplitReader
 from data_prep.vocab import read_vocab
 from pretrain.checkpoint.hf import export_hf
 from pretrain.checkpoint.weights import load_model
+from pretrain.models.bert import IGNORE_INDEX
 from pretrain.tools.evaluate import evaluate_model, run_evaluate
 from pretrain.training.data import build_dataloader
-from pretrain.training.masking import IGNORE_INDEX, MaskingConfig
+from pretrain.training.masking import MaskingConfig
 from pretrain.training.scores import most_frequent_token, token_counts
 from tests.helpers import ROOT, SMALL, TINY_EVAL_BATCHES, TINY_MICRO, make_data, run_env, run_main, tiny_corpus
 

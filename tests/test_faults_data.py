@@ -15,8 +15,8 @@ import pytest
 
 from data_prep.errors import UserError
 from data_prep.store import Shard, ShardError, sha256_file, verify_data
-from pretrain.training.config import inspect_data
 from pretrain.training.data import ShardDataset
+from pretrain.training.preflight import inspect_data
 from tests.helpers import LAUNCH, ROOT, SMALL, make_data, run_env
 
 pytestmark = pytest.mark.faults

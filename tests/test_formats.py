@@ -14,7 +14,7 @@ from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import MANIFEST_VERSION, Manifest, read_manifest, write_manifest
 from data_prep.vocab import SPECIALS, read_vocab, special_ids
 from pretrain.checkpoint.bundle import CHECKPOINT_FORMAT, check_format
-from pretrain.training.config import inspect_data
+from pretrain.training.preflight import inspect_data
 from tests.helpers import make_data
 
 

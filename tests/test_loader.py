@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from data_prep.store import INDEX_COLUMNS, write_shard
+from pretrain.models.bert import IGNORE_INDEX
 from pretrain.training.data import ResumableDistributedSampler, ShardDataset, build_dataloader
-from pretrain.training.masking import IGNORE_INDEX, MaskingConfig
+from pretrain.training.masking import MaskingConfig
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(300)] + [f"##p{i}" for i in range(50)]
 CLS, SEP = 2, 3

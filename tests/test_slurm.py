@@ -151,7 +151,7 @@ def test_cluster_runs_a_two_task_job(slurm_cluster: SlurmCluster, tmp_path: Path
     assert (info.state, info.exit_code) == ("FAILED", 3)
 
 
-# Stands in for the trainer behind PYTHON=: `-c` (the script's PREEMPTED_EXIT_CODE look-up) goes to the real
+# Stands in for the trainer behind PYTHON=: `-c` (the look-up of exits.PREEMPTED) goes to the real
 # interpreter; `launch/pretrain.py ...` waits for SIGUSR1 and exits 75 in the first run, exits 0 once requeued,
 # or exits FAKE_EXIT at once when that is set.
 FAKE_TRAINER = """#!{python}

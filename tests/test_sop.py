@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from pretrain.models.bert import IGNORE_INDEX
 from pretrain.training.data import ShardDataset, build_dataloader
-from pretrain.training.masking import IGNORE_INDEX, MaskingCollator, sample_keys
+from pretrain.training.masking import MaskingCollator, sample_keys
 from tests.helpers import CLS_ID, MASKING_VOCAB, ROOT, SEP_ID, SMALL, make_sample, run_env
 
 

@@ -22,9 +22,9 @@ from pretrain import cli
 from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime import signals as S
-from pretrain.training.config import preflight
 from pretrain.training.metrics import truncate_metrics
 from pretrain.training.optim import Lamb, lr_lambda, param_groups
+from pretrain.training.preflight import preflight
 from tests.helpers import (
     LAUNCH,
     ROOT,

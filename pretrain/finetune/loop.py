@@ -4,7 +4,7 @@ the optimizer step with accumulation, the non-finite skip/stop, checkpoint bundl
 the data position and RNG, preemption with exit 75, resume=auto|PATH|none, another world size, the time limit,
 retention, the averaged loss window) and evaluated by the one evaluation pass (``pretrain/training/scores.py``).
 
-Reads top to bottom: ``TaskBatches`` (the data position), ``evaluate``, ``setup``, ``finetune`` (steps, the
+Reads top to bottom: ``TaskBatches`` (the data position), ``score_validation``, ``setup``, ``finetune`` (steps, the
 epoch's evaluation, checkpoint and best model, results). Data order is a permutation seeded by (seed, epoch) cut
 into global batches, so the position (epoch, steps done in it) means the same samples for any number of ranks
 and a resumed run ends with the weights of an uninterrupted one.
@@ -39,7 +39,7 @@ from pretrain.training.config import EngineConfig
 from pretrain.training.data import bucket_by_length
 from pretrain.training.engine import Engine, resume_tag, start
 from pretrain.training.metrics import MetricsLogger
-from pretrain.training.scores import evaluate as evaluation_pass
+from pretrain.training.scores import evaluation_pass
 
 GROUP_STEPS = 50  # global batches sorted together by length (group_by_length)
 
@@ -104,11 +104,8 @@ class TaskBatches:
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.step, self._micro = int(state["epoch"]), int(state["step"]), 0
 
-    def set_epoch(self, epoch: int) -> None:
-        pass  # the position carries its own epoch (the counters' epoch is the one booked before an epoch ends)
 
-
-def evaluate(ds: Engine, data: Prepared, batch: int) -> dict[str, float]:
+def score_validation(ds: Engine, data: Prepared, batch: int) -> dict[str, float]:
     """Logits of every validation feature through the one evaluation pass (every rank runs the passes ZeRO-3
     needs; rank 0 scores them)."""
     outs: list[np.ndarray] = []
@@ -117,7 +114,7 @@ def evaluate(ds: Engine, data: Prepared, batch: int) -> dict[str, float]:
         outs.extend(out.logits.float().cpu().numpy())
 
     feats = (data.collate(data.val[i : i + batch], with_labels=False) for i in range(0, len(data.val), batch))
-    evaluation_pass(ds.engine, feats, ds.device, collect, names=())
+    evaluation_pass(ds.model_engine, feats, ds.device, collect, names=())
     return data.score(outs)
 
 
@@ -217,7 +214,7 @@ def finetune(cfg: FinetuneConfig) -> int:
             ds.logger.log({**rec, "epoch": batches.epoch + 1})
         improved = False
         if batches.epoch_done:
-            scores = evaluate(ds, data, t.micro_batch_size)
+            scores = score_validation(ds, data, t.micro_batch_size)
             history.append({"epoch": batches.epoch + 1, "step": state.step, **scores})
             ds.logger.log({"kind": "epoch", "step": state.step, "epoch": batches.epoch + 1, **scores})
             improved = best is None or scores[metric] > best
@@ -246,7 +243,7 @@ def finetune(cfg: FinetuneConfig) -> int:
 
 def _fp32_model(ds: Engine, tag: Path | None) -> BertForTask:
     """The task model in fp32 (``Engine.fp32_model``: the module's weights, or checkpoint ``tag``'s master ones)."""
-    module = ds.engine.module
+    module = ds.module
     return ds.fp32_model(lambda: BertForTask(module.config, module.kind, module.num_labels), tag)
 
 

@@ -29,11 +29,12 @@ from pretrain.checkpoint.weights import pretraining_model
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import EngineConfig, preflight
-from pretrain.training.data import Batches, build_dataloader, real_lengths
+from pretrain.training.config import EngineConfig
+from pretrain.training.data import Batches, real_lengths, run_loaders
 from pretrain.training.engine import start
 from pretrain.training.metrics import mfu as model_flops_utilisation
 from pretrain.training.metrics import peak_tflops
+from pretrain.training.preflight import preflight
 
 SHORT_SEQ_PROB = 0.1  # synthetic shards: the share of BERT's short rows, as data prep makes them
 
@@ -185,10 +186,8 @@ def run(cfg: Any, env: Any) -> list[str]:
                 model.bert.encoder.checkpoint_layers = True
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, rank=env.rank,
-                                           world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                           masking=cfg.data.masking, bucket=cfg.data.bucket,
-                                           pack=cfg.data.pack and name == "ours")  # fmt: skip
+        loader, sampler, _ = run_loaders(cfg.data, t.micro_batch_size, cfg.seed, env.rank, env.world_size, False,
+                                         pack=cfg.data.pack and name == "ours")  # fmt: skip
         # the reference runs as its users run it: eager
         compile = t.compile and name == "ours"
         ds = start(EngineConfig.of(cfg), env, model, device, None, sampler, stop, record=False, compile=compile)

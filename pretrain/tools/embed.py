@@ -31,6 +31,7 @@ import torch
 from data_prep.atomic import atomic_path, save_npy
 from data_prep.errors import UserError
 from pretrain.checkpoint.weights import load_model
+from pretrain.runtime.device import pick_device
 from pretrain.training.metrics import Progress
 
 POOLINGS = ("mean", "cls", "tokens")
@@ -234,18 +235,6 @@ def write_output(
     return tuple(matrix.shape)
 
 
-def _device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
-    return dev
-
-
 def run_embed(
     model_path: str,
     input_path: str,
@@ -267,7 +256,7 @@ def run_embed(
         raise UserError(f"--pooling {pooling}: use one of {', '.join(POOLINGS)}")
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
-    dev = _device(device)
+    dev = pick_device(device)
     data = read_texts(input_path, column)  # before the model: a wrong path fails in a second, not after loading
     source = load_model(model_path, heads=False)  # embeddings read the encoder: MLM/NSP heads may be absent
     config = source.model.config

@@ -12,12 +12,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
-import json
-import math
 import os
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,20 +27,19 @@ from data_prep.manifest import read_manifest
 from data_prep.vocab import read_vocab
 from pretrain.checkpoint.hf import ROOT
 from pretrain.checkpoint.weights import ModelSource, load_model
+from pretrain.runtime.device import pick_device
+from pretrain.training.config import Config
 from pretrain.training.data import build_dataloader
 from pretrain.training.masking import MaskingConfig
-from pretrain.training.metrics import Progress
+from pretrain.training.metrics import METRICS_FILE, Progress, append_record
 from pretrain.training.scores import (
     PRETRAINING_SUMS,
     Sums,
-    evaluate,
+    evaluation_pass,
     most_frequent_token,
     pretraining_metrics,
     pretraining_scores,
 )
-
-DEFAULT_SEED = 1234  # the trainer's default seed: a default run evaluated with defaults sees its validation masks
-
 
 # ------------------------------------------------------------------------------------------------ the data
 
@@ -173,7 +169,7 @@ def evaluate_model(
             correct, masked = (float(s.values[s.index[k]]) for k in ("mlm_correct", "masked"))
             progress(f"MLM acc {correct / max(masked, 1):.2%}")
 
-    s = evaluate(model, loader, device, pretraining_scores(unigram_id), PRETRAINING_SUMS, num_batches,
+    s = evaluation_pass(model, loader, device, pretraining_scores(unigram_id), PRETRAINING_SUMS, num_batches,
                  progress=show, prepare=one_segment)  # fmt: skip
     res: dict[str, float | int] = {"batches": int(s["batches"]), "samples": int(s["samples"]),
                                    "masked_tokens": int(s["masked"])}  # fmt: skip
@@ -208,17 +204,6 @@ def _table(source: ModelSource, where: str, res: dict[str, Any], batch_size: int
     return "\n".join(lines)
 
 
-def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
-    """One line in ``RUN_DIR/metrics.jsonl``, as the trainer writes them (``kind``, ``step``, ``time``, non-finite
-    values as null): a single ``write`` of one line in append mode, so it never tears a line the trainer writes."""
-    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-    record["time"] = round(time.time(), 3)
-    path = run_dir / "metrics.jsonl"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
-    return path
-
-
 def run_evaluate(
     model_path: str,
     data: str | None = None,
@@ -226,7 +211,7 @@ def run_evaluate(
     split: str = "validation",
     batches: int | None = None,
     batch_size: int = 32,
-    seed: int = DEFAULT_SEED,
+    seed: int | None = None,
     max_seq_length: int | None = None,
     log: bool = True,
     device: str | None = None,
@@ -234,16 +219,12 @@ def run_evaluate(
     """``launch/evaluate.py``: load, check, evaluate, print the table, append the record; returns the record."""
     if data and text:
         raise UserError("give --data DIR or --text FILE, not both")
-    if device is not None:
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise UserError(f"--device {device}: not a device; use cpu, cuda or cuda:N") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device {device}: no CUDA device here; use --device cpu")
+    dev = pick_device(device)
     if batch_size < 1 or (batches is not None and batches < 1):
         raise UserError(f"--batch-size {batch_size} / --batches {batches}: both must be at least 1")
     source = load_model(model_path)
+    if seed is None:  # the run's own seed: a run evaluated with defaults sees its own validation masks
+        seed = int((source.config or {}).get("seed", Config.seed))
     if data is None and text is None:  # a checkpoint knows the data it was trained on
         data = ((source.config or {}).get("data") or {}).get("dir")
         if not data:
@@ -270,7 +251,6 @@ def run_evaluate(
                                          shuffle=False, drop_last=False, sentence_order=pair == "sop")  # fmt: skip
         except ValueError as e:  # a truncated or corrupt shard: one line naming it
             raise UserError(f"--data {data_dir}: {e}") from None
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         model = source.model.to(dev)
         n = len(loader) if batches is None else min(batches, len(loader))
         bar = Progress(n)
@@ -298,5 +278,5 @@ def run_evaluate(
             path = append_record(source.run_dir, record)
             print(f"  recorded in  {path}")
         except OSError as e:
-            warnings.warn(f"{source.run_dir / 'metrics.jsonl'}: not recorded ({e.strerror})", stacklevel=2)
+            warnings.warn(f"{source.run_dir / METRICS_FILE}: not recorded ({e.strerror})", stacklevel=2)
     return record

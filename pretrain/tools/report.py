@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import UserError
+from pretrain.training.metrics import METRICS_FILE, duration
 
-METRICS_FILE = "metrics.jsonl"
 DPI = 100
 PANEL_W, PANEL_H, LEGEND_H = 4.5, 3.5, 0.9  # inches; a figure is PANEL_W x ncols by PANEL_H x nrows + LEGEND_H
 TRAIN_STYLE = {"linestyle": "-", "linewidth": 1.4}
@@ -282,16 +282,6 @@ def summarize(run: Run) -> dict[str, Any]:
     }
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 def _fmt(v: float | int | None, spec: str) -> str:
     return "n/a" if v is None else format(v, spec)
 
@@ -308,7 +298,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
             f"| {s['run']} | {s['steps']:,} | {_fmt(s['tokens'], ',')} | {_fmt(s['train_loss'], '.4f')} "
             f"| {_fmt(s['val_mlm_loss_best'], '.4f')} / {_fmt(s['val_mlm_loss'], '.4f')} "
             f"| {_fmt(s['val_mlm_acc_best'], '.2%')} / {_fmt(s['val_mlm_acc'], '.2%')} "
-            f"| {_fmt(s['val_nsp_acc'], '.2%')} | {_fmt(s['tokens_per_s'], ',.0f')} | {_duration(s['wall_seconds'])} |"
+            f"| {_fmt(s['val_nsp_acc'], '.2%')} | {_fmt(s['tokens_per_s'], ',.0f')} | {duration(s['wall_seconds'])} |"
         )
     return "\n".join(lines)
 

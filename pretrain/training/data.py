@@ -21,14 +21,19 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from data_prep.errors import UserError
 from data_prep.store import A_LEN, LENGTH, NSP_LABEL, OFFSET, SplitReader
-from pretrain.training.masking import IGNORE_INDEX, MaskingCollator, MaskingConfig
+from pretrain.models.bert import IGNORE_INDEX
+from pretrain.training.masking import MaskingCollator, MaskingConfig
+
+if TYPE_CHECKING:
+    from pretrain.training.config import DataConfig
 
 BatchIndex = list[tuple[int, int]]
 
@@ -366,6 +371,27 @@ def build_dataloader(
         persistent_workers=num_workers > 0,
     )
     return loader, sampler
+
+
+def run_loaders(
+    data: DataConfig, micro_batch_size: int, seed: int, rank: int, world_size: int, validation: bool,
+    pack: bool | None = None,
+) -> tuple[DataLoader, ResumableDistributedSampler, DataLoader | None]:  # fmt: skip
+    """A pretraining run's loaders as ``data`` (the ``data`` section) describes them: the training loader and its
+    sampler, and with ``validation`` the static-mask validation loader. ``pack`` overrides ``data.pack`` (the
+    benchmark's reference runs padded). A shard that cannot be read is one line naming ``data.dir``."""
+    common = dict(rank=rank, world_size=world_size, seed=seed, num_workers=data.num_workers,
+                  sentence_order=data.pair_task == "sop", masking=data.masking)  # fmt: skip
+    try:
+        loader, sampler = build_dataloader(data.dir, "train", micro_batch_size, bucket=data.bucket,
+                                           pack=data.pack if pack is None else pack, **common)  # fmt: skip
+        val = None
+        if validation:
+            val, _ = build_dataloader(data.dir, "validation", micro_batch_size, shuffle=False, drop_last=False,
+                                      **common)  # fmt: skip
+    except ValueError as e:
+        raise UserError(f"data.dir={data.dir}: {e}") from None
+    return loader, sampler, val
 
 
 def fork_rng(device: torch.device):

@@ -47,8 +47,9 @@ from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime.deepspeed_env import import_deepspeed, release_shm_buffer
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import EngineConfig, build_ds_config
+from pretrain.training.config import EngineConfig
 from pretrain.training.data import fork_rng, to_device
+from pretrain.training.ds_config import build_ds_config
 from pretrain.training.metrics import MetricsLogger
 from pretrain.training.optim import build_optimizer, scheduler_factory
 
@@ -62,7 +63,6 @@ class Position(Protocol):
 
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
-    def set_epoch(self, epoch: int) -> None: ...
 
 
 def resume_tag(resume: str, ckpt_root: Path, checksums: bool = True) -> Path | None:
@@ -176,7 +176,7 @@ class Engine:
     cfg: EngineConfig  # the run's sections the engine reads
     env: Any
     device: torch.device
-    engine: Any  # deepspeed.DeepSpeedEngine
+    model_engine: Any  # deepspeed.DeepSpeedEngine
     scheduler: Any
     position: Position
     opt_desc: str
@@ -203,8 +203,17 @@ class Engine:
         return self.env.is_main
 
     @property
+    def module(self) -> torch.nn.Module:
+        """The model (or task model) the engine trains."""
+        return self.model_engine.module
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.model_engine.zero_optimization_stage())
+
+    @property
     def accum(self) -> int:
-        return self.engine.gradient_accumulation_steps()
+        return self.model_engine.gradient_accumulation_steps()
 
     # ------------------------------------------------------------------------------------------- one step
 
@@ -214,7 +223,7 @@ class Engine:
         names them (``loss_parts``), the parts it is made of; the ranks agree on a non-finite loss before the last
         ``engine.step()``, where a plain client optimizer's update is then skipped. The norm is measured here
         (``measure_norm``) only where DeepSpeed does not report one (plain fp32)."""
-        engine, device, accum = self.engine, self.device, self.accum
+        engine, device, accum = self.model_engine, self.device, self.accum
         zero = lambda: torch.zeros((), dtype=torch.float64, device=device)  # noqa: E731
         loss, tokens, positions, grad_norm = zero(), zero(), zero(), None
         parts = {k: zero() for k in self.window.parts}
@@ -247,7 +256,7 @@ class Engine:
     def _step_without_update(self) -> None:
         """The plain client optimizer (ZeRO-0, fp32) has no overflow check: skip its update for this step only,
         leaving weights and moments untouched (DeepSpeed still clears the gradients and steps the schedule)."""
-        engine = self.engine
+        engine = self.model_engine
         opt, own = engine.optimizer, vars(engine.optimizer).get("step")  # the LR scheduler may have wrapped it
         opt.step = lambda *args, **kwargs: None
         with warnings.catch_warnings():
@@ -261,7 +270,7 @@ class Engine:
     def book(self, result: StepResult) -> tuple[bool, float | None]:
         """Book a finished step: the counters, the log window, skipped steps and non-finite streaks. Returns
         (stop the run now, the step's loss averaged over micro-batches and ranks; None for a skipped step)."""
-        state, t, engine, loop, nonfinite = self.state, self.cfg.loop, self.engine, self.loop, result.nonfinite
+        state, t, engine, loop, nonfinite = self.state, self.cfg.loop, self.model_engine, self.loop, result.nonfinite
         state.step, state.epoch, loop.job_steps = state.step + 1, self.position.epoch, loop.job_steps + 1
         applied = engine.was_step_applied() and not nonfinite
         self.window.add(result, self.accum, applied=applied)
@@ -312,10 +321,10 @@ class Engine:
                 "lr": self.scheduler.get_last_lr()[0], "loss_scale": self.loss_scale()}  # fmt: skip
 
     def loss_scale(self) -> float | None:
-        return _scalar(getattr(self.engine.optimizer, "cur_scale", 1.0))
+        return _scalar(getattr(self.model_engine.optimizer, "cur_scale", 1.0))
 
     def grad_norm(self, result: StepResult) -> float | None:
-        return _scalar(result.grad_norm) if self.own_norm else _scalar(self.engine.get_global_grad_norm())
+        return _scalar(result.grad_norm) if self.own_norm else _scalar(self.model_engine.get_global_grad_norm())
 
     # ------------------------------------------------------------------------------------- checkpoints
 
@@ -324,7 +333,7 @@ class Engine:
         RNG, the resolved config, the W&B id, a trainer's ``extra`` keys)."""
         t = self.cfg.loop
         client = client_state(self.state, self.position, self.logger.config, self.logger.wandb_id, extra or {})
-        self.loop.last_ckpt = save(self.engine, self.ckpt_root, client, t.keep_last)
+        self.loop.last_ckpt = save(self.model_engine, self.ckpt_root, client, t.keep_last)
         return self.loop.last_ckpt
 
     def save_or_stop(self, due: bool, extra: dict[str, Any] | None = None) -> bool:
@@ -347,8 +356,8 @@ class Engine:
     def fp32_state_dict(self, tag: Path | None) -> dict[str, torch.Tensor]:
         """The model's fp32 weights: the engine's module where it holds them whole (ZeRO-0 in fp32), else the
         master weights of checkpoint ``tag`` (bf16/fp16 modules, ZeRO-3's partitioned parameters)."""
-        if self.engine.zero_optimization_stage() == 0 and self.cfg.loop.precision == "fp32":
-            return self.engine.module.state_dict()
+        if self.zero_stage == 0 and self.cfg.loop.precision == "fp32":
+            return self.model_engine.module.state_dict()
         return fp32_weights(tag)
 
     def fp32_model(self, build: Callable[[], torch.nn.Module], tag: Path | None) -> torch.nn.Module:
@@ -392,7 +401,6 @@ def start(cfg: EngineConfig, env: Any, model: torch.nn.Module, device: torch.dev
         state, client = restore(engine, tag, position, load_tag)
         if env.is_main:
             print(f"resumed from {tag} at step {state.step}", flush=True)
-    position.set_epoch(state.epoch)
     logger = logger or MetricsLogger.disabled()
     logger.open(client.get("wandb_id"), state.step, t.max_steps)
     # Who skips a non-finite step: DeepSpeed's wrappers check for overflow (fp16 loss scaler, bf16 optimizer,
@@ -403,7 +411,7 @@ def start(cfg: EngineConfig, env: Any, model: torch.nn.Module, device: torch.dev
         cfg=cfg,
         env=env,
         device=device,
-        engine=engine,
+        model_engine=engine,
         scheduler=scheduler,
         position=position,
         opt_desc=opt_desc,

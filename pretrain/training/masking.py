@@ -29,8 +29,7 @@ import torch
 
 from data_prep.errors import DataPrepError
 from data_prep.vocab import SPECIALS, read_vocab
-
-IGNORE_INDEX = -100
+from pretrain.models.bert import IGNORE_INDEX
 
 _U64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15

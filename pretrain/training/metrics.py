@@ -24,6 +24,8 @@ from tqdm.auto import tqdm
 from data_prep.atomic import write_text
 from data_prep.errors import UserError
 
+METRICS_FILE = "metrics.jsonl"  # RUN_DIR/metrics.jsonl: one JSON record per line, owned by this module
+
 # Dense bf16/fp16 peak TFLOP/s per device, for the MFU estimate when trainer.peak_tflops is not set.
 PEAK_TFLOPS = {
     "H200": 989.0,
@@ -96,7 +98,7 @@ class MetricsLogger:
     ) -> None:
         self.logger, self.run_name, self.config = logger, run_name, config  # config: the resolved config (W&B)
         self.is_main, self.run_dir = is_main, run_dir
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run_dir / METRICS_FILE
         self.wandb = None
         self.wandb_mode = "disabled"
         self.wandb_id: str | None = None
@@ -196,12 +198,12 @@ class MetricsLogger:
             if "mlm_loss" not in r:  # fine-tuning: one task loss
                 epoch = f"  epoch {r['epoch']}" if "epoch" in r else ""
                 lr = f(r["lr"], ".2e")
-                return f"step {step}/{self.max_steps}{epoch}  loss {f(r['loss'])}  lr {lr}  ETA {_duration(eta)}"
+                return f"step {step}/{self.max_steps}{epoch}  loss {f(r['loss'])}  lr {lr}  ETA {duration(eta)}"
             nsp = f", {self.pair} {f(r['nsp_loss'])}" if r.get("nsp_loss") is not None else ""  # MLM-only: none
             return (
                 f"step {step}/{self.max_steps}  loss {f(r['loss'])} (mlm {f(r['mlm_loss'])}{nsp})  lr "
                 f"{f(r['lr'], '.2e')}  {f(r['sequences_per_s'], ',.1f')} seq/s  "
-                f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {_duration(eta)}"
+                f"{f(r['tokens_per_s'], ',.0f')} tokens/s  ETA {duration(eta)}"
             )
         if kind == "epoch":  # fine-tuning's validation after an epoch
             scores = "  ".join(f"{k} {v:.4f}" for k, v in r.items() if k not in ("kind", "step", "epoch", "time"))
@@ -234,12 +236,27 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def _duration(seconds: float | None) -> str:
+def duration(seconds: float | None) -> str:
+    """``42.0 s``, ``3m07s``, ``2h05m``; ``n/a`` for none (the bar's ETA, the report's wall time)."""
     if seconds is None:
         return "n/a"
-    m, sec = divmod(int(seconds), 60)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
     h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s"
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
+    """One line in ``RUN_DIR/metrics.jsonl`` from outside the trainer (``launch/evaluate.py``), as the trainer writes
+    them (``kind``, ``step``, ``time``, non-finite values as null): a single ``write`` of one line in append mode,
+    so it never tears a line the trainer writes."""
+    record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+    record["time"] = round(time.time(), 3)
+    path = run_dir / METRICS_FILE
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return path
 
 
 def print_startup(
@@ -304,7 +321,7 @@ def print_summary(s: dict[str, Any]) -> None:
         *validation_lines(s),
         f"  optimizer    {s['optimizer']}   ZeRO stage {s['zero_stage']}   {s['precision']}   world {s['world_size']}",
         f"  run dir      {s['run_dir']}",
-        f"  metrics      {s['run_dir']}/metrics.jsonl",
+        f"  metrics      {s['run_dir']}/{METRICS_FILE}",
         f"  checkpoint   {s.get('checkpoint') or 'none'}",
         f"  HF export    {s.get('hf_dir') or 'not written (run not finished)'}",
     ]
@@ -336,8 +353,8 @@ def validation_lines(v: dict[str, Any]) -> list[str]:
 def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int, pair: str = "nsp") -> None:
     """What a finished run left, for a rerun of its command (no process group, no new W&B run)."""
     records = (
-        [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        if (run_dir / "metrics.jsonl").is_file()
+        [json.loads(x) for x in (run_dir / METRICS_FILE).read_text().splitlines()]
+        if (run_dir / METRICS_FILE).is_file()
         else []
     )
     val = next((r for r in reversed(records) if r.get("kind") == "eval"), {})

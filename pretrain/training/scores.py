@@ -1,6 +1,6 @@
 """One evaluation pass for every tool: the trainer's validation, ``launch/evaluate.py`` and fine-tuning's epochs.
 
-``evaluate`` runs a model (ours, or a DeepSpeed engine around it) in eval mode over batches, with the RNG streams
+``evaluation_pass`` runs a model (ours, or a DeepSpeed engine around it) in eval mode over batches, with the RNG streams
 left as they were, and lets a ``score`` function add each batch's figures into named float64 sums; ``reduce``
 (an all-reduce across ranks, or nothing in one process) combines them at the end. Under several ranks every rank
 runs the same number of batches (ZeRO-3 gathers parameters collectively). ``pretraining_scores`` is the score of
@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from data_prep.store import SplitReader
+from pretrain.models.bert import IGNORE_INDEX
 from pretrain.training.data import fork_rng, to_device
-from pretrain.training.masking import IGNORE_INDEX, MaskingCollator
+from pretrain.training.masking import MaskingCollator
 
 _CHUNK = 1 << 24  # tokens per bincount: np.bincount makes an intp copy of its input, keep it to 128 MB
 PRETRAINING_SUMS = ("mlm_loss", "mlm_correct", "masked", "unigram_correct", "nsp_loss", "nsp_correct", "nsp_count",
@@ -45,7 +46,7 @@ class Sums:
 
 
 @torch.no_grad()
-def evaluate(
+def evaluation_pass(
     model: Any,
     batches: Iterable[dict[str, torch.Tensor]],
     device: torch.device,
@@ -60,9 +61,7 @@ def evaluate(
     """Run ``model`` over at most ``max_batches`` of ``batches`` (``agree``: the count every rank runs, e.g. the
     MIN over ranks), ``score(out, batch, sums)`` after each, and return the sums, reduced, with ``batches``."""
     sums = Sums([*names, "batches"], device)
-    limit = max_batches if max_batches is not None else None
-    if agree is not None:
-        limit = agree(limit)
+    limit = agree(max_batches) if agree is not None else max_batches
     was_training = model.training
     model.eval()
     try:

@@ -1,6 +1,6 @@
 """Pretraining, top to bottom: ``setup`` (checks, process group, model, data, the engine and its resume),
-``evaluate``, the step's pretraining bookkeeping (``log_spike``, ``log_window``), ``summarize`` and ``train``,
-which reads: resume, loop (step, log, evaluate, save, stop on signal), export, summary. The loop machinery
+``validate``, the step's pretraining bookkeeping (``log_spike``, ``log_window``), ``summarize`` and ``train``,
+which reads: resume, loop (step, log, validate, save, stop on signal), export, summary. The loop machinery
 (optimizer step, non-finite skip/stop, checkpoint bundles, preemption, resume) is
 ``pretrain/training/engine.py``, shared with fine-tuning; the log is ``pretrain/training/metrics.py``.
 
@@ -22,7 +22,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.errors import UserError
 from pretrain.checkpoint.bundle import checkpoint_step
 from pretrain.checkpoint.hf import export_hf
 from pretrain.checkpoint.locate import finished
@@ -30,8 +29,8 @@ from pretrain.checkpoint.weights import continue_from, pretraining_model
 from pretrain.models.bert import BertConfig, BertForPreTraining
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
-from pretrain.training.config import Config, EngineConfig, preflight
-from pretrain.training.data import Batches, build_dataloader
+from pretrain.training.config import Config, EngineConfig
+from pretrain.training.data import Batches, run_loaders
 from pretrain.training.engine import Engine, StepResult, resume_tag, spike_mean, start
 from pretrain.training.metrics import (
     MetricsLogger,
@@ -42,8 +41,14 @@ from pretrain.training.metrics import (
     print_startup,
     print_summary,
 )
-from pretrain.training.scores import PRETRAINING_SUMS, most_frequent_token, pretraining_metrics, pretraining_scores
-from pretrain.training.scores import evaluate as evaluation_pass
+from pretrain.training.preflight import preflight
+from pretrain.training.scores import (
+    PRETRAINING_SUMS,
+    evaluation_pass,
+    most_frequent_token,
+    pretraining_metrics,
+    pretraining_scores,
+)
 
 UNIGRAM_SAMPLE = 1 << 26  # tokens read for the unigram baseline: seconds, not minutes, on a billion-token corpus
 VALIDATION_KEYS = ("mlm_loss", "mlm_acc", "unigram_acc", "nsp_loss", "nsp_acc")  # logged as val_*
@@ -68,16 +73,15 @@ class Run:
 
 
 @torch.no_grad()
-def evaluate(ds: Engine, loader: Any, max_batches: int, unigram_id: int) -> dict[str, float]:
+def validate(ds: Engine, loader: Any, max_batches: int, unigram_id: int) -> dict[str, float]:
     """Validation MLM and NSP loss/accuracy summed over every rank's batches (static masks) and the unigram
     baseline at the same masked positions, through the one evaluation pass."""
 
-    def agree(limit: int | None) -> int:
-        n = torch.tensor([min(max_batches, len(loader))], device=ds.device)
-        return int(D.all_reduce(n, dist.ReduceOp.MIN).item())
+    def agree(limit: int) -> int:  # ranks may hold different numbers of validation batches: run the fewest
+        return int(D.all_reduce(torch.tensor([limit], device=ds.device), dist.ReduceOp.MIN).item())
 
-    sums = evaluation_pass(ds.engine, loader, ds.device, pretraining_scores(unigram_id), PRETRAINING_SUMS,
-                           reduce=D.all_reduce, agree=agree)  # fmt: skip
+    sums = evaluation_pass(ds.model_engine, loader, ds.device, pretraining_scores(unigram_id), PRETRAINING_SUMS,
+                           min(max_batches, len(loader)), reduce=D.all_reduce, agree=agree)  # fmt: skip
     res = pretraining_metrics(sums)
     return {f"val_{k}": res[k] for k in VALIDATION_KEYS if k in res}
 
@@ -120,20 +124,8 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     if auto_batch:
         choose_micro_batch(cfg, model, env, device)
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
-    common = dict(rank=env.rank, world_size=env.world_size, seed=cfg.seed, num_workers=cfg.data.num_workers,
-                  sentence_order=cfg.data.pair_task == "sop", masking=cfg.data.masking)  # fmt: skip
-    try:
-        loader, sampler = build_dataloader(cfg.data.dir, "train", t.micro_batch_size, bucket=cfg.data.bucket,
-                                           pack=cfg.data.pack, **common)  # fmt: skip
-        val_loader = (
-            build_dataloader(cfg.data.dir, "validation", t.micro_batch_size, shuffle=False, drop_last=False, **common)[
-                0
-            ]
-            if info.has_validation
-            else None
-        )
-    except ValueError as e:
-        raise UserError(f"data.dir={cfg.data.dir}: {e}") from None
+    loader, sampler, val_loader = run_loaders(cfg.data, t.micro_batch_size, cfg.seed, env.rank, env.world_size,
+                                              info.has_validation)  # fmt: skip
     unigram_id = most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1
     cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
     logger = MetricsLogger(cfg.logger, cfg.run_name, run_dir, env.is_main, cfg_dict, pair=cfg.data.pair_task)
@@ -143,7 +135,7 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
     flops, peak = model.flops_per_token(t.max_seq_length), peak_tflops(t.peak_tflops, device)
     if env.is_main:
         print_startup(cfg, model.config, model.num_parameters(), info, env, device, threads,
-                      ds.engine.zero_optimization_stage(), ds.opt_desc, ds.accum, ds.state.step, run_dir)  # fmt: skip
+                      ds.zero_stage, ds.opt_desc, ds.accum, ds.state.step, run_dir)  # fmt: skip
     return Run(cfg=cfg, cfg_dict=cfg_dict, ds=ds, loader=loader, val_loader=val_loader, info=info, model_kw=model_kw,
                flops_per_token=flops, peak_tflops=peak, unigram_id=unigram_id)  # fmt: skip
 
@@ -221,7 +213,7 @@ def summarize(run: Run, hf_dir: Path | None, t_loop: float) -> dict[str, Any]:
         "mfu": run.last_rec.get("mfu"),
         "train_loss": run.last_rec.get("loss"),
         "optimizer": ds.opt_desc,
-        "zero_stage": ds.engine.zero_optimization_stage(),
+        "zero_stage": ds.zero_stage,
         "precision": t.precision,
         "world_size": ds.env.world_size,
         "run_dir": str(ds.run_dir),
@@ -276,7 +268,7 @@ def train(cfg: Config) -> int:
         if run.val_loader is not None and (
             t.eval_every and state.step % t.eval_every == 0 or state.step == t.max_steps
         ):
-            run.last_val = evaluate(ds, run.val_loader, t.eval_batches, run.unigram_id)
+            run.last_val = validate(ds, run.val_loader, t.eval_batches, run.unigram_id)
             ds.logger.log({"kind": "eval", "step": state.step, **run.last_val})
         due = bool(t.checkpoint_every and state.step % t.checkpoint_every == 0) or state.step == t.max_steps
         if ds.save_or_stop(due):

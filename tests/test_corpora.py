@@ -1,4 +1,4 @@
-"""Readers and cleaners: kind detection, streaming readers, bad inputs, wikitext/book/docstring cleaning."""
+"""Corpus readers (data_prep/corpora.py) and cleaners: kind detection, streaming readers, bad inputs, cleaning."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import re
 
 import pytest
 
+from data_prep.corpora import InputSpec, expand_units, looks_like_sentence_per_line, parse_input
 from data_prep.errors import DataPrepError
-from data_prep.readers import InputSpec, expand_units, looks_like_sentence_per_line, parse_input
 from data_prep.sentences import RawDoc, clean_book, clean_document, clean_wikitext, split_sentences
 from tests.helpers import read_documents
 
