@@ -73,7 +73,7 @@ fi
 
 # ---- 4. make test in the background (pytest-xdist where installed, else serial)
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 6 --dist loadfile")
-TESTS=tests; [[ "${DRY_RUN:-0}" == 1 ]] && TESTS=tests/test_masking.py
+TESTS=tests; [[ "${DRY_RUN:-0}" == 1 ]] && TESTS=tests/training/test_masking.py
 want make-test && (timeout $(($(left) - 15)) "$PY" -m pytest -q -m "not gpu" $XDIST -p no:cacheprovider $TESTS \
   > "$OUT/make_test.log" 2>&1; echo "make test (background, $XDIST): rc=$? (124: cut at the budget)" \
   >> "$OUT/summary.txt") &

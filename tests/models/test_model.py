@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 from pretrain.checkpoint.hf import export_hf, fill_mask, load_hf
 from pretrain.models.bert import BertConfig, BertForPreTraining
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 VOCAB = 1001  # not a multiple of 8: load_hf pads it to 1008 rows
 SMALL = dict(
     vocab_size=VOCAB,

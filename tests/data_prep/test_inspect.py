@@ -18,7 +18,7 @@ from data_prep.stats import compute_stats, length_histogram
 from data_prep.store import write_shard
 from data_prep.vocab import SPECIALS, load_tokenizer, run_vocab
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ from tests.slurm_cluster import SlurmCluster
 
 slurm_cluster = cluster_module.slurm_cluster  # the session fixture, found by pytest under this name
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SLURM_DIR = ROOT / "launch" / "slurm"
 NUM_TASKS = 2
 # Tiny BERT on 2 CPU ranks: long enough to signal mid-run, short enough for CI.

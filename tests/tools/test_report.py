@@ -16,7 +16,7 @@ from PIL import Image
 from pretrain.tools.report import build_figure, load_reference, load_run, load_runs, summarize
 from tests.helpers import LAUNCH, SMALL, make_data, run_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "launch" / "report.py"
 _spec = importlib.util.spec_from_file_location("launch_report", REPORT)  # launch/ is not a package
 _launch = importlib.util.module_from_spec(_spec)

@@ -14,7 +14,7 @@ from data_prep.errors import UserError
 from pretrain.training.config import EngineConfig, _run_slug
 from pretrain.training.ds_config import build_ds_config, gradient_accumulation_steps
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path(__file__).resolve().parents[2] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 DEEPSPEED = sorted(p.stem for p in (CONF / "deepspeed").glob("*.yaml"))
 
