@@ -152,3 +152,73 @@ def test_auto_micro_batch_on_gpu_runs_at_the_probed_size(data_dir: Path, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen = json.loads((run / "ds_config.json").read_text())["train_micro_batch_size_per_gpu"]
     assert chosen >= 64 and 1024 % chosen == 0, chosen  # and the run at that size finished: no out-of-memory
+
+
+def _modernbert_packed_batch(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows (attention_mask = sample number) with samples longer and shorter than a 64-token window."""
+    mask = torch.zeros(2, 512, dtype=torch.long)
+    mask[0, :300], mask[0, 300:450], mask[1] = 1, 2, 1
+    pos = torch.zeros(2, 512, dtype=torch.long)
+    pos[0, :300], pos[0, 300:450], pos[1] = torch.arange(300), torch.arange(150), torch.arange(512)
+    return mask.to(device), pos.to(device)
+
+
+def test_modernbert_varlen_attention_matches_sdpa_fallback_bf16():
+    """FlashAttention varlen (bf16) against the exact SDPA fallback in fp32, global and sliding-window, forward and
+    backward; the window really is applied inside the kernel."""
+    from pretrain.models.attention import attention, unpad, varlen_usable
+
+    torch.manual_seed(0)
+    mask, pos = _modernbert_packed_batch("cuda")
+    u = unpad(torch.zeros_like(mask), mask, pos)
+    T = u.idx.numel()
+    q, k, v = (torch.randn(T, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    assert varlen_usable(q, 0.0)
+    outs = {}
+    for window in (None, 32):
+        fast = attention(q, k, v, u, window, use_varlen=True)
+        q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+        ref = attention(q32, k32, v32, u, window, use_varlen=False)
+        assert fast.dtype == torch.bfloat16 and fast.shape == q.shape
+        assert torch.allclose(fast.float(), ref, atol=2e-2, rtol=2e-2)
+        g = torch.randn_like(ref)
+        fast_grads = torch.autograd.grad(fast, (q, k, v), g.bfloat16())
+        ref_grads = torch.autograd.grad(ref, (q32, k32, v32), g)
+        for a, b in zip(fast_grads, ref_grads, strict=True):
+            assert torch.allclose(a.float(), b, atol=5e-2, rtol=5e-2)
+        outs[window] = fast.detach().float()
+    assert not torch.allclose(outs[None], outs[32], atol=2e-2)
+
+
+def test_modernbert_bf16_varlen_model_matches_cpu_fp32(monkeypatch):
+    """A ModernBERT (global and local layers) under bf16 autocast runs FlashAttention varlen for both layer kinds
+    and gives the CPU fp32 fallback's hidden states and loss; its backward is finite."""
+    import pretrain.models.attention as attn_mod
+    from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
+
+    windows = []
+    kernel = attn_mod.varlen_attn
+    monkeypatch.setattr(attn_mod, "varlen_attn", lambda *a, **kw: windows.append(kw["window_size"]) or kernel(*a, **kw))
+    torch.manual_seed(0)
+    cfg = ModernBertConfig(vocab_size=1000, hidden_size=128, intermediate_size=192, num_hidden_layers=3,
+                           num_attention_heads=2, local_attention=64)  # fmt: skip
+    model = ModernBertForMaskedLM(cfg).eval()
+    mask, pos = _modernbert_packed_batch("cpu")
+    ids = torch.randint(5, 1000, mask.shape) * (mask > 0)
+    labels = torch.where((torch.rand(mask.shape) < 0.15) & (mask > 0), ids, -100)
+    batch = dict(input_ids=ids, attention_mask=mask, position_ids=pos)
+    with torch.no_grad():
+        ref = model.encode(**batch)
+        ref_loss = model(**batch, labels=labels).loss
+    gpu = model.cuda()
+    cuda = {k: t.cuda() for k, t in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.no_grad():
+            out = gpu.encode(**cuda).float().cpu()
+        loss = gpu(**cuda, labels=labels.cuda()).loss
+    loss.backward()
+    assert set(windows) == {(-1, -1), (32, 32)}  # the kernel ran for the global and the sliding-window layers
+    real = mask > 0
+    assert torch.allclose(out[real], ref[real], atol=0.1, rtol=0.05)
+    assert abs(loss.item() - ref_loss.item()) < 0.02 * ref_loss.item()
+    assert all(torch.isfinite(p.grad).all() for p in gpu.parameters())
