@@ -147,7 +147,8 @@ def accelerator_env() -> dict[str, str]:
     return {**env, "CUDA_VISIBLE_DEVICES": ""}
 
 
-@pytest.mark.parametrize("how", ["launch", "script", "verbose"])
+# CI time: `python launch/pretrain.py` is the same start-up as the console script (long runs it too)
+@pytest.mark.parametrize("how", [pytest.param("launch", marks=pytest.mark.long), "script", "verbose"])
 def test_startup_prints_no_deepspeed_accelerator_line(how, data, tmp_path):
     """The first import of DeepSpeed in a run is distributed.init's (the process group, before the engine): it goes
     through deepspeed_env.import_deepspeed, so no accelerator line on stdout or stderr, from `python

@@ -172,6 +172,7 @@ def test_full_disk_at_each_write_is_one_line_and_the_rerun_matches(task, inject,
         _same(_outcome(run), reference)
 
 
+@pytest.mark.long  # CI time: a world-size change on resume is test_faults_train.py::test_world_size_change_on_resume
 def test_resume_from_a_path_and_from_two_ranks_to_one(task, reference, tmp_path, deepspeed_cpu_comm):
     first, second = tmp_path / "first", tmp_path / "second"
     r = _run(task, first, "trainer.stop_at_step=3")

@@ -303,7 +303,9 @@ def test_threads_per_rank_are_cores_over_local_ranks(data, tmp_path):
 @pytest.mark.slow
 def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
     """Two ranks: rank 0 prints one start-up block (model, data, ranks, engine, batch, plan, run dir); DeepSpeed's
-    per-rank notes stay silent unless verbose=true; no shared-memory all-reduce buffer outlives the run."""
+    per-rank notes stay silent (that verbose=true brings them back, so the check can fail, is
+    test_entry_points.py::test_startup_prints_no_deepspeed_accelerator_line[verbose]); no shared-memory all-reduce
+    buffer outlives the run."""
     port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(port), LAUNCH]
     args = [f"data.dir={data}", *SMALL, "trainer.max_steps=2", "trainer.eval_every=0"]
@@ -320,9 +322,6 @@ def test_startup_block_once_no_deepspeed_chatter_no_shm_left(data, tmp_path):
     for chatter in ("Setting accelerator to CPU", "built successfully", "gcc ", "[INFO]", "[WARNING]"):
         assert not any(chatter in x for x in ranks), chatter
     assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
-    r = subprocess.run([*cmd, f"run_dir={tmp_path / 'verbose'}", *args, "verbose=true"], capture_output=True,
-                       text=True, env=run_env(), timeout=400, cwd=ROOT)  # fmt: skip
-    assert r.returncode == 0 and "built successfully" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
 def test_init_from_weights_that_contradict_their_config_is_one_line(data, tmp_path):
@@ -442,6 +441,7 @@ def test_deepspeed_zero_stage_trains(zero_run, stage):
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time: ZeRO 0/1/2 agree in-process (test_engine.py); ZeRO-3 trains in the test above
 def test_zero_stages_agree(zero_run):
     losses = {s: [r["loss"] for r in _records(zero_run(s), "train")] for s in (0, 1, 2, 3)}
     weights = {s: hf_weights(zero_run(s)) for s in (0, 1, 2, 3)}  # stage 0 exports the module, ZeRO the fp32 master
