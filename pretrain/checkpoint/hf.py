@@ -1,8 +1,8 @@
-"""The Hugging Face directory format: ``load_hf`` reads a ``transformers`` BERT directory into
-``BertForPreTraining``, ``export_hf`` writes one (``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained``
-load it), ``vocabulary`` reads its tokenizer files, and ``fill_mask`` predicts masked tokens from a prompt.
-Parameter names map 1:1 (pretrain/models/bert.py keeps HF's). Which weights a path means (a run, a checkpoint or such a
-directory) is ``pretrain/checkpoint/weights.py``'s to say."""
+"""The Hugging Face directory format: ``load_hf`` reads a ``transformers`` BERT or ModernBERT directory into the
+family's pretraining model (``pretrain.models``, by ``model_type``), ``export_hf`` writes one
+(``AutoModelForMaskedLM`` and ``AutoTokenizer.from_pretrained`` load it), ``vocabulary`` reads its tokenizer files,
+and ``fill_mask`` predicts masked tokens from a prompt. Parameter names map 1:1 (each model file keeps HF's).
+Which weights a path means (a run, a checkpoint or such a directory) is ``pretrain/checkpoint/weights.py``'s to say."""
 
 from __future__ import annotations
 
@@ -19,14 +19,20 @@ import torch
 from data_prep.errors import DataPrepError, UserError
 from data_prep.vocab import SPECIAL_TOKENS, build_tokenizer, model_dir_lowercase, read_vocab, special_ids
 from pretrain.checkpoint import safe_load
-from pretrain.models.bert import TIED_ALIASES, BertConfig, BertForPreTraining
+from pretrain.models import build, config_from_hf, family_of
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: pretrain/checkpoint/hf.py
 
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-_VOCAB_KEYS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")  # rows padded in memory only
-_IGNORED_KEYS = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "cls.predictions.decoder.weight")
+_IGNORED_KEYS = (
+    "bert.embeddings.position_ids",
+    "bert.embeddings.token_type_ids",
+    "cls.predictions.decoder.weight",
+    "decoder.weight",
+)  # fmt: skip - buffers and tied copies: filled through their owners
+# ModernBERT's tokenizer takes no segment ids (its model has no token types): its tokenizer_config says so.
+_TOKENIZER_EXTRA = {"modernbert": {"model_input_names": ["input_ids", "attention_mask"]}}
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -40,8 +46,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return safe_load.load_file(path / "pytorch_model.bin", deepspeed=False)  # weights only, or one UserError
 
 
-def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF key variants -> ours: ``BertModel`` (no ``bert.`` prefix), TF-era gamma/beta, buffers, tied copies."""
+def _normalise_keys(sd: dict[str, torch.Tensor], family: str = "bert") -> dict[str, torch.Tensor]:
+    """HF key variants -> ours: an encoder-only ``BertModel`` / ``ModernBertModel`` (no ``bert.`` / ``model.``
+    prefix), TF-era gamma/beta, buffers, tied copies."""
+    if family == "modernbert":
+        if not any(k.startswith(("model.", "head.", "decoder.")) for k in sd):
+            sd = {f"model.{k}": v for k, v in sd.items()}
+        return {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
     if not any(k.startswith(("bert.", "cls.")) for k in sd):
         sd = {f"bert.{k}": v for k, v in sd.items()}
     sd = {
@@ -54,25 +65,30 @@ def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in sd.items() if k not in _IGNORED_KEYS}
 
 
+def _family(path: Path) -> str:
+    """The family of a Hugging Face directory: its config.json's ``model_type`` (none: BERT)."""
+    return json.loads((path / "config.json").read_text()).get("model_type", "bert")
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """A Hugging Face directory's state dict with our key names (``_normalise_keys``)."""
-    return _normalise_keys(_read_state_dict(path))
+    return _normalise_keys(_read_state_dict(path), _family(path))
 
 
 def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], path: Path) -> tuple[list[str], list[str]]:
-    """Copy a Hugging Face state dict (``_normalise_keys``'d) into ``model`` (ours, keys as HF's; its ``config`` a
-    ``BertConfig``), padding the vocabulary rows with zeros; returns (missing, unexpected) keys. A shape that
-    disagrees with the config is an error naming ``path``."""
+    """Copy a Hugging Face state dict (``_normalise_keys``'d) into ``model`` (ours, keys as HF's), padding the
+    vocabulary rows with zeros; returns (missing, unexpected) keys. A shape that disagrees with the config is an
+    error naming ``path``."""
     vocab_size = model.config.vocab_size
     own = model.state_dict()
-    for alias in TIED_ALIASES:
+    for alias in model.tied_aliases:
         own.pop(alias, None)  # tied aliases: filled through their owners
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
     with torch.no_grad():
         for k in set(own) & set(sd):
             src, dst = sd[k], own[k]
-            if k in _VOCAB_KEYS and len(src) == vocab_size:
+            if k in model.vocab_keys and len(src) == vocab_size:
                 dst[vocab_size:].zero_()  # vocab padding rows
                 dst = dst[:vocab_size]
             if src.shape != dst.shape:
@@ -91,12 +107,12 @@ def weight_keys(path: Path) -> list[str]:
         index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
         files = [path / s for s in sorted(set(index.values()))]
     if not files:
-        return list(_normalise_keys(_read_state_dict(path)))
+        return list(read_weights(path))
     keys = []
     for f in files:
         with safe_open(str(f), framework="pt") as st:
             keys += list(st.keys())
-    return list(_normalise_keys(dict.fromkeys(keys)))  # type: ignore[arg-type] - names only
+    return list(_normalise_keys(dict.fromkeys(keys), _family(path)))  # type: ignore[arg-type] - names only
 
 
 def has_nsp_head(keys: Any) -> bool:
@@ -108,13 +124,14 @@ def has_nsp_head(keys: Any) -> bool:
     return "bert.pooler.dense.weight" in keys
 
 
-def load_hf(path: str | Path, heads: bool = True, **overrides: Any) -> BertForPreTraining:
-    """Load a Hugging Face BERT directory (``config.json`` + safetensors or ``pytorch_model.bin``).
+def load_hf(path: str | Path, heads: bool = True, **overrides: Any) -> torch.nn.Module:
+    """Load a Hugging Face BERT or ModernBERT directory (``config.json`` + safetensors or ``pytorch_model.bin``)
+    into its family's pretraining model.
 
-    Keys map 1:1. Encoder-only checkpoints load too: missing heads keep their fresh BERT initialisation and a
-    warning names them (unless ``heads=False``: the caller will not use them); unexpected keys are warned about
-    and skipped. ``nsp`` is ``has_nsp_head`` of its weights unless given in ``overrides``.
-    The vocabulary is padded to ``pad_vocab_size_multiple`` with zero rows.
+    Keys map 1:1. Encoder-only checkpoints load too: missing heads keep their fresh initialisation and a warning
+    names them (unless ``heads=False``: the caller will not use them); unexpected keys are warned about and
+    skipped. A BERT's ``nsp`` is ``has_nsp_head`` of its weights unless given in ``overrides``. The vocabulary is
+    padded to ``pad_vocab_size_multiple`` with zero rows.
     """
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -122,16 +139,18 @@ def load_hf(path: str | Path, heads: bool = True, **overrides: Any) -> BertForPr
     if not any((path / f).is_file() for f in _WEIGHT_FILES):
         raise ValueError(f"{path}: no weights ({' or '.join(_WEIGHT_FILES)}) next to config.json")
     hf = json.loads((path / "config.json").read_text())
-    if hf.get("model_type", "bert") != "bert":
-        raise ValueError(f"{path}: model_type={hf.get('model_type')!r}, only 'bert' checkpoints map onto this model")
-    sd = _normalise_keys(_read_state_dict(path))
-    if "nsp" not in overrides:
-        overrides["nsp"] = has_nsp_head(sd)
-    config = BertConfig.from_hf_dict(hf, **overrides)
-    model = BertForPreTraining(config)
+    family = hf.get("model_type", "bert")
+    try:
+        sd = _normalise_keys(_read_state_dict(path), family)
+        if family == "bert" and "nsp" not in overrides:
+            overrides["nsp"] = has_nsp_head(sd)
+        model = build(config_from_hf(hf, **overrides))
+    except ValueError as e:  # a model type this project does not train, a layout it cannot reproduce
+        raise ValueError(f"{path}: {e}") from None
     missing, unexpected = load_weights(model, sd, path)
     if not heads:  # the caller uses the encoder alone: heads it will not use are nobody's concern
-        missing = [k for k in missing if not k.startswith("cls.")]
+        encoder = "bert." if family == "bert" else "model."
+        missing = [k for k in missing if k.startswith(encoder)]
     if missing:
         warnings.warn(f"{path}: not in the checkpoint, freshly initialised: {', '.join(missing)}", stacklevel=2)
     if unexpected:
@@ -145,7 +164,8 @@ def export_hf(
     """Write a Hugging Face model directory: config.json (plus ``extra`` keys), model.safetensors (true vocab rows,
     tied decoder left out as ``save_pretrained`` does) and the tokenizer files of ``tokenizer_dir`` (a
     tokenizer_config.json is written when absent) so ``AutoModelForMaskedLM`` / ``AutoTokenizer.from_pretrained``
-    work. ``model`` is ``BertForPreTraining`` or a fine-tuning ``BertForTask`` (keys as HF's, ``config`` ours)."""
+    work. ``model`` is a pretraining model of ``pretrain.models`` or a fine-tuning task model (keys as HF's,
+    ``config`` ours, ``tied_aliases`` and ``vocab_keys`` its own)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
@@ -153,9 +173,9 @@ def export_hf(
     c = model.config
     sd = {}
     for k, v in model.state_dict().items():
-        if k in TIED_ALIASES:
+        if k in model.tied_aliases:
             continue
-        if k in _VOCAB_KEYS:
+        if k in model.vocab_keys:
             v = v[: c.vocab_size]
         sd[k] = v.detach().to("cpu").contiguous().clone()
     try:
@@ -168,7 +188,7 @@ def export_hf(
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(out / "model.safetensors", 0o666 & ~umask)  # safetensors writes 0600 (a temporary file): share it
-    dtype = str(sd["bert.embeddings.word_embeddings.weight"].dtype).removeprefix("torch.")
+    dtype = str(sd[model.vocab_keys[0]].dtype).removeprefix("torch.")
     hf_config = {**c.to_hf_dict(), "dtype": dtype, **(extra or {})}
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer_dir is not None:
@@ -176,7 +196,9 @@ def export_hf(
         for name in _TOKENIZER_FILES:
             if (tdir / name).is_file():
                 shutil.copy2(tdir / name, out / name)
-        if not (tdir / "tokenizer_config.json").is_file():
+        if (tdir / "tokenizer_config.json").is_file():
+            tc = json.loads((tdir / "tokenizer_config.json").read_text())
+        else:
             lower = model_dir_lowercase(tdir) is not False  # no tokenizer files: uncased, as ours default
             tc = {
                 "tokenizer_class": "BertTokenizer",
@@ -184,13 +206,14 @@ def export_hf(
                 "model_max_length": c.max_position_embeddings,
                 **SPECIAL_TOKENS,
             }
-            (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
+        tc.update(_TOKENIZER_EXTRA.get(family_of(c), {}))
+        (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     return out
 
 
 @torch.no_grad()
 def fill_mask(
-    model: BertForPreTraining, tokenizer: Any, text: str, top_k: int = 5, mask_token: str = SPECIAL_TOKENS["mask_token"]
+    model: torch.nn.Module, tokenizer: Any, text: str, top_k: int = 5, mask_token: str = SPECIAL_TOKENS["mask_token"]
 ) -> list[list[tuple[str, float]]]:
     """Top-k (token, probability) for each ``[MASK]`` in ``text``; ``tokenizer`` is a ``tokenizers.Tokenizer``."""
     mask_id = tokenizer.token_to_id(mask_token)

@@ -28,22 +28,28 @@ from pretrain.checkpoint import safe_load
 from pretrain.checkpoint.bundle import check_format, checkpoint_step, fp32_weights
 from pretrain.checkpoint.hf import ROOT, load_hf, vocabulary, weight_keys
 from pretrain.checkpoint.locate import resolve
-from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models import NAMES, architecture, build, config_from_hf, family_of
 from pretrain.runtime.deepspeed_env import import_deepspeed
 
 
 def pretraining_model(
     model_kw: dict[str, Any], init_from: str | None = None, checksums: bool | None = True
-) -> BertForPreTraining:
-    """A fresh ``BertForPreTraining`` of ``model_kw``, with the weights ``init_from`` names (any path ``resolve``
-    takes) where given: shapes must fit (one line naming every misfit), tensors it lacks stay fresh (named)."""
+) -> torch.nn.Module:
+    """A fresh pretraining model of ``model_kw`` (its family's, ``pretrain.models.build``), with the weights
+    ``init_from`` names (any path ``resolve`` takes) where given: shapes must fit (one line naming every misfit),
+    tensors it lacks stay fresh (named)."""
     try:
-        model = BertForPreTraining(BertConfig(**model_kw))
+        model = build(model_kw)
     except ValueError as e:
         raise UserError(str(e)) from None
     if init_from:
         sd = weights_from(init_from, checksums)
         ours = model.state_dict()
+        if sd and not set(sd) & set(ours):  # another family's weights: every name differs
+            raise UserError(
+                f"trainer.init_from={init_from}: none of its tensors is a {NAMES[family_of(model_kw)]} weight "
+                f"(its first: {next(iter(sd))}); pick the model (model=...) these weights were trained as"
+            )
         bad = [
             f"{k} {tuple(v.shape)} vs model {tuple(ours[k].shape)}"
             for k, v in sd.items()
@@ -78,7 +84,7 @@ def weights_from(path: str, checksums: bool | None = True) -> dict[str, torch.Te
 class ModelSource:
     """A loaded model and what came with it."""
 
-    model: BertForPreTraining  # eval mode, on the CPU
+    model: torch.nn.Module  # a pretraining model of its family (pretrain.models), eval mode, on the CPU
     vocab: list[str]  # token of each id
     tokenizer: Any  # tokenizers.Tokenizer
     lowercase: bool
@@ -93,10 +99,6 @@ class ModelSource:
         return f"{self.path} (step {self.step})" if self.step is not None else str(self.path)
 
 
-ARCHITECTURE = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                "hidden_act", "max_position_embeddings", "type_vocab_size", "layer_norm_eps")  # fmt: skip
-
-
 def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_lowercase: bool | None) -> list[str]:
     """Continued pretraining from a Hugging Face directory (``trainer.init_from``; a run dir's ``hf/`` too): its
     ``config.json`` fixes the architecture (``model`` is updated in place), its vocabulary and casing must be the
@@ -107,7 +109,18 @@ def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_low
         return []
     what = f"trainer.init_from={init_from}"
     hf = json.loads((d / "config.json").read_text())
-    arch = {k: hf[k] for k in ARCHITECTURE if k in hf}
+    family = family_of(model)
+    try:
+        theirs_cfg = config_from_hf(hf)
+    except ValueError as e:  # a model type this project does not train, a pattern the model cannot reproduce
+        raise UserError(f"{what}: {e}") from None
+    if family_of(theirs_cfg) != family:
+        raise UserError(
+            f"{what} is a {NAMES[family_of(theirs_cfg)]} model (model_type {hf.get('model_type')!r}) but the run's "
+            f"model is {NAMES[family]}; choose a model={family_of(theirs_cfg)}-* config (its shape comes from "
+            "config.json)"
+        )
+    arch = {k: getattr(theirs_cfg, k) for k in architecture(family)}
     notes = [f"model.{k}={model.get(k)} -> {v}" for k, v in arch.items() if model.get(k) not in (None, v)]
     model.update(arch)
     theirs = vocabulary(d, what)
@@ -129,7 +142,7 @@ def continue_from(init_from: str, model: dict[str, Any], data_dir: str, data_low
             )
     # Pretraining continues the pair task only with a trained pair head (an encoder-only directory's pooler, which
     # load_hf keeps for fine-tuning, is not one); the names are read from the safetensors header, not the weights.
-    if model.get("nsp", True) and "cls.seq_relationship.weight" not in weight_keys(d):
+    if model.get("nsp", False) and "cls.seq_relationship.weight" not in weight_keys(d):
         model["nsp"] = False
         notes.append("model.nsp=false: the checkpoint has no NSP head (MLM continues alone)")
     return notes

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +69,19 @@ class BertConfig:
     pad_vocab_size_multiple: int = 8
     """Pad the vocabulary rows up to a multiple of this (tensor-core friendly GEMMs); 1 = off. Padding rows are
     never predicted (their logits are -inf) and are dropped by ``export_hf``."""
+    family: str = "bert"
+    """Model family (``pretrain/models/__init__.py``): which module the training code builds. Fixed per schema."""
+
+    # The fields that fix the shape of the weights: a Hugging Face directory's own win over the YAML's when
+    # pretraining continues from it (dropout and initialisation stay the run's choice).
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "hidden_act",
+        "max_position_embeddings", "type_vocab_size", "layer_norm_eps",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
+        if self.family != "bert":
+            raise ValueError(f"family={self.family!r}: BertConfig is the 'bert' family")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"hidden_size={self.hidden_size} is not a multiple of "
@@ -91,14 +102,17 @@ class BertConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """``config.json`` content that ``transformers.BertConfig`` reads (true vocab size, no padding rows)."""
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("nsp", "pad_vocab_size_multiple")}
+        ours = ("nsp", "pad_vocab_size_multiple", "family")  # not HF fields
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ours}
         arch = "BertForPreTraining" if self.nsp else "BertForMaskedLM"
         return {"architectures": [arch], "model_type": "bert", **d, "tie_word_embeddings": True}
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], **overrides: Any) -> BertConfig:
         """Build from a Hugging Face ``config.json`` dict; ``nsp`` follows ``architectures`` unless overridden."""
-        names = {f.name for f in fields(cls)}
+        if d.get("model_type", "bert") != "bert":
+            raise ValueError(f"model_type={d.get('model_type')!r}: only 'bert' configs map onto this model")
+        names = {f.name for f in fields(cls)} - {"family"}
         kw = {k: v for k, v in d.items() if k in names}
         archs = d.get("architectures") or []
         if "nsp" not in kw and archs:
@@ -110,6 +124,7 @@ class BertConfig:
 # Keys of a state dict that are views of other parameters (the decoder is tied to the word embeddings and to
 # ``cls.predictions.bias``): a checkpoint may lack them, a load must not call them missing.
 TIED_ALIASES = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+VOCAB_KEYS = ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")  # rows padded in memory only
 
 
 @dataclass
@@ -333,6 +348,16 @@ class BertForPreTraining(nn.Module):
     """BERT with MLM head (and NSP head + pooler when ``config.nsp``); keys as HF BertForPreTraining/ForMaskedLM."""
 
     tied_aliases = TIED_ALIASES  # state-dict keys that alias other parameters
+    vocab_keys = VOCAB_KEYS  # state-dict keys with padded vocabulary rows
+
+    @property
+    def checkpoint_layers(self) -> bool:
+        """Activation checkpointing of every encoder layer (``trainer.activation_checkpointing``)."""
+        return self.bert.encoder.checkpoint_layers
+
+    @checkpoint_layers.setter
+    def checkpoint_layers(self, on: bool) -> None:
+        self.bert.encoder.checkpoint_layers = on
 
     @property
     def loss_part_names(self) -> tuple[str, ...]:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -116,6 +116,15 @@ class ModernBertConfig:
     pad_vocab_size_multiple: int = 64
     """Pad the vocabulary rows up to a multiple of this (ModernBERT's 50368 is 64 x 787); 1 = off. Padding rows
     are never predicted (their logits are -inf) and are dropped on export."""
+
+    # The fields that fix the weights' shapes and what they compute: a Hugging Face directory's own win over the
+    # YAML's when pretraining continues from it (dropout and initialisation stay the run's choice).
+    ARCHITECTURE: ClassVar[tuple[str, ...]] = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "hidden_activation", "max_position_embeddings", "norm_eps", "norm_bias", "attention_bias", "global_rope_theta",
+        "local_rope_theta", "local_attention", "global_attn_every_n_layers", "mlp_bias", "decoder_bias",
+        "classifier_activation", "classifier_bias",
+    )  # fmt: skip
 
     def __post_init__(self) -> None:
         if self.nsp:

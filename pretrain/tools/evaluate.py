@@ -196,7 +196,8 @@ def _table(source: ModelSource, where: str, res: dict[str, Any], batch_size: int
             row("MLM accuracy", f"{res['mlm_acc']:.2%}", f"{res['unigram_acc']:.2%}", f"unigram: always {unigram!r}"),
         ]
     if "nsp_loss" in res:
-        pair = res.get("pair_task", "nsp").upper()  # an SOP model is scored on sentence order, drawn as in training
+        # an SOP model is scored on sentence order, drawn as in training
+        pair = "SOP" if res.get("pair_task") == "sop" else "NSP"
         lines += [
             row(f"{pair} loss", f"{res['nsp_loss']:.4f}"),
             row(f"{pair} accuracy", f"{res['nsp_acc']:.2%}", f"{res['nsp_majority_acc']:.2%}", "majority class"),

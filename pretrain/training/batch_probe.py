@@ -85,7 +85,7 @@ def measure(model: torch.nn.Module, seq_len: int, precision: str, device: torch.
     """(activation bytes per sample, activation bytes that do not grow with the batch) of ``model`` as set up,
     from real passes at 2 and 4 samples. With activation checkpointing, the layer the backward recomputes is
     added (its share of a pass without checkpointing): what the forward saves is then only the layers' inputs."""
-    was, encoder = model.training, model.bert.encoder
+    was = model.training
     model.train()
 
     def line() -> tuple[int, int]:
@@ -94,13 +94,13 @@ def measure(model: torch.nn.Module, seq_len: int, precision: str, device: torch.
         return per_sample, max(two - 2 * per_sample, 0)
 
     per_sample, fixed = line()
-    if encoder.checkpoint_layers:  # the backward recomputes one layer at a time: its activations come back
-        encoder.checkpoint_layers = False
+    if model.checkpoint_layers:  # the backward recomputes one layer at a time: its activations come back
+        model.checkpoint_layers = False
         try:
             full, _ = line()
         finally:
-            encoder.checkpoint_layers = True
-        per_sample += full // len(encoder.layer)
+            model.checkpoint_layers = True
+        per_sample += full // model.config.num_hidden_layers
     model.train(was)
     return per_sample, fixed
 

@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
-from pretrain.models.bert import BertConfig
+from pretrain.models import FAMILIES
 from pretrain.training.masking import MaskingConfig
 
 
@@ -35,11 +35,12 @@ class DataConfig:
     """Pack each micro-batch's samples into as few rows as they fit (attention kept inside each sample, positions
     restarting, NSP read at each sample's [CLS]): no compute on padding, same losses per sample; the samples per
     step and the data order are unchanged (resumes stay exact)."""
-    pair_task: str = "nsp"
+    pair_task: str = "auto"
     """What the sentence-pair head learns from BERT shards (``objective=`` sets it): ``nsp``, the shards'
     IsNext/NotNext labels; ``sop``, ALBERT's sentence order, drawn at load time from the same shards (an IsNext
-    pair kept or swapped 50/50 per epoch and sample; a NotNext pair cut to its first segment, MLM only). Metrics
-    keep the head's ``nsp_*`` names; logs and summaries say SOP."""
+    pair kept or swapped 50/50 per epoch and sample; a NotNext pair cut to its first segment, MLM only); ``none``,
+    MLM alone; ``auto`` (no ``objective=``), ``nsp`` for a model with a pair head and ``none`` for one without.
+    Metrics keep the head's ``nsp_*`` names; logs and summaries say SOP."""
     verify: bool = True
     """Check every shard against the sha256 in ``manifest.json`` before the first step (a rotten or truncated
     shard stops the run with one line naming it); false keeps only the cheap size and index checks. Cost: one
@@ -229,9 +230,11 @@ class LoggerConfig:
 
 @dataclass
 class Config:
-    model: BertConfig = field(default_factory=lambda: BertConfig(vocab_size=None))
-    """Model shape: ``pretrain.models.bert.BertConfig`` (Hugging Face field names, BERT-base defaults; each
-    ``conf/model/*.yaml`` holds what differs); ``vocab_size: null`` = the size of the shards' vocabulary."""
+    model: Any = MISSING
+    """Model shape: the config dataclass of its family (``pretrain.models.FAMILIES``: ``BertConfig``,
+    ``ModernBertConfig``; Hugging Face field names), which each ``conf/model/*.yaml`` names in its defaults list
+    (``/model_schema/<family>``) and then holds what differs from it; ``vocab_size: null`` = the size of the
+    shards' vocabulary."""
     data: DataConfig = field(default_factory=DataConfig)
     """Shards and loading (``conf/data/*.yaml``)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -304,7 +307,10 @@ def _run_slug(name: str, overrides: str, limit: int = 96) -> str:
 
 
 def register_configs() -> None:
-    ConfigStore.instance().store(name="pretrain_schema", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="pretrain_schema", node=Config)
+    for family, (schema, _) in FAMILIES.items():  # conf/model/*.yaml: `defaults: [/model_schema/<family>, _self_]`
+        store.store(group="model_schema", name=family, node=schema(vocab_size=None))
     if not OmegaConf.has_resolver("run_slug"):
         OmegaConf.register_new_resolver("run_slug", _run_slug)
 

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from data_prep.atomic import write_text
 from data_prep.errors import UserError
+from pretrain.models import NAMES, family_of
 
 METRICS_FILE = "metrics.jsonl"  # RUN_DIR/metrics.jsonl: one JSON record per line, owned by this module
 
@@ -273,15 +274,15 @@ def print_startup(
     start_step: int,
     run_dir: Path,
 ) -> None:
-    """Rank 0, once, before the first step: what will happen (``model`` is the ``BertConfig``, ``info`` the
-    pre-flight's ``DataInfo``)."""
+    """Rank 0, once, before the first step: what will happen (``model`` is the model's config dataclass, ``info``
+    the pre-flight's ``DataInfo``)."""
     t, samples = cfg.trainer, info.verified.get("samples", {})
     tokens = info.manifest.split("train").get("tokens")
     data = f"{cfg.data.dir}: train {samples.get('train', 0):,} samples"
     data += f" ({tokens:,} tokens)" if tokens else ""
     data += f", validation {samples.get('validation', 0):,}; {info.verified.get('shards', 0)} shards"
     data += f", sha256 verified in {info.verified.get('seconds', 0):.1f} s" if cfg.data.verify else ""
-    heads = f"MLM + {cfg.data.pair_task.upper()} heads" if model.nsp else "MLM head only (RoBERTa-style)"
+    heads = f"MLM + {cfg.data.pair_task.upper()} heads" if model.nsp else "MLM head only"
     where = f"threads per rank: {threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     epochs = t.max_steps * t.global_batch_size / max(1, samples.get("train", 0))
     extras = [("packed rows", cfg.data.pack), ("compiled", t.compile), ("activation checkpointing",
@@ -289,8 +290,8 @@ def print_startup(
     lines = [
         "=" * 72,
         f"run {cfg.run_name}",
-        f"  model        BERT, {parameters:,} parameters: {model.num_hidden_layers} layers, hidden "
-        f"{model.hidden_size}, {model.num_attention_heads} heads, vocab {model.vocab_size:,}, {heads}",
+        f"  model        {NAMES[family_of(model)]}, {parameters:,} parameters: {model.num_hidden_layers} layers, "
+        f"hidden {model.hidden_size}, {model.num_attention_heads} heads, vocab {model.vocab_size:,}, {heads}",
         f"  data         {data}",
         f"  ranks        {env.world_size} rank(s) via {env.launcher}; {where}",
         f"  engine       ZeRO stage {zero_stage}, {t.precision}; optimizer: {optimizer}"
@@ -345,7 +346,7 @@ def validation_lines(v: dict[str, Any]) -> list[str]:
         f"{'n/a' if uni is None else format(uni, '.2%')}{times})"
     ]
     if v.get("val_nsp_acc") is not None:
-        pair = v.get("pair_task", "nsp").upper()
+        pair = "SOP" if v.get("pair_task") == "sop" else "NSP"
         lines.append(f"               {pair} loss {v['val_nsp_loss']:.4f}  acc {v['val_nsp_acc']:.2%}  (chance 50%)")
     return lines
 
@@ -363,12 +364,12 @@ def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int, pair: st
     def f(key: str, spec: str) -> str:
         return "n/a" if val.get(key) is None else format(val[key], spec)
 
-    hf = run_dir / "hf"
+    hf, pair_name = run_dir / "hf", "SOP" if pair == "sop" else "NSP"
     print(
         f"run {run_dir} is complete at step {step}/{max_steps}: checkpoint {tag}, HF export "
         f"{hf}; final train loss "
         f"{'n/a' if loss is None else format(loss, '.4f')}, val MLM acc {f('val_mlm_acc', '.2%')}"
-        f"{'' if val.get('val_nsp_acc') is None else f', val {pair.upper()} acc ' + f('val_nsp_acc', '.2%')}. "
+        f"{'' if val.get('val_nsp_acc') is None else f', val {pair_name} acc ' + f('val_nsp_acc', '.2%')}. "
         "Nothing to do: "
         "raise trainer.max_steps to train on, or use another run_dir",
         flush=True,

@@ -15,6 +15,7 @@ from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import Manifest, read_manifest
 from data_prep.store import NSP_LABEL, ShardError, verify_data
 from data_prep.vocab import read_vocab
+from pretrain.models import NAMES
 from pretrain.training.config import EngineConfig
 from pretrain.training.ds_config import build_ds_config, gradient_accumulation_steps
 
@@ -100,11 +101,18 @@ def preflight(
             f"model.vocab_size={model['vocab_size']} but {cfg.data.dir}/vocab.txt has {info.vocab_size} "
             "tokens; set model.vocab_size=null to take it from the data"
         )
+    family = model.get("family", "bert")
+    name = NAMES.get(family, family)
     max_pos = model.get("max_position_embeddings", 512)
     if info.max_seq_length is not None and info.max_seq_length > max_pos:
         raise UserError(
             f"{cfg.data.dir} holds samples of up to {info.max_seq_length} tokens but "
-            f"model.max_position_embeddings={max_pos}; use a model with more positions"
+            f"model.max_position_embeddings={max_pos} ({name}'s context); use a model with more positions"
+        )
+    if cfg.trainer.max_seq_length > max_pos:
+        raise UserError(
+            f"trainer.max_seq_length={cfg.trainer.max_seq_length} is above model.max_position_embeddings={max_pos} "
+            f"({name}'s context); lower it or use a model with more positions"
         )
     if info.max_seq_length is not None and info.max_seq_length > cfg.trainer.max_seq_length:
         raise UserError(
@@ -113,9 +121,19 @@ def preflight(
             "point data.dir at matching shards or raise trainer.max_seq_length"
         )
     nsp = model.get("nsp", True)
-    if cfg.data.pair_task not in ("nsp", "sop"):
-        raise UserError(f"data.pair_task={cfg.data.pair_task!r}: use nsp or sop (or objective=nsp|sop|mlm)")
-    if cfg.data.pair_task == "sop" and not (nsp and info.nsp):
+    pair = cfg.data.pair_task
+    if pair not in ("auto", "nsp", "sop", "none"):
+        raise UserError(f"data.pair_task={pair!r}: use nsp, sop or none (or objective=nsp|sop|mlm)")
+    if family != "bert" and pair in ("nsp", "sop"):
+        raise UserError(
+            f"objective={pair}: {name} has no sentence-pair head (transformers' {name} masked-LM class has none); "
+            "drop objective= or use objective=mlm"
+        )
+    if pair == "auto":  # no objective= given: what the model has
+        pair = cfg.data.pair_task = "nsp" if nsp else "none"
+    if pair == "none" and nsp:
+        raise UserError("objective=mlm but model.nsp=true: drop model.nsp=true, or use objective=nsp")
+    if pair == "sop" and not (nsp and info.nsp):
         raise UserError(
             f"objective=sop needs sentence pairs and the pair head: model.nsp={str(nsp).lower()}, {cfg.data.dir} "
             f"holds {'BERT pairs' if info.nsp else 'RoBERTa-mode shards'}; prepare the data with nsp=true"
@@ -123,9 +141,9 @@ def preflight(
     if nsp and not info.nsp:
         raise UserError(
             f"model.nsp=true but {cfg.data.dir} holds RoBERTa-mode shards (no sentence pairs); "
-            "set model.nsp=false or prepare the data with nsp=true"
+            "set model.nsp=false (objective=mlm) or prepare the data with nsp=true"
         )
-    if not nsp and info.nsp:
+    if pair == "nsp" and not nsp and info.nsp:
         warnings.warn(
             f"{cfg.data.dir} holds BERT sentence pairs but model.nsp=false: NSP labels are ignored", stacklevel=2
         )

@@ -26,7 +26,7 @@ from pretrain.checkpoint.bundle import checkpoint_step
 from pretrain.checkpoint.hf import export_hf
 from pretrain.checkpoint.locate import finished
 from pretrain.checkpoint.weights import continue_from, pretraining_model
-from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models import build
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
 from pretrain.training.config import Config, EngineConfig
@@ -120,7 +120,7 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
         torch.use_deterministic_algorithms(True)
     random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)  # same initial weights everywhere
     model = pretraining_model(model_kw, t.init_from if tag is None else None, t.verify_checkpoint)
-    model.bert.encoder.checkpoint_layers = t.activation_checkpointing
+    model.checkpoint_layers = t.activation_checkpointing
     if auto_batch:
         choose_micro_batch(cfg, model, env, device)
     torch.manual_seed(cfg.seed + env.rank)  # per-rank dropout streams
@@ -187,9 +187,7 @@ def export(run: Run) -> Path:
     its data. Rank 0 writes; all ranks wait."""
     ds, out = run.ds, run.ds.run_dir / "hf"
     if ds.main:
-        model = ds.fp32_model(
-            lambda: BertForPreTraining(BertConfig(**run.model_kw)), ds.loop.last_ckpt or ds.resume_tag
-        )
+        model = ds.fp32_model(lambda: build(run.model_kw), ds.loop.last_ckpt or ds.resume_tag)
         export_hf(model, run.cfg.data.dir, out)
     D.barrier()
     return out

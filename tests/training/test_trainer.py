@@ -200,8 +200,25 @@ def test_preflight_fills_vocab_and_checks(data, tmp_path):
         preflight(_cfg(f"data.dir={roberta}"), 1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        preflight(_cfg(f"data.dir={data}", "model.nsp=false"), 1)
+        preflight(_cfg(f"data.dir={data}", "model.nsp=false", "objective=nsp"), 1)
     assert any("NSP labels are ignored" in str(w.message) for w in caught)
+
+
+def test_preflight_of_a_modernbert_run(data, tmp_path):
+    """ModernBERT trains MLM alone on either kind of shard; a pair objective, a pair head or a row longer than
+    its context is one line before any work."""
+    cfg = _cfg(f"data.dir={data}", "model=modernbert-tiny")
+    _, model = preflight(cfg, 1)
+    assert model["family"] == "modernbert" and not model["nsp"] and cfg.data.pair_task == "none"
+    roberta = make_data(tmp_path / "roberta", nsp=False)
+    assert preflight(_cfg(f"data.dir={roberta}", "model=modernbert-tiny"), 1)[1]["vocab_size"] == len(SHARD_VOCAB)
+    for objective in ("nsp", "sop"):
+        with pytest.raises(UserError, match=f"objective={objective}: ModernBERT has no sentence-pair head"):
+            preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", f"objective={objective}"), 1)
+    with pytest.raises(UserError, match=r"trainer.max_seq_length=2048 is above model.max_position_embeddings=1024"):
+        preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", "trainer.max_seq_length=2048"), 1)
+    with pytest.raises(UserError, match=r"up to 32 tokens but model.max_position_embeddings=16 \(ModernBERT"):
+        preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", "model.max_position_embeddings=16"), 1)
 
 
 def test_empty_validation_split_is_an_error_unless_validation_is_off(tmp_path):
