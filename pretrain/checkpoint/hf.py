@@ -206,6 +206,12 @@ def export_hf(
                 "model_max_length": c.max_position_embeddings,
                 **SPECIAL_TOKENS,
             }
+        if not (tdir / "tokenizer.json").is_file() and (tdir / "vocab.txt").is_file():
+            # transformers 5 loads a ModernBERT tokenizer from tokenizer.json only (its TokenizersBackend); the
+            # same WordPiece pipeline data preparation encodes with, built from vocab.txt
+            vocab = read_vocab(tdir / "vocab.txt")
+            tok = build_tokenizer({t: i for i, t in enumerate(vocab)}, bool(tc.get("do_lower_case", True)))
+            tok.save(str(out / "tokenizer.json"))
         tc.update(_TOKENIZER_EXTRA.get(family_of(c), {}))
         (out / "tokenizer_config.json").write_text(json.dumps(tc, indent=2) + "\n")
     return out

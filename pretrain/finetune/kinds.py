@@ -6,13 +6,16 @@ kind up there instead of branching on its name, so a new kind is one more class 
 A kind (``TaskKind``) holds:
 
 - ``name``; ``metric``, the default validation metric that picks the best checkpoint (a key of ``score``'s
-  result); ``hf_class``, the ``transformers`` class of the saved model (its config.json ``architectures``);
+  result);
 - reading: ``columns(task)`` (configured column -> the key its encoder reads), ``gold`` (the key prediction input
   may lack), ``read``;
-- labels and encoding: ``label_map`` (the class map, or None), ``num_labels``, ``encode`` (rows into features,
-  ``tasks.encode_pairs`` and ``spans.encode_ner``/``encode_qa``), ``collate`` (features into padded arrays);
-- the head on the encoder (``heads.BertForTask`` builds and calls it): ``pooled`` (reads the pooled [CLS]),
-  ``head_size``, ``add_head`` (the fresh output layer), ``head`` (logits and loss from the hidden states);
+- labels and encoding: ``classes`` (whether there is a class map), ``label_map`` (the class map, or None),
+  ``num_labels``, ``encode`` (rows into features, ``tasks.encode_pairs`` and ``spans.encode_ner``/``encode_qa``),
+  ``collate`` (features into padded arrays);
+- the head: ``level`` (what it reads: one vector per text, every token, every token as a span end), ``hf_task``
+  (transformers' class is ``<Family>For<hf_task>``), ``head_size`` (outputs of its output layer) and ``loss`` (from
+  the logits). How the head is laid out and computes its logits is the family's, not the kind's: each family's task
+  model (``heads.TASK_MODELS``) does it as its own HF classes do, so one kind serves BERT and ModernBERT alike;
 - results: ``decode`` (validation or prediction logits -> one prediction per input row) and ``score`` (predictions
   and the gold rows -> metrics).
 
@@ -27,7 +30,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from pretrain.finetune import metrics as M
 from pretrain.finetune import spans as S
@@ -41,12 +43,12 @@ class TaskKind:
 
     name: str
     metric: str  # default validation metric (picks the best checkpoint): a key of ``score``'s result
-    hf_class: str  # transformers class of an exported model (``architectures``)
+    hf_task: str  # transformers' task class is <Family>For<hf_task> (config.json's ``architectures``)
+    level: str  # what the head reads: "sequence" (one vector per text), "token" (every token), "span" (start, end)
     gold: str  # the encoders' key of the gold column: dropped from prediction input, which need not have it
     texts: tuple[str, ...] = ()  # the encoders' keys of the text columns: a row with an empty one is dropped
     labelled = False  # one label per row in ``gold`` (classification, regression): an empty or NaN one is refused
-    pooled = False  # the head reads the pooled [CLS] (the encoder gets a fresh pooler when it has none)
-    head_name = "classifier"  # attribute (and HF parameter prefix) of the head's output layer
+    classes = False  # a class map (``label_map``): config.json's id2label names the classes, prediction reads them
 
     def __repr__(self) -> str:
         return f"<task kind {self.name}>"
@@ -101,23 +103,16 @@ class TaskKind:
         """Outputs of the head's output layer."""
         return num_labels
 
-    def add_head(self, model: nn.Module, config: Any, num_labels: int) -> nn.Linear:
-        """Put the head's output layer on ``model`` (as ``head_name``, HF's name) and return it (initialised by
-        the caller)."""
-        layer = nn.Linear(config.hidden_size, self.head_size(num_labels))
-        setattr(model, self.head_name, layer)
-        return layer
-
-    def head(
+    def loss(
         self,
-        model: nn.Module,
-        hidden: torch.Tensor,
+        logits: torch.Tensor,
         attention_mask: torch.Tensor | None,
         labels: torch.Tensor | None = None,
         start_positions: torch.Tensor | None = None,
         end_positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``(loss, logits)`` from the encoder's hidden states ``[B, L, H]`` (loss None without targets)."""
+        """``(loss, logits)`` from the head's output layer (loss None without targets; the logits as the task
+        model returns them)."""
         raise NotImplementedError
 
     # ----------------------------------------------------------------------------------------------- results
@@ -135,12 +130,12 @@ class TaskKind:
 
 
 class SequenceKind(TaskKind):
-    """A text or a text pair (``[CLS] A [SEP] (B [SEP])``) -> the pooled [CLS] -> dropout -> ``classifier``."""
+    """A text or a text pair (``[CLS] A [SEP] (B [SEP])``) -> one vector (the family's pooling) -> ``classifier``."""
 
+    hf_task, level = "SequenceClassification", "sequence"
     gold = "label"
     texts = ("text", "pair")
     labelled = True
-    pooled = True
 
     def columns(self, task: Any) -> dict[str, str]:
         cols = {task.text_column: "text", task.label_column: "label"}
@@ -158,18 +153,11 @@ class SequenceKind(TaskKind):
         texts = [r["text"] for r in rows]
         return T.encode_pairs(tokenizer, specials, texts, pairs, max_length, task.truncate, y, where)
 
-    def head(self, model, hidden, attention_mask, labels=None, start_positions=None, end_positions=None):
-        logits = model.classifier(model.dropout(model.bert.pooler(hidden[:, 0])))  # [B, outputs]
-        return self.loss(logits, labels)
-
-    def loss(self, logits: torch.Tensor, labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor]:
-        raise NotImplementedError
-
 
 class Classification(SequenceKind):
     """One class per text (pair): cross-entropy over ``num_labels`` logits; accuracy, MCC (and F1 for two)."""
 
-    name, metric, hf_class = "classification", "accuracy", "BertForSequenceClassification"
+    name, metric, classes = "classification", "accuracy", True
 
     def label_map(self, task, train_rows):
         return T.LabelMap.build(task.labels, [r["label"] for r in train_rows])
@@ -177,8 +165,8 @@ class Classification(SequenceKind):
     def targets(self, values, labels, where):
         return labels.encode(values, where)
 
-    def loss(self, logits, labels):
-        return (None if labels is None else F.cross_entropy(logits.float(), labels)), logits
+    def loss(self, logits, attention_mask, labels=None, start_positions=None, end_positions=None):
+        return (None if labels is None else F.cross_entropy(logits.float(), labels)), logits  # logits [B, labels]
 
     def decode(self, task, labels, rows, feats, logits):
         return labels.decode([int(x.argmax()) for x in logits])  # a class name per row
@@ -191,7 +179,7 @@ class Classification(SequenceKind):
 class Regression(SequenceKind):
     """A number per text (pair), STS-B style: one output, mean squared error; Pearson, Spearman."""
 
-    name, metric, hf_class = "regression", "pearson", "BertForSequenceClassification"
+    name, metric = "regression", "pearson"
 
     def num_labels(self, labels):
         return 1
@@ -202,8 +190,8 @@ class Regression(SequenceKind):
     def targets(self, values, labels, where):
         return T.regression_targets(values, where)
 
-    def loss(self, logits, labels):
-        logits = logits.squeeze(-1)  # [B]
+    def loss(self, logits, attention_mask, labels=None, start_positions=None, end_positions=None):
+        logits = logits.squeeze(-1)  # [B, 1] -> [B]
         return (None if labels is None else F.mse_loss(logits.float(), labels.float())), logits
 
     def decode(self, task, labels, rows, feats, logits):
@@ -217,10 +205,11 @@ class Regression(SequenceKind):
 
 
 class NER(TaskKind):
-    """A BIO tag per word: every token -> dropout -> ``classifier``, the tag on each word's first piece
+    """A BIO tag per word: every token -> ``classifier``, the tag on each word's first piece
     (``spans.encode_ner``/``decode_ner``); entity-level precision, recall, F1 as seqeval."""
 
-    name, metric, hf_class = "ner", "f1", "BertForTokenClassification"
+    name, metric, classes = "ner", "f1", True
+    hf_task, level = "TokenClassification", "token"
     gold = "tags"
     texts = ("tokens",)
 
@@ -233,9 +222,8 @@ class NER(TaskKind):
     def encode(self, task, rows, labels, tokenizer, specials, max_length, where, labelled=True):
         return S.encode_ner(tokenizer, specials, rows, labels if labelled else None, max_length, task.truncate, where)
 
-    def head(self, model, hidden, attention_mask, labels=None, start_positions=None, end_positions=None):
-        logits = model.classifier(model.dropout(hidden))  # [B, L, labels]
-        loss = None
+    def loss(self, logits, attention_mask, labels=None, start_positions=None, end_positions=None):
+        loss = None  # logits [B, L, labels]
         if labels is not None:  # -100 on continuation pieces, specials and padding
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=T.IGNORE)
         return loss, logits
@@ -250,14 +238,14 @@ class NER(TaskKind):
 
 
 class QA(TaskKind):
-    """Extractive QA, SQuAD v1 style: every token -> ``qa_outputs`` (start and end logits) over overlapping context
-    windows (``spans.encode_qa``), answers back to context text (``spans.postprocess_qa``); exact match and F1 as
-    the SQuAD script."""
+    """Extractive QA, SQuAD v1 style: every token -> start and end logits, over overlapping context windows
+    (``spans.encode_qa``), answers back to context text (``spans.postprocess_qa``); exact match and F1 as the SQuAD
+    script."""
 
-    name, metric, hf_class = "qa", "f1", "BertForQuestionAnswering"
+    name, metric = "qa", "f1"
+    hf_task, level = "QuestionAnswering", "span"
     gold = "answers"
     texts = ("question", "context")
-    head_name = "qa_outputs"
 
     def columns(self, task):
         return {task.question_column: "question", task.context_column: "context", task.answers_column: "answers"}
@@ -273,9 +261,8 @@ class QA(TaskKind):
             rows = [{k: v for k, v in r.items() if k != "answers"} for r in rows]
         return S.encode_qa(tokenizer, specials, rows, max_length, task.doc_stride, task.max_query_length, where)
 
-    def head(self, model, hidden, attention_mask, labels=None, start_positions=None, end_positions=None):
-        logits = model.qa_outputs(hidden)  # [B, L, 2]
-        loss = None
+    def loss(self, logits, attention_mask, labels=None, start_positions=None, end_positions=None):
+        loss = None  # logits [B, L, 2]
         if start_positions is not None and end_positions is not None:
             if attention_mask is not None:  # padding is never an answer
                 logits = logits.masked_fill(~attention_mask.bool()[..., None], torch.finfo(logits.dtype).min)

@@ -28,10 +28,10 @@ from data_prep.errors import UserError
 from pretrain.checkpoint.hf import export_hf, load_weights, read_weights
 from pretrain.checkpoint.weights import load_model
 from pretrain.finetune.config import FinetuneConfig
-from pretrain.finetune.heads import BertForTask, from_pretrained
+from pretrain.finetune.heads import TaskModel, from_pretrained, task_model
 from pretrain.finetune.kinds import KINDS
 from pretrain.finetune.prepare import Prepared, prepare
-from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models import build, config_from_hf
 from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime.signals import StopFlag
@@ -118,18 +118,23 @@ def score_validation(ds: Engine, data: Prepared, batch: int) -> dict[str, float]
     return data.score(outs)
 
 
-def save_best(model: BertForTask, src: Any, data: Prepared, out: Path, metrics: dict[str, float]) -> None:
+def save_best(model: TaskModel, src: Any, data: Prepared, out: Path, metrics: dict[str, float]) -> None:
     """The best model as a Hugging Face directory (``export_hf``: true vocabulary rows, task head included, names
-    as ``BertFor<Task>``), with the tokenizer files of its source: what ``mode=predict`` and ``transformers``
-    load. Written beside ``out`` and renamed over it: the whole directory or nothing."""
+    as its family's ``<Family>For<Task>``), with the tokenizer files of its source: what ``mode=predict`` and
+    ``transformers`` (``AutoModelFor<Task>``) load. Written beside ``out`` and renamed over it: the whole directory
+    or nothing."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    # transformers sizes the head by id2label (an empty one means 0 outputs): HF's own names where there are no
+    # classes (regression's one output, QA's start and end)
+    names = data.label_names or [f"LABEL_{i}" for i in range(model.num_labels)]
     extra = {
-        "architectures": [KINDS[model.kind].hf_class],
-        "nsp": model.bert.pooler is not None,  # read back by BertConfig.from_hf_dict: whether there is a pooler
+        **model.hf_extra(),
+        "architectures": [model.hf_class],
         "task_kind": model.kind,
         "num_labels": model.num_labels,
-        "id2label": dict(enumerate(data.label_names or [])),
+        "id2label": dict(enumerate(names)),
+        "label2id": {n: i for i, n in enumerate(names)},
         "finetune_metrics": metrics,
     }
     try:
@@ -148,12 +153,16 @@ def save_best(model: BertForTask, src: Any, data: Prepared, out: Path, metrics: 
     tmp.rename(out)
 
 
-def load_task_model(path: Path) -> BertForTask:
-    """A directory written by ``save_best`` (``load_hf``'s reader and vocabulary padding, every key required)."""
+def load_task_model(path: Path) -> TaskModel:
+    """A directory written by ``save_best``, of either family (config.json's ``model_type``; ``load_hf``'s reader
+    and vocabulary padding, every key required)."""
     hf = json.loads((path / "config.json").read_text())
     if "task_kind" not in hf:
         raise UserError(f"{path}: not a fine-tuned model (config.json has no task_kind)")
-    model = BertForTask(BertConfig.from_hf_dict(hf), hf["task_kind"], int(hf["num_labels"]))
+    try:
+        model = task_model(config_from_hf(hf), hf["task_kind"], int(hf["num_labels"]))
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
     missing, unexpected = load_weights(model, read_weights(path), path)
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
@@ -175,9 +184,9 @@ def setup(cfg: FinetuneConfig, env: Any, stop: StopFlag) -> tuple[Engine, Any, P
     batches = TaskBatches(data, cfg, env.rank, env.world_size)
     t.max_steps = cfg.epochs * batches.steps_per_epoch  # the schedule's length (a given one is refused first)
     torch.manual_seed(cfg.seed)
-    encoder = BertForPreTraining(src.model.config) if cfg.random_init else src.model
+    encoder = build(src.model.config) if cfg.random_init else src.model  # the source's family and shape
     model = from_pretrained(encoder, cfg.task.kind, data.num_labels)
-    model.bert.encoder.checkpoint_layers = t.activation_checkpointing
+    model.checkpoint_layers = t.activation_checkpointing
     config = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = MetricsLogger(cfg.logger, cfg.run_name, Path(cfg.run_dir).resolve(), env.is_main, config)
     ds = start(EngineConfig.of(cfg), env, model, device, tag, batches, stop, logger)
@@ -241,10 +250,10 @@ def finetune(cfg: FinetuneConfig) -> int:
     return loop.code
 
 
-def _fp32_model(ds: Engine, tag: Path | None) -> BertForTask:
+def _fp32_model(ds: Engine, tag: Path | None) -> TaskModel:
     """The task model in fp32 (``Engine.fp32_model``: the module's weights, or checkpoint ``tag``'s master ones)."""
     module = ds.module
-    return ds.fp32_model(lambda: BertForTask(module.config, module.kind, module.num_labels), tag)
+    return ds.fp32_model(lambda: type(module)(module.config, module.kind, module.num_labels), tag)
 
 
 def _recover_best(ds: Engine, src: Any, data: Prepared, run_dir: Path, history: list[dict], metric: str) -> None:

@@ -46,7 +46,7 @@ def predict(cfg: Any) -> int:
     tcfg = _task_config(cfg, run_dir)
     hf = json.loads((best / "config.json").read_text())
     names = [hf["id2label"][str(i)] for i in range(len(hf.get("id2label", {})))]
-    labels = T.LabelMap(tuple(names)) if names else None
+    labels = T.LabelMap(tuple(names)) if names and KINDS[hf["task_kind"]].classes else None  # else HF's LABEL_i
     src = SimpleNamespace(vocab=vocab, tokenizer=tokenizer)
     try:
         rows = read_split(tcfg, cfg.predict_file, None, labelled=False)

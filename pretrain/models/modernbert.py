@@ -109,6 +109,12 @@ class ModernBertConfig:
     """Activation of the MLM head's transform (HF's name: the head is shared with its classifiers)."""
     classifier_bias: bool = False
     """Bias on the MLM head's dense layer."""
+    classifier_pooling: str = "cls"
+    """Fine-tuning's sequence heads (HF's ``ModernBertForSequenceClassification``): the text's vector is its first
+    token's (``cls``) or the mean over its real tokens (``mean``, what the published ModernBERT checkpoints name).
+    Pretraining does not read it; kept so a published model's choice carries over to fine-tuning and export."""
+    classifier_dropout: float = 0.0
+    """Fine-tuning's task heads: dropout between the prediction head and the classifier (HF's ``drop``)."""
     family: str = "modernbert"
     """Model family (BERT's config says ``bert``): which module the training code builds."""
     nsp: bool = False
@@ -146,6 +152,8 @@ class ModernBertConfig:
             )
         if self.pad_vocab_size_multiple < 1:
             raise ValueError(f"pad_vocab_size_multiple={self.pad_vocab_size_multiple}: must be >= 1 (1 = off)")
+        if self.classifier_pooling not in ("cls", "mean"):
+            raise ValueError(f"classifier_pooling={self.classifier_pooling!r}: use cls or mean")
 
     @property
     def padded_vocab_size(self) -> int:
@@ -460,10 +468,9 @@ class ModernBertForMaskedLM(nn.Module):
         cls_index: torch.Tensor | None = None,
     ) -> PretrainingOutput:
         """BERT's forward (``BertForPreTraining.forward``): labels [B, L] target ids, -100 where nothing is
-        predicted; packed rows as ``encode`` reads them. ``token_type_ids`` and ``cls_index`` are ignored (no
-        segments, no NSP); a ``next_sentence_label`` is refused."""
-        if next_sentence_label is not None:
-            raise ValueError("next_sentence_label given, but ModernBERT has no next-sentence head (nsp=false)")
+        predicted; packed rows as ``encode`` reads them. ``token_type_ids``, ``next_sentence_label`` and
+        ``cls_index`` are ignored (no segments, no pair head: sentence-pair shards train MLM on both segments, as a
+        BERT with nsp=false does)."""
         if labels is None:
             self.encode(input_ids, None, attention_mask, position_ids)  # nothing to score; still a full pass
             return PretrainingOutput(None, None, None, None, None, None, 0)

@@ -160,7 +160,7 @@ def evaluate_model(
     config = getattr(model, "module", model).config
 
     def one_segment(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if config.type_vocab_size < 2:  # a RoBERTa-style model on sentence pairs: it has one segment embedding
+        if getattr(config, "type_vocab_size", 1) < 2:  # RoBERTa-style or ModernBERT: one segment or none
             batch.pop("token_type_ids", None)
         return batch
 

@@ -128,6 +128,7 @@ def setup(cfg: Config, env: Any, stop: StopFlag) -> Run:
                                               info.has_validation)  # fmt: skip
     unigram_id = most_frequent_token(cfg.data.dir, "train", max_tokens=UNIGRAM_SAMPLE) if val_loader else -1
     cfg_dict = dataclasses.asdict(cfg)  # the resolved config, in every checkpoint and the W&B run
+    cfg_dict["model"] = dict(model_kw)  # the model as built: vocab_size filled in, a continued directory's shape
     logger = MetricsLogger(cfg.logger, cfg.run_name, run_dir, env.is_main, cfg_dict, pair=cfg.data.pair_task)
     ds = start(EngineConfig.of(cfg), env, model, device, tag, sampler, stop, logger)
     if tag is None and t.init_from and env.is_main:

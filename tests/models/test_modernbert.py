@@ -262,9 +262,9 @@ def test_model_refusals() -> None:
     with pytest.raises(ValueError, match="max_position_embeddings=64"):
         model.encode(torch.ones(1, 65, dtype=torch.long))
     model.encode(torch.ones(1, 64, dtype=torch.long))  # the limit itself is fine
-    with pytest.raises(ValueError, match="next_sentence_label"):
-        model(torch.ones(1, 8, dtype=torch.long), labels=torch.ones(1, 8, dtype=torch.long),
-              next_sentence_label=torch.zeros(1, dtype=torch.long))  # fmt: skip
+    ids = torch.ones(1, 8, dtype=torch.long)
+    pair = model(ids, labels=ids, next_sentence_label=torch.zeros(1, dtype=torch.long))  # pair shards: MLM alone
+    assert pair.nsp_loss is None and torch.equal(pair.loss, model(ids, labels=ids).loss)
 
 
 def test_loads_a_save_pretrained_directory(tmp_path: Path) -> None:

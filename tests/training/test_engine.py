@@ -16,6 +16,7 @@ import torch
 
 from pretrain.checkpoint.bundle import complete_bundles
 from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models.modernbert import ModernBertConfig, ModernBertForMaskedLM
 from pretrain.runtime import distributed as D
 from pretrain.runtime import exits
 from pretrain.runtime.signals import PREEMPT_SIGNALS, StopFlag
@@ -48,32 +49,38 @@ def data(tmp_path_factory) -> Path:
 
 
 def _engine(group, data: Path, run_dir: Path, stage: int = 0, max_steps: int = 8, resume: str = "auto",
-            vocab: int = len(SHARD_VOCAB), hidden: int = 32, lr: float = 5e-3):  # fmt: skip
+            vocab: int = len(SHARD_VOCAB), hidden: int = 32, lr: float = 5e-3, family: str = "bert"):  # fmt: skip
     env, device = group
     loop = LoopConfig(global_batch_size=8, micro_batch_size=4, max_steps=max_steps, checkpoint_every=0, keep_last=3)
     cfg = EngineConfig(loop, OptimConfig(lr=lr), SchedulerConfig(warmup_steps=1),
                        DeepSpeedSection(zero_optimization={"stage": stage}), str(run_dir))  # fmt: skip
     tag = resume_tag(resume, run_dir / "checkpoints")
     torch.manual_seed(0)
-    model = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=2,
-                                          intermediate_size=2 * hidden, num_hidden_layers=1,
-                                          max_position_embeddings=64))  # fmt: skip
+    if family == "bert":
+        model = BertForPreTraining(BertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=2,
+                                              intermediate_size=2 * hidden, num_hidden_layers=1,
+                                              max_position_embeddings=64))  # fmt: skip
+    else:  # a global and a local layer, the window shorter than the rows: both attention paths
+        model = ModernBertForMaskedLM(ModernBertConfig(vocab_size=vocab, hidden_size=hidden, num_attention_heads=2,
+                                                       intermediate_size=hidden, num_hidden_layers=2,
+                                                       global_attn_every_n_layers=2, local_attention=8,
+                                                       attention_dropout=0.1, mlp_dropout=0.1))  # fmt: skip
     loader, sampler = build_dataloader(data, "train", 4, seed=0)
     logger = MetricsLogger(None, "test", run_dir, False, {"test": True})
     ds = start(cfg, env, model, device, tag, sampler, StopFlag(), logger, record=False)
     return ds, Batches(loader, sampler, device)
 
 
-def _train(ds, batches, until: int, stop_at: int | None = None) -> list[float]:
+def _train(ds, batches, until: int, stop_at: int | None = None, sig: int = signal.SIGUSR1) -> list[float]:
     losses = []
     while ds.state.step < until:
         result = ds.step(batches)
-        assert isinstance(result, StepResult) and set(result.parts) == {"mlm", "nsp"}
+        assert isinstance(result, StepResult) and set(result.parts) == set(ds.module.loss_part_names)
         stopped, loss = ds.book(result)
         assert not stopped
         losses.append(loss)
         if stop_at is not None and ds.state.step == stop_at:
-            os.kill(os.getpid(), signal.SIGUSR1)  # a real signal, caught by the engine's StopFlag
+            os.kill(os.getpid(), sig)  # a real signal, caught by the engine's StopFlag
         if ds.save_or_stop(ds.state.step == until):
             break
     return losses
@@ -97,17 +104,21 @@ def test_zero_stages_0_1_2_train_alike(group, data, tmp_path):
         np.testing.assert_allclose(losses[stage], losses[0], rtol=2e-4)
 
 
-def test_preempted_then_resumed_ends_bit_for_bit_like_an_uninterrupted_run(group, data, tmp_path):
-    whole, batches = _engine(group, data, tmp_path / "whole")
+@pytest.mark.parametrize("family,sig", [("bert", signal.SIGUSR1), ("modernbert", signal.SIGTERM)])
+def test_preempted_then_resumed_ends_bit_for_bit_like_an_uninterrupted_run(group, data, tmp_path, family, sig):
+    """Both families on the same engine, checkpoint rule and logger: ModernBERT (dropout on, unpadded, a local
+    layer) stopped by SIGTERM resumes to the same weights bit for bit."""
+    whole, batches = _engine(group, data, tmp_path / "whole", family=family)
     _train(whole, batches, 8)
     expected, tokens = _weights(whole), whole.state.tokens
 
     run = tmp_path / "run"
-    first, batches = _engine(group, data, run)
-    _train(first, batches, 8, stop_at=3)
-    assert first.loop.code == exits.PREEMPTED and first.state.step == 3 and "preempted (SIGUSR1)" in first.loop.status
+    first, batches = _engine(group, data, run, family=family)
+    _train(first, batches, 8, stop_at=3, sig=sig)
+    name = signal.Signals(sig).name
+    assert first.loop.code == exits.PREEMPTED and first.state.step == 3 and f"preempted ({name})" in first.loop.status
     assert [t.name for t in complete_bundles(run / "checkpoints")] == ["step00000003"]
-    second, batches = _engine(group, data, run)
+    second, batches = _engine(group, data, run, family=family)
     assert second.state.step == 3 and second.resume_tag.name == "step00000003"
     _train(second, batches, 8)
     got = _weights(second)
