@@ -72,7 +72,8 @@ class OptimConfig:
 class SchedulerConfig:
     name: str = "bert"
     """``bert``: linear warm-up then polynomial decay to ``min_lr_ratio`` at ``trainer.max_steps``; ``linear``: the
-    same with power 1."""
+    same with power 1; ``wsd``: warm-up, stable at the peak, then a ``1 - sqrt`` cool-down over the last
+    ``decay_ratio`` of the steps (ModernBERT's trapezoid)."""
     warmup_ratio: float = 0.01
     """Warm-up length as a fraction of ``trainer.max_steps`` (BERT phase 1: 0.2843, phase 2: 0.128 with LAMB)."""
     warmup_steps: int | None = None
@@ -81,6 +82,9 @@ class SchedulerConfig:
     """Decay exponent: 1.0 linear (original BERT), 0.5 as NVIDIA's LAMB phase configs."""
     min_lr_ratio: float = 0.0
     """Final learning rate as a fraction of the peak."""
+    decay_ratio: float = 0.1
+    """``wsd`` only: the cool-down's share of ``trainer.max_steps`` (0 = stay at the peak: a phase whose decay comes
+    in the next phase, as ModernBERT's 1,024-token phase before its context extension)."""
 
 
 @dataclass

@@ -177,12 +177,22 @@ def _deepspeed_op_error(builder: str) -> str | None:
     return None
 
 
-def lr_lambda(max_steps: int, warmup_steps: int, power: float, min_lr_ratio: float) -> Callable[[int], float]:
-    """Multiplier of the peak lr at a step: linear warm-up to 1, then ``(1 - progress) ** power`` down to the floor."""
+def lr_lambda(
+    max_steps: int, warmup_steps: int, power: float, min_lr_ratio: float, decay_steps: int | None = None
+) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up to 1, then ``(1 - progress) ** power`` down to the floor;
+    with ``decay_steps`` (warm-up-stable-decay) 1 until the last ``decay_steps`` steps, then ``1 - sqrt(progress)``
+    through them (ModernBERT's "1-sqrt" cool-down) down to the floor."""
 
     def f(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
             return (step + 1) / warmup_steps
+        if decay_steps is not None:
+            start = max_steps - decay_steps
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start) / max(1, decay_steps))
+            return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - math.sqrt(progress))
         progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
         return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress) ** power
 
@@ -197,8 +207,11 @@ def warmup_steps(s: Any, max_steps: int) -> int:
 def scheduler_factory(s: Any, max_steps: int) -> Callable[[torch.optim.Optimizer], LambdaLR]:
     """A callable for ``deepspeed.initialize(lr_scheduler=...)``: DeepSpeed calls it with the optimizer it wraps.
     ``s``: the ``scheduler`` section."""
-    if s.name not in ("bert", "linear"):
-        raise ValueError(f"scheduler.name={s.name!r}: use bert or linear")
+    if s.name not in ("bert", "linear", "wsd"):
+        raise ValueError(f"scheduler.name={s.name!r}: use bert, linear or wsd")
+    if s.name == "wsd" and not 0.0 <= s.decay_ratio <= 1.0:
+        raise ValueError(f"scheduler.decay_ratio={s.decay_ratio}: give the cool-down's share of the steps, 0 to 1")
     power = 1.0 if s.name == "linear" else float(s.power)
-    fn = lr_lambda(max_steps, warmup_steps(s, max_steps), power, float(s.min_lr_ratio))
+    decay = int(math.ceil(s.decay_ratio * max_steps)) if s.name == "wsd" else None
+    fn = lr_lambda(max_steps, warmup_steps(s, max_steps), power, float(s.min_lr_ratio), decay)
     return lambda optimizer: LambdaLR(optimizer, fn)

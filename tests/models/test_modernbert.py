@@ -365,3 +365,35 @@ def test_activation_checkpointing_gives_the_same_gradients() -> None:
         grads.append([p.grad.clone() for p in model.parameters()])
     assert model.model.checkpoint_layers
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(*grads, strict=True))
+
+
+@pytest.mark.parametrize(
+    "name,shape",
+    [("modernbert-tiny", (3, 128, 2, 256)), ("modernbert-base", (22, 768, 12, 1152)),
+     ("modernbert-large", (28, 1024, 16, 2624))],
+)  # fmt: skip
+def test_model_yamls_are_the_published_sizes_in_transformers_class(name: str, shape: tuple) -> None:
+    """conf/model/modernbert-*.yaml compose into ModernBertConfig (the schema their defaults list names); at
+    ModernBERT's own 50,368-token vocabulary each has exactly the parameters of transformers' class of that
+    config (base about 149M, large about 395M)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import pretrain.training.config  # noqa: F401 - registers the schemas
+
+    root = Path(__file__).resolve().parents[2]
+    with initialize_config_dir(config_dir=str(root / "conf"), version_base="1.3"):
+        node = compose(config_name="config", overrides=[f"model={name}"]).model
+    assert OmegaConf.get_type(node) is ModernBertConfig and node.vocab_size is None
+    cfg = ModernBertConfig(**{**OmegaConf.to_container(node), "vocab_size": 50368})
+    c = cfg
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.intermediate_size) == shape
+    assert (c.global_rope_theta, c.local_rope_theta, c.local_attention, c.max_position_embeddings) == (
+        160000.0, 10000.0, 32 if name.endswith("tiny") else 128, 8192)  # fmt: skip
+    with torch.device("meta"):
+        ours = ModernBertForMaskedLM(cfg).num_parameters()
+        theirs = transformers.ModernBertForMaskedLM(transformers.ModernBertConfig(**cfg.to_hf_dict())).num_parameters()
+    assert ours == theirs
+    # with the MLM head; 149.0M / 394.8M without it: the paper's "149M" and "395M"
+    expected = {"modernbert-base": 149_655_232, "modernbert-large": 395_881_664}
+    assert ours == expected.get(name, ours)

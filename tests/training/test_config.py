@@ -40,9 +40,11 @@ def test_experiment_composes_to_valid_ds_config(experiment):
     cfg = _compose(f"experiment={experiment}")
     OmegaConf.to_object(cfg)  # every field validates against the dataclass schema
     assert cfg.name == experiment
-    world = {"tiny-cpu": 2, "demo-cpu": 1}.get(experiment, 8)  # CPU presets run on one or two ranks
-    ds = build_ds_config(EngineConfig.of(cfg), world)
+    world = {"tiny-cpu": 2, "demo-cpu": 1, "modernbert-tiny-cpu": 1}.get(experiment, 8)  # CPU presets: 1 or 2 ranks
     t = cfg.trainer
+    if t.micro_batch_size == "auto":  # probed on the device; the trainer checks the rest with 1 first
+        t.micro_batch_size = 1
+    ds = build_ds_config(EngineConfig.of(cfg), world)
     assert ds["train_batch_size"] == t.global_batch_size
     assert ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * world == t.global_batch_size
     assert ds["gradient_clipping"] == cfg.optim.max_grad_norm
@@ -58,6 +60,13 @@ def test_experiment_values():
     assert roberta.model.nsp is False and roberta.optim.betas == [0.9, 0.98] and roberta.trainer.max_seq_length == 512
     phase2 = _compose("experiment=bert-base-wiki-books", "trainer=phase2", "data=wiki-books-512")
     assert phase2.trainer.phase == 2 and phase2.trainer.max_seq_length == 512 and phase2.data.dir.endswith("512")
+    modern = OmegaConf.to_object(_compose("experiment=modernbert-base"))
+    assert type(modern.model).__name__ == "ModernBertConfig" and modern.model.num_hidden_layers == 22
+    assert modern.data.masking.mlm_probability == 0.3 and modern.data.pack and modern.data.pair_task == "auto"
+    assert modern.scheduler.name == "wsd" and modern.trainer.max_seq_length == 1024 and modern.optim.lr == 8e-4
+    extension = OmegaConf.to_object(_compose("experiment=modernbert-base-8k"))
+    assert extension.trainer.max_seq_length == 8192 <= extension.model.max_position_embeddings
+    assert extension.trainer.phase == 2 and 0 < extension.scheduler.decay_ratio < 1
 
 
 @pytest.mark.parametrize("choice", DEEPSPEED)
@@ -137,6 +146,7 @@ def test_group_yamls_hold_only_what_differs_from_the_schema():
     """Each conf/<group>/<choice>.yaml keeps only the values that differ from the dataclass defaults (model: from
     BertConfig's, with vocab_size taken from the data): one source of truth per value."""
     from pretrain.finetune.config import FinetuneConfig
+    from pretrain.models import FAMILIES
     from pretrain.training.config import Config
 
     schema = OmegaConf.structured(Config)
@@ -156,13 +166,17 @@ def test_group_yamls_hold_only_what_differs_from_the_schema():
             return finetune if "@package _global_" in path.read_text() else finetune["task"]
         if "@package _global_" in path.read_text():  # objective/: several sections at once
             return OmegaConf.to_container(schema)
+        if path.parent.name == "model":  # its family's schema, named in its defaults list
+            family = OmegaConf.load(path).defaults[0].split("/")[2].split("@")[0]
+            return OmegaConf.to_container(OmegaConf.structured(FAMILIES[family][0](vocab_size=None)))
         return OmegaConf.to_container(schema[path.parent.name])
 
     restated = [
         f"{path.relative_to(CONF)}: {x}"
         for path in sorted(CONF.glob("*/*.yaml"))
         if path.parent.name != "experiment"
-        for x in same(OmegaConf.to_container(OmegaConf.load(path)) or {}, base(path), path.parent.name)
+        for x in same({k: v for k, v in (OmegaConf.to_container(OmegaConf.load(path)) or {}).items()
+                       if k != "defaults"}, base(path), path.parent.name)  # fmt: skip
     ]
     assert not restated, restated
 

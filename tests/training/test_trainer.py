@@ -127,6 +127,21 @@ def test_bert_schedule_warmup_then_polynomial():
     assert lr_lambda(100, 0, 1.0, 0.1)(50) == pytest.approx(0.55)
 
 
+def test_wsd_schedule_warmup_stable_then_one_minus_sqrt():
+    from types import SimpleNamespace
+
+    from pretrain.training.optim import scheduler_factory
+
+    f = lr_lambda(max_steps=100, warmup_steps=10, power=1.0, min_lr_ratio=0.0, decay_steps=20)
+    assert f(0) == pytest.approx(0.1) and f(10) == f(79) == 1.0  # stable at the peak until the cool-down
+    assert f(85) == pytest.approx(1 - 0.25**0.5) and f(100) == 0.0
+    sched = SimpleNamespace(name="wsd", warmup_ratio=0.0, warmup_steps=5, power=1.0, min_lr_ratio=0.0, decay_ratio=0.0)
+    lr = scheduler_factory(sched, 50)(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0))
+    assert [lr.lr_lambdas[0](s) for s in (4, 49, 50)] == [1.0, 1.0, 1.0]  # decay_ratio 0: the next phase decays
+    with pytest.raises(ValueError, match="scheduler.decay_ratio=1.5"):
+        scheduler_factory(SimpleNamespace(**{**vars(sched), "decay_ratio": 1.5}), 50)
+
+
 def test_strip_local_rank(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     argv = ["x.py", "--local_rank=3", "model=tiny"]
