@@ -124,3 +124,13 @@ def test_objective_nsp_with_modernbert_exits_2_before_any_work(data, tmp_path):
         "none); drop objective= or use objective=mlm"
     ]
     assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_init_from_a_checkpoint_of_the_other_family_is_one_line(run):
+    from pretrain.checkpoint.weights import pretraining_model
+
+    bert = {"family": "bert", "vocab_size": len(SHARD_VOCAB), "hidden_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "intermediate_size": 64}  # fmt: skip
+    with pytest.raises(UserError, match=r"none of its tensors is a BERT weight \(its first: model\.embeddings"):
+        pretraining_model(bert, str(run))
