@@ -230,8 +230,9 @@ def test_preflight_of_a_modernbert_run(data, tmp_path):
     for objective in ("nsp", "sop"):
         with pytest.raises(UserError, match=f"objective={objective}: ModernBERT has no sentence-pair head"):
             preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", f"objective={objective}"), 1)
-    with pytest.raises(UserError, match=r"trainer.max_seq_length=2048 is above model.max_position_embeddings=1024"):
-        preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", "trainer.max_seq_length=2048"), 1)
+    too_long = ["model=modernbert-tiny", "trainer.max_seq_length=16384"]
+    with pytest.raises(UserError, match=r"trainer.max_seq_length=16384 is above model.max_position_embeddings=8192"):
+        preflight(_cfg(f"data.dir={data}", *too_long), 1)
     with pytest.raises(UserError, match=r"up to 32 tokens but model.max_position_embeddings=16 \(ModernBERT"):
         preflight(_cfg(f"data.dir={data}", "model=modernbert-tiny", "model.max_position_embeddings=16"), 1)
 
