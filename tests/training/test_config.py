@@ -175,8 +175,11 @@ def test_group_yamls_hold_only_what_differs_from_the_schema():
         f"{path.relative_to(CONF)}: {x}"
         for path in sorted(CONF.glob("*/*.yaml"))
         if path.parent.name != "experiment"
-        for x in same({k: v for k, v in (OmegaConf.to_container(OmegaConf.load(path)) or {}).items()
-                       if k != "defaults"}, base(path), path.parent.name)  # fmt: skip
+        for x in same(
+            {k: v for k, v in (OmegaConf.to_container(OmegaConf.load(path)) or {}).items() if k != "defaults"},
+            base(path),
+            path.parent.name,
+        )  # fmt: skip
     ]
     assert not restated, restated
 
