@@ -7,7 +7,6 @@ Face ``config.json``'s ``model_type``, and otherwise use only the interface both
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
 from typing import Any
 
 from torch import nn
@@ -43,11 +42,6 @@ def build(config: dict[str, Any] | Any) -> nn.Module:
     return FAMILIES[family_of(cfg)][1](cfg)
 
 
-def model_kwargs(config: Any) -> dict[str, Any]:
-    """A config dataclass as the plain dict a run saves (``family`` included)."""
-    return asdict(config)
-
-
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Any:
     """The config dataclass of a Hugging Face ``config.json`` dict, by its ``model_type`` (missing: BERT, as
     transformers' oldest files)."""
@@ -60,7 +54,3 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> Any:
 def architecture(family: str) -> tuple[str, ...]:
     """The fields of ``family``'s config that fix its weights' shapes (see each config's ``ARCHITECTURE``)."""
     return FAMILIES[family][0].ARCHITECTURE
-
-
-def field_names(family: str) -> set[str]:
-    return {f.name for f in fields(FAMILIES[family][0])}
