@@ -64,7 +64,8 @@ class TaskConfig:
 class FinetuneConfig:
     pretrained: str = "???"
     """What to fine-tune: a pretraining run dir (its newest complete checkpoint), a checkpoint, or a Hugging Face
-    BERT directory (an export of ours, or e.g. the original ``bert-base-uncased``)."""
+    BERT or ModernBERT directory (an export of ours, or e.g. the original ``bert-base-uncased`` or
+    ``answerdotai/ModernBERT-base``); the task model is of its family (``pretrain/finetune/heads.py``)."""
     task: TaskConfig = field(default_factory=TaskConfig)
     """The task and its data (``conf/finetune/*.yaml``: one per task type, and presets such as ``sst2``)."""
     epochs: int = 3

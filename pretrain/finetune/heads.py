@@ -59,7 +59,8 @@ class TaskModel(nn.Module):
 
     @property
     def hf_class(self) -> str:
-        """The transformers class of this model (config.json's ``architectures``), e.g. ``ModernBertForTokenClassification``."""
+        """The transformers class of this model (config.json's ``architectures``), e.g.
+        ``ModernBertForTokenClassification``."""
         return f"{self.hf_prefix}For{self.task_kind.hf_task}"
 
     @property
@@ -87,6 +88,10 @@ class TaskModel(nn.Module):
         """Keys config.json needs beyond ``config.to_hf_dict()`` for this model to load back."""
         return {}
 
+    def unread_prefixes(self) -> tuple[str, ...]:
+        """Keys a saved task model may hold that this one has no use for (skipped when it is loaded)."""
+        return ()
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -103,8 +108,9 @@ class TaskModel(nn.Module):
 
 
 class BertForTask(TaskModel):
-    """BERT: the encoder (``bert.*``, as pretrained), a pooler for the [CLS] heads (a fresh one where the encoder has
-    none: an MLM-only pretraining), ``dropout`` and ``classifier`` (``qa_outputs`` for QA), as HF's classes."""
+    """BERT: the encoder (``bert.*``, as pretrained), a pooler for the [CLS] heads only (a fresh one where the
+    encoder has none: an MLM-only pretraining; none for token and span heads, as HF's ``add_pooling_layer=False``
+    there), ``dropout`` and ``classifier`` (``qa_outputs`` for QA), as HF's classes."""
 
     family, hf_prefix = "bert", "Bert"
     vocab_keys = ("bert.embeddings.word_embeddings.weight",)
@@ -115,10 +121,12 @@ class BertForTask(TaskModel):
         self.bert = BertModel(config)
         if level == "sequence" and self.bert.pooler is None:
             self.bert.pooler = BertPooler(config)  # an MLM-only encoder has none: a new one, trained here
+        elif level != "sequence":
+            self.bert.pooler = None  # nothing reads it: no untrained weights in the export HF would call unexpected
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.output_name = "qa_outputs" if level == "span" else "classifier"  # HF's attribute (and key prefix)
-        setattr(self, self.output_name, nn.Linear(config.hidden_size, self.task_kind.head_size(num_labels)))
-        fresh = [getattr(self, self.output_name)]
+        output = nn.Linear(config.hidden_size, self.task_kind.head_size(num_labels))
+        setattr(self, "qa_outputs" if level == "span" else "classifier", output)  # HF's attribute (and key prefix)
+        fresh = [output]
         if self.bert.pooler is not None:
             fresh.append(self.bert.pooler.dense)  # overwritten by load_encoder where the encoder has one
         for lin in fresh:  # new layers start as BERT's do: N(0, initializer_range), zero bias
@@ -145,12 +153,18 @@ class BertForTask(TaskModel):
         return self.qa_outputs(hidden)  # [B, L, 2]
 
     def load_encoder(self, encoder):
-        missing, unexpected = self.bert.load_state_dict(encoder.bert.state_dict(), strict=False)
+        sd = encoder.bert.state_dict()
+        if self.bert.pooler is None:
+            sd = {k: v for k, v in sd.items() if not k.startswith("pooler.")}
+        missing, unexpected = self.bert.load_state_dict(sd, strict=False)
         if unexpected or any(not k.startswith("pooler.") for k in missing):
             raise ValueError(f"encoder weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
     def hf_extra(self):
         return {"nsp": self.bert.pooler is not None}  # read back by BertConfig.from_hf_dict: whether there is a pooler
+
+    def unread_prefixes(self):
+        return () if self.bert.pooler is not None else ("bert.pooler.",)  # older NER/QA exports kept an unused one
 
 
 class ModernBertForTask(TaskModel):
@@ -193,7 +207,9 @@ class ModernBertForTask(TaskModel):
             if self.config.classifier_pooling == "cls":
                 hidden = hidden[:, 0]
             else:  # "mean" over the real tokens, as HF (which reads no padding either: the mask zeroes it)
-                mask = torch.ones(hidden.shape[:2], device=hidden.device) if attention_mask is None else attention_mask
+                mask = attention_mask
+                if mask is None:
+                    mask = torch.ones(hidden.shape[:2], dtype=hidden.dtype, device=hidden.device)
                 hidden = (hidden * mask.unsqueeze(-1)).sum(dim=1) / mask.sum(dim=1, keepdim=True)
         return self.classifier(self.drop(self.head(hidden)))
 

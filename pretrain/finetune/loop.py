@@ -164,6 +164,7 @@ def load_task_model(path: Path) -> TaskModel:
     except ValueError as e:
         raise UserError(f"{path}: {e}") from None
     missing, unexpected = load_weights(model, read_weights(path), path)
+    unexpected = [k for k in unexpected if not k.startswith(model.unread_prefixes())]
     if missing or unexpected:
         raise UserError(f"{path}: weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.eval()

@@ -75,7 +75,7 @@ elif kind == "fill":
 elif kind == "scale":
     import pretrain.finetune.heads as h
     call, factor = arg.split("=")
-    orig_forward, calls = h.BertForTask.forward, [0]
+    orig_forward, calls = h.TaskModel.forward, [0]
     def forward(self, *a, **k):
         out = orig_forward(self, *a, **k)
         if self.training:
@@ -83,7 +83,7 @@ elif kind == "scale":
             if calls[0] == int(call):
                 out.loss = out.loss * float(factor)
         return out
-    h.BertForTask.forward = forward
+    h.TaskModel.forward = forward
 """
 
 

@@ -1,6 +1,6 @@
 """Fine-tuning data and metrics (pretrain/finetune/tasks.py, spans.py, metrics.py, kinds.py): readers, label maps,
 encoders, QA windows and their post-processing, metrics against hand-computed and published reference values, and
-the task kinds' registry."""
+each kind's encode/decode/score round trip (the kinds x families registry: test_finetune_modernbert.py)."""
 
 from __future__ import annotations
 
@@ -485,36 +485,6 @@ def _task(**kw):
                     answers_column="answers", doc_stride=128, max_query_length=64, max_answer_length=30,
                     truncate=True)  # fmt: skip
     return SimpleNamespace(**{**defaults, **kw})
-
-
-def test_kinds_registry_names_metrics_hf_classes_and_heads() -> None:
-    import torch
-
-    from pretrain.finetune import heads
-    from pretrain.models.bert import BertConfig
-
-    assert list(KINDS) == ["classification", "regression", "ner", "qa"] and heads.KINDS is KINDS
-    assert {k: (v.name, v.metric, v.hf_class) for k, v in KINDS.items()} == {
-        "classification": ("classification", "accuracy", "BertForSequenceClassification"),
-        "regression": ("regression", "pearson", "BertForSequenceClassification"),
-        "ner": ("ner", "f1", "BertForTokenClassification"),
-        "qa": ("qa", "f1", "BertForQuestionAnswering"),
-    }
-    assert "nope" not in heads.KINDS  # config.py's check
-    config = BertConfig(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, nsp=False)  # fmt: skip
-    ids = torch.tensor([[2, 10, 11, 3], [2, 12, 3, 0]])
-    mask = (ids != 0).long()
-    shapes = {"classification": (2, 3), "regression": (2,), "ner": (2, 4, 3), "qa": (2, 4, 2)}
-    for name, kind in KINDS.items():
-        model = heads.BertForTask(config, name, 3).eval()
-        head = {k for k in model.state_dict() if not k.startswith("bert.")}
-        assert head == {f"{kind.head_name}.weight", f"{kind.head_name}.bias"}
-        assert (model.bert.pooler is not None) == kind.pooled  # MLM-only encoder: a new pooler for [CLS] heads
-        assert model.state_dict()[f"{kind.head_name}.bias"].shape == (kind.head_size(3),)
-        assert tuple(model(ids, None, mask).logits.shape) == shapes[name]
-    with pytest.raises(ValueError, match="use one of classification, regression, ner, qa"):
-        heads.BertForTask(config, "nope")
 
 
 def test_kinds_encode_decode_and_score_their_own_gold(tok, sp: Specials) -> None:
