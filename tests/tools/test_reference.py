@@ -65,21 +65,26 @@ def test_report_overlays_the_shipped_reference_and_checks_the_band(tmp_path, cap
 
 
 @pytest.mark.slow
-def test_a_short_demo_run_stays_within_the_band_of_the_shipped_reference(tmp_path):
-    """The demo recipe (``make demo``'s data and preset) for its first 250 of 4,000 steps, logged every 50: the
-    training MLM loss stays within ±10% of docs/reference/demo-cpu.csv at every logged step. A change that breaks
-    learning (a collapse to the unigram answer, a NaN, a dead schedule) leaves it by far more."""
+@pytest.mark.parametrize(
+    "experiment",
+    ["demo-cpu", pytest.param("modernbert-tiny-cpu", marks=pytest.mark.long)],  # CI time: make test-all
+)
+def test_a_short_demo_run_stays_within_the_band_of_the_shipped_reference(experiment, tmp_path):
+    """The demo recipe (``make demo``'s data and preset; and its ModernBERT twin) for its first 250 of 4,000
+    steps, logged every 50: the training MLM loss stays within ±10% of docs/reference/<experiment>.csv at every
+    logged step. A change that breaks learning (a collapse to the unigram answer, a NaN, a dead schedule) leaves it
+    by far more."""
     data, run = tmp_path / "data", tmp_path / "run"
     prep = [sys.executable, str(ROOT / "launch" / "prepare_data.py"), "inputs=[builtin:pydocs]", f"output_dir={data}",
             "vocab_size=2000", "max_seq_length=64", "samples_per_shard=40000", "validation_fraction=0.05"]  # fmt: skip
     env = {**run_env(), "OMP_NUM_THREADS": "2"}
     r = subprocess.run(prep, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
-    train = [sys.executable, str(ROOT / "launch" / "pretrain.py"), "experiment=demo-cpu", f"data.dir={data}",
+    train = [sys.executable, str(ROOT / "launch" / "pretrain.py"), f"experiment={experiment}", f"data.dir={data}",
              f"run_dir={run}", "logger=none", "trainer.stop_at_step=250", "trainer.log_every=50"]  # fmt: skip
     r = subprocess.run(train, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     r = subprocess.run([sys.executable, str(REPORT), str(run), "--check", "--out", str(tmp_path / "report")],
                        capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)  # fmt: skip
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
-    assert "check: within ±10%" in r.stdout and "overlaying the shipped reference of demo-cpu" in r.stdout
+    assert "check: within ±10%" in r.stdout and f"overlaying the shipped reference of {experiment}" in r.stdout
