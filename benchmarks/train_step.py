@@ -2,6 +2,7 @@
 ``transformers`` comparison live there): this file only names the cases.
 
     python benchmarks/train_step.py --model small --batch 8              # one case (CPU: fp32)
+    python benchmarks/train_step.py --model modernbert-base --seq-len 1024 --batch 2   # vs ModernBertForMaskedLM
     python benchmarks/train_step.py --suite --batch 256                  # CUDA: bert-base/large at 128 and 512, bf16
 
 Each case prints launch/benchmark.py's table and its last ``key=value`` line.
@@ -15,7 +16,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("tiny", "mini", "small", "bert-base", "bert-large", "roberta-base")
+MODELS = ("tiny", "mini", "small", "bert-base", "bert-large", "roberta-base", "modernbert-tiny", "modernbert-base",
+          "modernbert-large")  # fmt: skip
 
 
 def case(model: str, seq_len: int, batch: int, iters: int, warmup: int, cuda: bool, extra: list[str]) -> int:

@@ -7,7 +7,12 @@ projections) then runs on [T, H] with no work spent on padding; only attention n
 - on a CUDA device in fp16 / bf16, FlashAttention's varlen kernel (``torch.nn.attention.varlen.varlen_attn``)
   reads the concatenated sequence directly;
 - elsewhere (CPU, fp32, attention dropout, an older GPU or torch) an exact fallback re-pads q/k/v per sample to
-  [S, nh, max_seqlen, hs] and runs ``F.scaled_dot_product_attention`` with a key-padding (and window) mask.
+  [S, nh, max_seqlen, hs] and runs ``F.scaled_dot_product_attention`` with a key-padding (and window) mask;
+  with a sliding window much shorter than the samples it runs the band only (``use_band``): blocks of
+  ``2 * window`` queries, each against the ``4 * window`` keys its queries can reach, so a local layer's work
+  grows with the length, not with its square (SDPA on CPU computes every masked-out score of a full mask).
+
+``scores_computed`` counts the query-key scores each path computes (the benchmark's exact FLOP count).
 
 Shapes: B rows, L row length, T real tokens, S samples, nh heads, hs head size, Lm = max_seqlen.
 """
@@ -37,7 +42,7 @@ class Unpadded:
     seq_idx: torch.Tensor  # [T] sample of each token
     offset: torch.Tensor  # [T] index of each token within its sample (0, 1, ...)
     positions: torch.Tensor  # [T] rotary position of each token (= offset unless position_ids say otherwise)
-    _masks: dict = field(default_factory=dict, repr=False)  # fallback masks per window, built once per batch
+    _masks: dict = field(default_factory=dict, repr=False)  # fallback masks / band layouts, built once per batch
 
     @property
     def num_samples(self) -> int:
@@ -78,6 +83,61 @@ class Unpadded:
                 m = (m | torch.eye(Lm, dtype=torch.bool, device=dev)[None])[:, None]  # [S, 1, Lm, Lm]
             self._masks[window] = m
         return self._masks[window]
+
+    def band(self, window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The banded fallback's layout for ``window``, built once per batch: each sample cut into nc blocks of
+        C = ``band_block(window)`` query slots, block c reading the K = C + 2 * window key slots from
+        c * C - window on. Returns q_idx [S * nc * C] and k_idx [S * nc * K] (the token in each slot; 0 where the
+        slot is outside its sample: any token will do, the mask hides it and no gradient reaches it), the mask
+        [S * nc, 1, C, K] (True = attend: a key of the query's sample at most ``window`` positions away; a slot
+        past the sample's end also reads itself, so no row is empty) and out_idx [T] (each token's query slot)."""
+        key = ("band", window)
+        if key not in self._masks:
+            C = band_block(window)
+            K, dev = C + 2 * window, self.idx.device
+            S, nc = self.num_samples, -(-self.max_seqlen // C)
+            start = self.cu_seqlens[:-1].long()  # [S]
+            lengths = self.cu_seqlens[1:].long() - start  # [S]
+            qpos = torch.arange(nc * C, device=dev)  # query slot within a sample
+            q_idx = torch.where(qpos[None] < lengths[:, None], start[:, None] + qpos[None], 0).reshape(-1)
+            kpos = torch.arange(nc, device=dev)[:, None] * C - window + torch.arange(K, device=dev)[None]  # [nc, K]
+            k_ok = (kpos[None] >= 0) & (kpos[None] < lengths[:, None, None])  # [S, nc, K] a key of the sample
+            k_idx = torch.where(k_ok, start[:, None, None] + kpos[None], 0).reshape(-1)
+            d = torch.arange(K, device=dev)[None] - torch.arange(C, device=dev)[:, None]  # key - query + window
+            within = (d >= 0) & (d <= 2 * window)  # [C, K]: |query - key| <= window
+            mask = (within & k_ok[:, :, None]) | (d == window)  # [S, nc, C, K]
+            out_idx = self.seq_idx * (nc * C) + self.offset  # [T]
+            self._masks[key] = (q_idx, k_idx, mask.reshape(S * nc, 1, C, K), out_idx)
+        return self._masks[key]
+
+
+def band_block(window: int) -> int:
+    """Query block of the banded fallback: 2 * window queries read 4 * window keys, twice the band's
+    2 * window + 1 (smaller blocks waste fewer scores but make more, smaller GEMMs; 2 * window measured best on
+    CPU, forward + backward, against window and 4 * window)."""
+    return 2 * window
+
+
+def use_band(window: int | None, max_seqlen: int) -> bool:
+    """Whether the fallback runs the band only: where a sample is at least four blocks' keys long (measured on
+    CPU, forward + backward: shorter, the gathers cost more than the masked-out scores they save)."""
+    return window is not None and max_seqlen >= 4 * (band_block(window) + 2 * window)
+
+
+def scores_computed(lengths: list[int], window: int | None, varlen: bool = False) -> int:
+    """Query-key scores per head that ``attention`` computes for samples of these lengths: the SDPA fallback
+    re-pads every sample to the longest, Lm, and computes S x Lm x Lm scores (masked-out ones included), or with
+    the band S x ceil(Lm / C) x C x (C + 2 * window); the varlen kernel sum n x min(n, 2 * window + 1) (its
+    skipping of the blocks outside the window counted as exact)."""
+    if not lengths:
+        return 0
+    if varlen:
+        return sum(n * (n if window is None else min(n, 2 * window + 1)) for n in lengths)
+    S, Lm = len(lengths), max(lengths)
+    if use_band(window, Lm):
+        C = band_block(window)
+        return S * -(-Lm // C) * C * (C + 2 * window)
+    return S * Lm * Lm
 
 
 def unpad(input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> Unpadded:
@@ -169,6 +229,8 @@ def attention(
         return varlen_attn(q, k, v.contiguous(), cu, cu, Lm, Lm, window_size=w)
     S, Lm = u.num_samples, u.max_seqlen
     nh, hs = q.shape[1:]
+    if use_band(window, Lm):
+        return banded(q, k, v, u, window, dropout_p)
     flat = None if u.equal_lengths else u.seq_idx * Lm + u.offset  # [T] slot of each token in the [S * Lm] layout
 
     def to_padded(x: torch.Tensor) -> torch.Tensor:  # [T, nh, hs] -> [S, nh, Lm, hs]
@@ -181,3 +243,19 @@ def attention(
     )  # [S, nh, Lm, hs]
     y = y.transpose(1, 2).reshape(S * Lm, nh, hs)
     return y if flat is None else y.index_select(0, flat)  # [T, nh, hs]
+
+
+def banded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, u: Unpadded, window: int, dropout_p: float = 0.0):
+    """The fallback for a sliding window, on the band only: q, k, v [T, nh, hs] -> [T, nh, hs], the same result as
+    the full masked SDPA (the scores left out are the masked-out ones), at C + 2 * window keys per query instead of
+    Lm (``Unpadded.band``)."""
+    q_idx, k_idx, mask, out_idx = u.band(window)
+    nh, hs = q.shape[1:]
+    n, C, K = mask.shape[0], mask.shape[2], mask.shape[3]
+
+    def blocks(x: torch.Tensor, idx: torch.Tensor, width: int) -> torch.Tensor:  # -> [n, nh, width, hs]
+        return x.index_select(0, idx).view(n, width, nh, hs).transpose(1, 2)
+
+    y = F.scaled_dot_product_attention(blocks(q, q_idx, C), blocks(k, k_idx, K), blocks(v, k_idx, K),
+                                       attn_mask=mask, dropout_p=dropout_p)  # fmt: skip
+    return y.transpose(1, 2).reshape(n * C, nh, hs).index_select(0, out_idx)  # [T, nh, hs]

@@ -1,11 +1,17 @@
 """Training throughput, measured the way training runs: the real DeepSpeed engine, optimizer, precision and data
 loader built from the same config as ``launch/pretrain.py``, on real shards (or synthetic shards of the same
-format when ``data.dir`` holds none), optionally side by side with ``transformers``' BERT.
+format when ``data.dir`` holds none), optionally side by side with ``transformers``' model of the same family
+(``BertForPreTraining`` / ``BertForMaskedLM``, ``ModernBertForMaskedLM`` with SDPA attention).
 
 The step timed is the training engine's own (``pretrain.training.engine.Engine.step``: accumulation, the agreed
 non-finite check), and MFU is the one definition training logs (``pretrain.training.metrics.mfu``: our model's
 training FLOPs per token times the real, non-padding tokens per second). Both implementations are credited with
 the same FLOPs for the same tokens: MFU and the ratio compare like with like.
+
+For ModernBERT the report also counts the arithmetic each side really does on the step's batches
+(``modernbert_step_flops``: what transformers spends on padding, on the dense MLM head at unmasked positions and on
+the masked-out scores of the sliding-window layers, and what ours spends instead) and gives the speed-up that
+arithmetic alone allows (``bound``: transformers' FLOPs over ours) beside the measured one.
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ from data_prep.manifest import MANIFEST_VERSION, Manifest, write_manifest
 from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABEL, OFFSET, token_dtype, write_shard
 from data_prep.vocab import SPECIALS
 from pretrain.checkpoint.weights import pretraining_model
-from pretrain.models.bert import BertConfig, BertForPreTraining
+from pretrain.models import FAMILIES, family_of, model_config
+from pretrain.models.attention import scores_computed
+from pretrain.models.bert import IGNORE_INDEX
+from pretrain.models.modernbert import VOCAB_KEYS, ModernBertConfig
 from pretrain.runtime import distributed as D
 from pretrain.runtime.signals import StopFlag
 from pretrain.training.config import EngineConfig
@@ -67,6 +76,57 @@ def synthetic_data(out: Path, vocab_size: int, max_seq_length: int, samples: int
     return out
 
 
+@dataclass(frozen=True)
+class BatchShape:
+    """What a micro-batch asks of a model: its [rows, width] layout, the real and the masked tokens, and the
+    samples' lengths (several per row when packed)."""
+
+    rows: int
+    width: int
+    real: int
+    masked: int
+    lengths: tuple[int, ...]
+
+    @classmethod
+    def of(cls, batch: dict[str, torch.Tensor]) -> BatchShape:
+        mask = batch["attention_mask"]
+        real, masked = int((mask > 0).sum()), int((batch["labels"] != IGNORE_INDEX).sum())
+        return cls(mask.size(0), mask.size(1), real, masked, tuple(real_lengths(batch).tolist()))
+
+
+FLOP_PARTS = ("layers", "head", "attention")  # what modernbert_step_flops counts apart
+
+
+def modernbert_step_flops(c: ModernBertConfig, shapes: list[BatchShape], reference: bool, varlen: bool = False
+                          ) -> dict[str, float]:  # fmt: skip
+    """Training FLOPs (forward + backward = 3 x forward, 2 per multiply-add; matrix products only, as MFU counts)
+    that one ModernBERT implementation spends on these micro-batches, by part: ``layers`` (the encoder layers'
+    weight products), ``head`` (MLM head dense + decoder), ``attention`` (scores and weighted sums).
+
+    ``reference`` (transformers' ``ModernBertForMaskedLM``, padded rows, SDPA): every position of every row, padding
+    included, through every layer and through the dense MLM head (H x H dense, H x V decoder at the true V), and
+    every layer's attention over whole rows, rows x width^2 scores (a sliding window is a mask there: SDPA on CPU
+    computes the masked-out scores). Ours: the real tokens through the layers, the head (padded V) at the masked
+    positions only, and the scores ``attention.scores_computed`` counts for the path that runs (``varlen``: the
+    FlashAttention kernel, else the SDPA fallback: samples re-padded to the longest, the band only in local layers
+    when it pays)."""
+    H, nL = c.hidden_size, c.num_hidden_layers
+    per_token = nL * (4 * H * H + 3 * H * c.intermediate_size)  # Wqkv (3H^2), Wo (H^2), Wi (2HI), Wo (HI)
+    windows = [None if c.is_global(i) else c.local_attention // 2 for i in range(nL)]  # as ModernBertAttention's
+    total = dict.fromkeys(FLOP_PARTS, 0)
+    for s in shapes:
+        if reference:
+            tokens = head_rows = s.rows * s.width
+            vocab, scores = c.vocab_size, nL * s.rows * s.width**2
+        else:
+            tokens, head_rows, vocab = s.real, s.masked, c.padded_vocab_size
+            scores = sum(scores_computed(list(s.lengths), w, varlen) for w in windows)
+        total["layers"] += 6 * tokens * per_token
+        total["head"] += 6 * head_rows * (H * H + H * vocab)
+        total["attention"] += 12 * H * scores  # 12 hs per score, nh heads
+    return {k: float(v) for k, v in total.items()}
+
+
 @dataclass
 class Timing:
     """One implementation's measurements over the timed steps."""
@@ -79,13 +139,16 @@ class Timing:
     tokens: int = 0
     padded: int = 0
     peak_gib: float | None = None
+    shapes: list[list[BatchShape]] = field(default_factory=list)  # per timed step, its micro-batches
+    flops: list[dict[str, float]] = field(default_factory=list)  # per timed step, exact FLOPs by part (if counted)
 
 
 class Runner:
-    """An engine and its own loader iterator; ``step()`` runs one optimizer step of the engine and books it."""
+    """An engine and its own loader iterator; ``step()`` runs one optimizer step of the engine and books it.
+    ``keys``: the batch entries the model takes (None: all; transformers' ModernBERT has no segments)."""
 
-    def __init__(self, name: str, ds: Any, batches: Batches) -> None:
-        self.t, self.ds, self.batches = Timing(name), ds, batches
+    def __init__(self, name: str, ds: Any, batches: Batches, keys: tuple[str, ...] | None = None) -> None:
+        self.t, self.ds, self.batches, self.keys = Timing(name), ds, batches, keys
 
     def step(self, timed: bool) -> None:
         device = self.ds.device
@@ -93,14 +156,15 @@ class Runner:
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
-        seen = {"wait": 0.0, "seqs": 0}
+        seen: dict[str, Any] = {"wait": 0.0, "seqs": 0, "batches": []}
 
         def next_batch() -> dict[str, torch.Tensor]:  # the loader's wait and the sequences, outside the step
             w0 = time.perf_counter()
             batch = self.batches()
             seen["wait"] += time.perf_counter() - w0
             seen["seqs"] += len(real_lengths(batch))  # per sample: a packed row carrying two samples counts two
-            return batch
+            seen["batches"].append(batch)  # measured after the step
+            return batch if self.keys is None else {k: v for k, v in batch.items() if k in self.keys}
 
         t0 = time.perf_counter()
         self.batches.positions.clear()
@@ -115,26 +179,47 @@ class Runner:
             t.sequences += seen["seqs"]
             t.tokens += int(result.tokens)
             t.padded += int(result.positions)
+            t.shapes.append([BatchShape.of(b) for b in seen["batches"]])
             if cuda:
                 t.peak_gib = max(t.peak_gib or 0.0, torch.cuda.max_memory_allocated(device) / 2**30)
             else:  # the process's resident high-water mark: both implementations' when compared side by side
                 t.peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def hf_model(model_kw: dict[str, Any]) -> torch.nn.Module:
-    """``transformers``' BERT of the same shape: ``BertForPreTraining``, or ``BertForMaskedLM`` with NSP off."""
+HF_KEYS = {"modernbert": ("input_ids", "attention_mask", "labels")}  # the batch entries transformers' model takes
+
+
+def hf_model(model_kw: dict[str, Any], ours: torch.nn.Module | None = None) -> torch.nn.Module:
+    """``transformers``' model of the same family and shape: BERT's ``BertForPreTraining``, or ``BertForMaskedLM``
+    with NSP off; ModernBERT's ``ModernBertForMaskedLM`` (true vocabulary size) with SDPA attention, the best it
+    has off a GPU (FlashAttention 2 is CUDA only; eager is slower and exact alike), and, given ``ours``, our
+    initial weights (the same names; only the vocabulary padding rows are left out)."""
     import transformers
 
-    cfg = BertConfig(**model_kw)
+    cfg = model_config(model_kw)
+    if family_of(model_kw) == "modernbert":
+        hf_cfg = transformers.ModernBertConfig(**cfg.to_hf_dict())
+        hf_cfg._attn_implementation = "sdpa"
+        model = transformers.ModernBertForMaskedLM(hf_cfg)
+        if ours is not None:
+            sd = ours.state_dict()
+            model.load_state_dict({k: v[: cfg.vocab_size] if k in VOCAB_KEYS else v for k, v in sd.items()})
+        return model
     cls = transformers.BertForPreTraining if cfg.nsp else transformers.BertForMaskedLM
     hf_cfg = transformers.BertConfig(**{**cfg.to_hf_dict(), "vocab_size": cfg.vocab_size})
     return cls(hf_cfg)
 
 
+def _rate(x: float) -> str:
+    """A rate with one decimal, or three significant digits below 10 (long rows: 0.0512 sequences/s)."""
+    return f"{x:,.1f}" if x >= 10 else f"{x:.3g}"
+
+
 def report(
     timings: list[Timing], world: int, flops_per_token: float, peak_tflops: float | None, device: str
 ) -> list[str]:
-    """Markdown rows and the last ``key=value`` line."""
+    """Markdown rows and the last ``key=value`` line; where both implementations' exact FLOPs were counted
+    (ModernBERT), a second table of them and ``bound``, ``ratio_over_bound`` and ``padding`` on the last line."""
     lines = [
         "| implementation | device | ms/step (median) | seq/s | tokens/s | non-pad tokens/s | MFU | loader wait ms "
         "| peak GiB |",
@@ -147,7 +232,7 @@ def report(
         mfu = model_flops_utilisation(flops_per_token, real_s, peak_tflops, 1)  # this rank's tokens, its device
         rates[t.name] = (seq_s, real_s, mfu)
         lines.append(
-            f"| {t.name} | {device} | {1e3 * statistics.median(t.step_s):.1f} | {seq_s * world:,.1f} | "
+            f"| {t.name} | {device} | {1e3 * statistics.median(t.step_s):.1f} | {_rate(seq_s * world)} | "
             f"{tok_s * world:,.0f} | {real_s * world:,.0f} | {'-' if mfu is None else f'{mfu:.1%}'} | "
             f"{1e3 * statistics.median(t.wait_s):.2f} | {'-' if t.peak_gib is None else f'{t.peak_gib:.1f}'} |"
         )
@@ -159,7 +244,20 @@ def report(
         a, b = timings
         steps = zip(a.step_seqs, a.step_s, b.step_seqs, b.step_s, strict=True)
         paired = [(na / ta) / (nb / tb) for na, ta, nb, tb in steps]
-        last += f" ratio_vs_hf={statistics.median(paired):.3f}"
+        ratio = statistics.median(paired)
+        last += f" ratio_vs_hf={ratio:.3f}"
+        if a.flops and b.flops:
+            total = {t.name: sum(sum(f.values()) for f in t.flops) for t in timings}
+            bound = total[b.name] / total[a.name]  # same samples in every step: the speed-up equal FLOP/s gives
+            positions = sum(s.rows * s.width for step in b.shapes for s in step)
+            padding = 1.0 - sum(s.real for step in b.shapes for s in step) / positions  # of the reference's rows
+            lines += ["", "| implementation | exact GFLOP/step | GFLOP/s | layers | MLM head | attention |",
+                      "|---|---|---|---|---|---|"]  # fmt: skip
+            for t in timings:
+                parts = "".join(f" {sum(f[k] for f in t.flops) / total[t.name]:.1%} |" for k in FLOP_PARTS)
+                lines.append(f"| {t.name} | {total[t.name] / len(t.flops) / 1e9:,.1f} | "
+                             f"{total[t.name] / sum(t.step_s) / 1e9:,.1f} |{parts}")  # fmt: skip
+            last += f" bound={bound:.3f} ratio_over_bound={ratio / bound:.3f} padding={padding:.4f}"
     return [*lines, last]
 
 
@@ -170,20 +268,24 @@ def run(cfg: Any, env: Any) -> list[str]:
     if b.compare not in ("none", "hf"):
         raise UserError(f"bench.compare={b.compare!r}: use none or hf")
     tmp = None
+    family = family_of(cfg.model)
     if not (Path(cfg.data.dir) / "train").is_dir():
         tmp = tempfile.TemporaryDirectory(prefix="bench-data-")
-        vocab = cfg.model.vocab_size or 30522
+        vocab = cfg.model.vocab_size or FAMILIES[family][0]().vocab_size  # the family's own (30,522; 50,368)
         synthetic_data(Path(tmp.name), vocab, t.max_seq_length, b.synthetic_samples, cfg.model.nsp, cfg.seed)
         cfg.data.dir = tmp.name
     info, model_kw = preflight(cfg, env.world_size)
     device = D.init(env, t.collective_timeout_minutes, t.rendezvous_timeout_minutes, cfg.verbose)
-    runners, stop = [], StopFlag()
+    runners, stop, ours = [], StopFlag(), None
     for name in ["ours"] + (["transformers"] if b.compare == "hf" else []):
         torch.manual_seed(cfg.seed)
-        model = pretraining_model(model_kw) if name == "ours" else hf_model(model_kw)
+        if name == "ours":
+            model = ours = pretraining_model(model_kw)
+        else:  # ModernBERT: our initial weights too
+            model = hf_model(model_kw, ours)
         if t.activation_checkpointing:  # the reference too: the same memory budget for both
             if name == "ours":
-                model.bert.encoder.checkpoint_layers = True
+                model.checkpoint_layers = True
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         loader, sampler, _ = run_loaders(cfg.data, t.micro_batch_size, cfg.seed, env.rank, env.world_size, False,
@@ -191,12 +293,18 @@ def run(cfg: Any, env: Any) -> list[str]:
         # the reference runs as its users run it: eager
         compile = t.compile and name == "ours"
         ds = start(EngineConfig.of(cfg), env, model, device, None, sampler, stop, record=False, compile=compile)
-        runners.append(Runner(name, ds, Batches(loader, sampler, device)))  # drawn as training draws them
+        keys = HF_KEYS.get(family) if name == "transformers" else None
+        runners.append(Runner(name, ds, Batches(loader, sampler, device), keys))  # drawn as training draws them
     for i in range(b.warmup + b.steps):  # interleaved: drift and noise hit both alike
         for r in runners:
             r.step(timed=i >= b.warmup)
+    if family == "modernbert":
+        c = runners[0].ds.module.config
+        varlen = device.type == "cuda" and t.precision in ("bf16", "fp16") and c.attention_dropout == 0.0
+        for r in runners:
+            r.t.flops = [modernbert_step_flops(c, shapes, r.t.name == "transformers", varlen) for shapes in r.t.shapes]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"
-    flops = BertForPreTraining(BertConfig(**model_kw)).flops_per_token(t.max_seq_length)
+    flops = runners[0].ds.module.flops_per_token(t.max_seq_length)
     lines = report([r.t for r in runners], env.world_size, flops, peak_tflops(t.peak_tflops, device), where)
     D.shutdown()
     if tmp is not None:
