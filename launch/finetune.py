@@ -7,7 +7,8 @@
         trainer.max_seq_length=384 trainer.micro_batch_size=32 trainer.global_batch_size=256
     python launch/finetune.py mode=predict run_dir=runs/finetune-sst2 predict_file=test.csv
 
-pretrained=: a pretraining run dir (its newest complete checkpoint), a checkpoint or a Hugging Face BERT or ModernBERT directory.
+pretrained=: a pretraining run dir (its newest complete checkpoint), a checkpoint or a Hugging Face BERT or
+ModernBERT directory.
 Groups (conf/): finetune (classification, regression, ner, qa; presets sst2, mrpc, stsb, squad), optim,
 scheduler, deepspeed, logger; fields documented in pretrain/finetune/config.py. After each epoch the validation
 metric is logged; the best model is kept in RUN_DIR/best (a Hugging Face directory), results in

@@ -63,7 +63,11 @@ def test_one_script_per_launcher_installed_and_callable():
 
 
 HELP = {  # what each --help must print: Hydra's groups read from conf/, the docstring, or argparse's usage
-    "pretrain": ["pretrain is powered by Hydra.", "model: bert-base, bert-large, mini, roberta-base, small, tiny"],
+    "pretrain": [
+        "pretrain is powered by Hydra.",
+        "model: bert-base, bert-large, mini, modernbert-base, modernbert-large, modernbert-tiny, roberta-base, small, "
+        "tiny",
+    ],
     "finetune": ["finetune is powered by Hydra.", "finetune: classification, mrpc, ner, qa"],
     "prepare_data": ["Data preparation: corpora -> sentences"],
     "benchmark": ["Training throughput of the real DeepSpeed engine"],
@@ -123,8 +127,8 @@ def test_wheel_ships_launch_and_conf(tmp_path):
     assert r.returncode == 0 and f"file://{site / 'conf'}" in r.stdout, (r.stdout + r.stderr)[-3000:]
     r = subprocess.run([*run, "model=nope"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert r.returncode == 2 and errors(r.stderr) == [
-        "error: model=nope: no such model config; choose from bert-base, bert-large, mini, roberta-base, small, tiny "
-        "(conf/model/*.yaml)"
+        "error: model=nope: no such model config; choose from bert-base, bert-large, mini, modernbert-base, "
+        "modernbert-large, modernbert-tiny, roberta-base, small, tiny (conf/model/*.yaml)"
     ], r.stderr[-3000:]
 
 
