@@ -22,6 +22,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # CI time (about a minute): `make test-all` runs it
 def test_modernbert_trains_on_8192_token_rows_of_a_book(shared_data, tmp_path):
     data = tmp_path / "data"
     book = shared_data / "books" / "alice_in_wonderland.txt.gz"
