@@ -7,8 +7,8 @@
 # the demo stopped at step 300 and resumed, and a deterministic pair, weights compared with the uninterrupted run
 # 7. a BERT-base smoke run (bf16, ZeRO-1, LAMB) stopped and resumed, compared likewise.
 # Logs: OUT/session.log (everything), OUT/summary.txt (one line per step), OUT/bench.md, OUT/resume.txt,
-# OUT/make_test.log. BUDGET_S bounds the whole session; SECTIONS picks steps 3-7 (default "bench make-test test-gpu
-# demo base"); DRY_RUN=1 shrinks every run to check the script on a CPU.
+# OUT/make_test.log. BUDGET_S bounds the whole session; SECTIONS picks steps 3-7 (default "bench modernbert make-test
+# test-gpu demo base"; modernbert = 3b, issue 26's floors); DRY_RUN=1 shrinks every run to check the script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu_out}
@@ -21,7 +21,7 @@ T0=$SECONDS
 exec > >(tee -a "$OUT/session.log") 2>&1
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
 
-SECTIONS=" ${SECTIONS:-bench make-test test-gpu demo base} "
+SECTIONS=" ${SECTIONS:-bench modernbert make-test test-gpu demo base} "
 want() { [[ "$SECTIONS" == *" $1 "* ]]; }
 left() { echo $((BUDGET - (SECONDS - T0))); }
 note() { echo "$*" | tee -a "$OUT/summary.txt"; }
@@ -69,6 +69,16 @@ if want bench && [[ "${DRY_RUN:-0}" != 1 ]]; then
   run bench 240 bash -c "set -o pipefail; $PY benchmarks/train_step.py --suite --batch 256 --iters 10 --warmup 3 \
     | tee $OUT/bench.md; for b in 128 512; do $PY benchmarks/train_step.py --model bert-base --batch \$b --iters 10 \
     --warmup 3 | tail -2 | tee -a $OUT/bench.md; done"
+fi
+
+# ---- 3b. issue 26's floors: ModernBERT-base at 1,024 tokens and BERT-base at 128, bf16, ours vs transformers
+# under the same engine (synthetic full rows; the report's last line has tokens/s, MFU and the ratio)
+if want modernbert && [[ "${DRY_RUN:-0}" != 1 ]]; then
+  run modernbert-bench 300 bash -c "set -o pipefail; for a in 'model=modernbert-base trainer.max_seq_length=1024 \
+    trainer.micro_batch_size=32 trainer.global_batch_size=32 bench.synthetic_samples=2048' 'model=bert-base \
+    trainer.max_seq_length=128 trainer.micro_batch_size=256 trainer.global_batch_size=256 \
+    bench.synthetic_samples=8192'; do $PY launch/benchmark.py \$a trainer.precision=bf16 bench.compare=hf \
+    bench.warmup=3 bench.steps=10 data.dir=$W/synthetic | tee -a $OUT/bench.md; done"
 fi
 
 # ---- 4. make test in the background (pytest-xdist where installed, else serial)

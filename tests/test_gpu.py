@@ -81,6 +81,22 @@ def test_trainer_on_gpu(data_dir: Path, tmp_path: Path, deepspeed: str, optim: s
     assert (run / "hf" / "model.safetensors").is_file()
 
 
+def test_modernbert_trains_on_gpu_bf16_packed_with_varlen(data_dir: Path, tmp_path: Path):
+    """A ModernBERT run on the device: bf16, packed rows, FlashAttention varlen for the global and local layers;
+    the loss falls, the export is transformers' class."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "pretrain.py"), "model=modernbert-tiny", f"data.dir={data_dir}",
+         f"run_dir={run}", "trainer.precision=bf16", "data.pack=true", "trainer.max_steps=60"],
+        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "WANDB_MODE": "offline"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if r.get("kind") == "train"]
+    assert losses[-1] < losses[0]
+    assert json.loads((run / "hf" / "config.json").read_text())["architectures"] == ["ModernBertForMaskedLM"]
+
+
 def test_fp16_resume_keeps_loss_scale(data_dir: Path, tmp_path: Path):
     """fp16 with dynamic loss scaling, stopped and resumed: the loss scale continues where it was (no overflow
     burst from a reset scale after the resume) and the skipped-step log matches an uninterrupted run."""
