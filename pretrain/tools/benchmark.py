@@ -33,7 +33,7 @@ from data_prep.store import A_LEN, DOC_A, DOC_B, INDEX_COLUMNS, LENGTH, NSP_LABE
 from data_prep.vocab import SPECIALS
 from pretrain.checkpoint.weights import pretraining_model
 from pretrain.models import FAMILIES, family_of, model_config
-from pretrain.models.attention import scores_computed
+from pretrain.models.attention import scores_computed, varlen_usable
 from pretrain.models.bert import IGNORE_INDEX
 from pretrain.models.modernbert import VOCAB_KEYS, ModernBertConfig
 from pretrain.runtime import distributed as D
@@ -300,7 +300,10 @@ def run(cfg: Any, env: Any) -> list[str]:
             r.step(timed=i >= b.warmup)
     if family == "modernbert":
         c = runners[0].ds.module.config
-        varlen = device.type == "cuda" and t.precision in ("bf16", "fp16") and c.attention_dropout == 0.0
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision, torch.float32)
+        heads = (c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+        # the model's own test of whether its attention takes the varlen kernel, on queries of the run's shape
+        varlen = varlen_usable(torch.empty(1, *heads, device=device, dtype=dtype), c.attention_dropout)
         for r in runners:
             r.t.flops = [modernbert_step_flops(c, shapes, r.t.name == "transformers", varlen) for shapes in r.t.shapes]
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}"

@@ -31,7 +31,7 @@ from pretrain.runtime.device import pick_device
 from pretrain.training.config import Config
 from pretrain.training.data import build_dataloader
 from pretrain.training.masking import MaskingConfig
-from pretrain.training.metrics import METRICS_FILE, Progress, append_record
+from pretrain.training.metrics import METRICS_FILE, Progress, append_record, pair_label
 from pretrain.training.scores import (
     PRETRAINING_SUMS,
     Sums,
@@ -197,7 +197,7 @@ def _table(source: ModelSource, where: str, res: dict[str, Any], batch_size: int
         ]
     if "nsp_loss" in res:
         # an SOP model is scored on sentence order, drawn as in training
-        pair = "SOP" if res.get("pair_task") == "sop" else "NSP"
+        pair = pair_label(res.get("pair_task"))
         lines += [
             row(f"{pair} loss", f"{res['nsp_loss']:.4f}"),
             row(f"{pair} accuracy", f"{res['nsp_acc']:.2%}", f"{res['nsp_majority_acc']:.2%}", "majority class"),

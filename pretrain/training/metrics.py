@@ -260,6 +260,11 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> Path:
     return path
 
 
+def pair_label(pair_task: str | None) -> str:
+    """How logs and summaries name the pair head's task: SOP for sentence order, else NSP (metrics keep ``nsp_*``)."""
+    return "SOP" if pair_task == "sop" else "NSP"
+
+
 def print_startup(
     cfg: Any,
     model: Any,
@@ -282,7 +287,7 @@ def print_startup(
     data += f" ({tokens:,} tokens)" if tokens else ""
     data += f", validation {samples.get('validation', 0):,}; {info.verified.get('shards', 0)} shards"
     data += f", sha256 verified in {info.verified.get('seconds', 0):.1f} s" if cfg.data.verify else ""
-    heads = f"MLM + {cfg.data.pair_task.upper()} heads" if model.nsp else "MLM head only"
+    heads = f"MLM + {pair_label(cfg.data.pair_task)} heads" if model.nsp else "MLM head only"
     where = f"threads per rank: {threads}" if device.type == "cpu" else torch.cuda.get_device_name(device)
     epochs = t.max_steps * t.global_batch_size / max(1, samples.get("train", 0))
     extras = [("packed rows", cfg.data.pack), ("compiled", t.compile), ("activation checkpointing",
@@ -346,7 +351,7 @@ def validation_lines(v: dict[str, Any]) -> list[str]:
         f"{'n/a' if uni is None else format(uni, '.2%')}{times})"
     ]
     if v.get("val_nsp_acc") is not None:
-        pair = "SOP" if v.get("pair_task") == "sop" else "NSP"
+        pair = pair_label(v.get("pair_task"))
         lines.append(f"               {pair} loss {v['val_nsp_loss']:.4f}  acc {v['val_nsp_acc']:.2%}  (chance 50%)")
     return lines
 
@@ -364,7 +369,7 @@ def print_complete(run_dir: Path, tag: Path, step: int, max_steps: int, pair: st
     def f(key: str, spec: str) -> str:
         return "n/a" if val.get(key) is None else format(val[key], spec)
 
-    hf, pair_name = run_dir / "hf", "SOP" if pair == "sop" else "NSP"
+    hf, pair_name = run_dir / "hf", pair_label(pair)
     print(
         f"run {run_dir} is complete at step {step}/{max_steps}: checkpoint {tag}, HF export "
         f"{hf}; final train loss "
