@@ -15,7 +15,7 @@ from data_prep.errors import DataPrepError, UserError
 from data_prep.manifest import Manifest, read_manifest
 from data_prep.store import NSP_LABEL, ShardError, verify_data
 from data_prep.vocab import read_vocab
-from pretrain.models import NAMES
+from pretrain.models import NAMES, family_of
 from pretrain.training.config import EngineConfig
 from pretrain.training.ds_config import build_ds_config, gradient_accumulation_steps
 
@@ -101,8 +101,8 @@ def preflight(
             f"model.vocab_size={model['vocab_size']} but {cfg.data.dir}/vocab.txt has {info.vocab_size} "
             "tokens; set model.vocab_size=null to take it from the data"
         )
-    family = model.get("family", "bert")
-    name = NAMES.get(family, family)
+    family = family_of(model)
+    name = NAMES[family]
     max_pos = model.get("max_position_embeddings", 512)
     if info.max_seq_length is not None and info.max_seq_length > max_pos:
         raise UserError(
